@@ -1,0 +1,153 @@
+"""Checkpoints: atomic save, safe load (weights_only), clear errors for corrupt or foreign files.
+
+A checkpoint of step S in a directory holds
+    model_S.pt          {name: state_dict} of every module ("gpt", and e.g. "mc" when MegaContext is on)
+    optim_S_rankR.pt    optimizer states and RNG state of rank R (only needed to resume)
+    meta_S.json         model config, training config, loader state, metrics
+The meta file is written last, so a checkpoint counts as complete only once it exists.
+"""
+
+import io
+import json
+import re
+import zipfile
+import pickle
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from nanochat.common import atomic_write_bytes, atomic_write_text, get_base_dir
+from nanochat.gpt import GPT, GPTConfig
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, corrupt, truncated or incompatible; the message names the file."""
+
+
+def checkpoint_dir(stage: str, tag: str) -> Path:
+    """base_dir/checkpoints/<stage>/<tag>, e.g. checkpoints/base/d4."""
+    return get_base_dir() / "checkpoints" / stage / tag
+
+
+def resolve_checkpoint_dir(stage: str, tag: str = "") -> Path:
+    """checkpoints/<stage>/<tag>; with no tag, the most recently written one of that stage."""
+    if tag:
+        return checkpoint_dir(stage, tag)
+    stage_dir = get_base_dir() / "checkpoints" / stage
+    candidates = [p for p in stage_dir.iterdir() if p.is_dir()] if stage_dir.exists() else []
+    if not candidates:
+        raise CheckpointError(f"no {stage} checkpoints in {stage_dir} (train one first)")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def _torch_save_atomic(obj, path: Path):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _torch_load(path: Path, device):
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def save_checkpoint(directory, step: int, modules: dict, optimizers, meta: dict, rank: int = 0, rank_state=None):
+    """Save module state dicts (rank 0), this rank's optimizer + RNG + `rank_state` (e.g. its data loader
+    position), then the meta file (rank 0)."""
+    directory = Path(directory)
+    if rank == 0:
+        _torch_save_atomic({name: m.state_dict() for name, m in modules.items()}, directory / f"model_{step:06d}.pt")
+    if optimizers is not None:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        state = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng, "rank_state": rank_state}
+        _torch_save_atomic(state, directory / f"optim_{step:06d}_rank{rank}.pt")
+    if rank == 0:
+        meta = dict(meta, step=step, format_version=FORMAT_VERSION)
+        atomic_write_text(directory / f"meta_{step:06d}.json", json.dumps(meta, indent=2))
+
+
+def find_last_step(directory) -> int:
+    directory = Path(directory)
+    steps = [int(m.group(1)) for f in directory.glob("meta_*.json") if (m := re.fullmatch(r"meta_(\d+)\.json", f.name))]
+    steps = [s for s in steps if (directory / f"model_{s:06d}.pt").exists()]
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint in {directory} (train one first, e.g. `python -m scripts.base_train`)")
+    return max(steps)
+
+
+def load_meta(directory, step: int) -> dict:
+    path = Path(directory) / f"meta_{step:06d}.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint meta file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint meta file {path} is corrupt ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION or "model_config" not in meta:
+        raise CheckpointError(f"{path} is not a checkpoint of this format (version {meta.get('format_version')}, "
+                              f"expected {FORMAT_VERSION})")
+    return meta
+
+
+def load_module_states(directory, step: int, device="cpu") -> dict:
+    states = _torch_load(Path(directory) / f"model_{step:06d}.pt", device)
+    if not isinstance(states, dict) or "gpt" not in states:
+        raise CheckpointError(f"{Path(directory) / f'model_{step:06d}.pt'} does not hold a GPT state dict")
+    return states
+
+
+def load_training_state(directory, step: int, rank: int, device="cpu") -> dict:
+    """{'optimizers': [...], 'rng': {...}, 'rank_state': ...} saved by rank `rank`."""
+    state = _torch_load(Path(directory) / f"optim_{step:06d}_rank{rank}.pt", device)
+    if not isinstance(state, dict) or "optimizers" not in state:
+        raise CheckpointError(f"optimizer file of step {step} rank {rank} in {directory} is not a training state")
+    return state
+
+
+def restore_rng(rng: dict):
+    torch.set_rng_state(rng["torch"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+
+
+def load_state_strict(module: torch.nn.Module, state: dict, what: str):
+    """load_state_dict that turns key/shape mismatches into a CheckpointError naming `what`."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[:4]
+        raise CheckpointError(f"{what} does not match this model: {' '.join(first)}") from None
+
+
+def build_model(directory, step: int | None, device, phase: str = "eval"):
+    """Rebuild the GPT of a checkpoint. Returns (model, module_states, meta); other modules' states are left to the caller."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist (train a model first)")
+    step = find_last_step(directory) if step is None else step
+    meta = load_meta(directory, step)
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except TypeError as e:
+        raise CheckpointError(f"model config in {directory}/meta_{step:06d}.json is incompatible ({e})") from None
+    states = load_module_states(directory, step, device)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    load_state_strict(model, states["gpt"], f"checkpoint {directory}/model_{step:06d}.pt")
+    model.train(phase == "train")
+    return model, states, meta
+
+
+def model_meta(model: GPT, **extra) -> dict:
+    return dict(model_config=asdict(model.config), **extra)

@@ -1,0 +1,151 @@
+"""Runtime set-up shared by every script: device, dtype policy, distributed init, seeding, paths.
+
+Device autodetect prefers cuda, then mps, then cpu. The dtype policy is bf16 autocast on CUDA
+devices that support it and fp32 everywhere else (bf16 on CPU is opt-in: it is often slower
+there). Distributed runs are launched with torchrun; the backend is nccl on CUDA and gloo on CPU.
+"""
+
+import os
+import random
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def get_base_dir() -> Path:
+    """Where tokenizers, data shards and checkpoints live ($MC_BASE_DIR, default ~/.cache/megacontext)."""
+    base = Path(os.environ.get("MC_BASE_DIR", Path.home() / ".cache" / "megacontext"))
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def get_report_dir() -> Path:
+    """Where report.md and plots of the last run go ($MC_REPORT_DIR, default ./report)."""
+    path = Path(os.environ.get("MC_REPORT_DIR", "report"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def is_ddp() -> bool:
+    return int(os.environ.get("RANK", -1)) != -1
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from the torchrun environment."""
+    if is_ddp():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast_dtype(device_type: str, cpu_bf16: bool = False):
+    """The dtype to autocast matmuls to, or None for plain fp32."""
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device_type == "cpu" and cpu_bf16:
+        return torch.bfloat16
+    return None
+
+
+def autocast_ctx(device_type: str, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type=device_type, dtype=dtype)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compute_init(device_type: str = ""):
+    """Initialise device and (under torchrun) the process group. Returns (ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device_type=cuda but no CUDA device is available")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device_type=mps but MPS is not available")
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if ddp and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    """Write a file via temp file + rename so a crash never leaves it half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def measure_matmul_flops(device: torch.device, dtype=None, n: int = 1024, seconds: float = 0.5) -> float:
+    """Achievable dense matmul FLOP/s of this device and dtype, measured now (the denominator of MFU)."""
+    import time
+    dtype = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(4):
+            a @ b
+        iters += 4
+        synchronize(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)

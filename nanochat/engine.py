@@ -1,0 +1,74 @@
+"""Sampling with a KV cache: one prefill of the prompt, then one token per step for a batch of samples.
+
+The prompt is prefilled once at batch size 1 and its cache is copied to `num_samples` rows, so
+several samples of one prompt cost one prefill. Generation streams: `generate` yields the next
+token of every row as soon as it is sampled; rows that produced a stop token are finished and
+are padded with the stop token from then on.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_next_token(logits, generator, temperature: float = 1.0, top_k: int | None = None):
+    """logits [B, V] -> token ids [B]; temperature 0 is greedy."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Engine:
+    def __init__(self, model, autocast=None):
+        self.model = model
+        self.autocast = autocast  # a context-manager factory, or None for plain precision
+
+    def _forward(self, *args, **kwargs):
+        if self.autocast is None:
+            return self.model(*args, **kwargs)
+        with self.autocast():
+            return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 64, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int = 42, stop_tokens=()):
+        """Yield a list of `num_samples` token ids per step, for at most `max_tokens` steps."""
+        if not tokens:
+            raise ValueError("generate needs a non-empty prompt (start it with the BOS token)")
+        model = self.model
+        device = model.lm_head.weight.device
+        capacity = len(tokens) + max_tokens
+        generator = torch.Generator(device=device).manual_seed(seed)
+        prefill_cache = model.new_kv_cache(1, capacity)
+        logits = self._forward(torch.tensor([tokens], device=device), kv_cache=prefill_cache)[:, -1]
+        cache = model.new_kv_cache(num_samples, capacity)
+        cache.k[:, :, :, :len(tokens)] = prefill_cache.k[:, :, :, :len(tokens)]
+        cache.v[:, :, :, :len(tokens)] = prefill_cache.v[:, :, :, :len(tokens)]
+        cache.pos = len(tokens)
+        logits = logits.expand(num_samples, -1)
+        stop = torch.tensor(list(stop_tokens) or [-1], device=device)
+        done = torch.zeros(num_samples, dtype=torch.bool, device=device)
+        for _ in range(max_tokens):
+            next_ids = sample_next_token(logits, generator, temperature, top_k)
+            next_ids = torch.where(done, stop[0], next_ids)
+            yield next_ids.tolist()
+            done |= torch.isin(next_ids, stop)
+            if done.all():
+                return
+            logits = self._forward(next_ids[:, None], kv_cache=cache)[:, -1]
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> list[list[int]]:
+        """Prompt + completion of every sample, cut after its first stop token."""
+        stop_tokens = set(kwargs.get("stop_tokens", ()))
+        rows = [list(tokens) for _ in range(num_samples)]
+        finished = [False] * num_samples
+        for column in self.generate(tokens, num_samples, **kwargs):
+            for i, token in enumerate(column):
+                if not finished[i]:
+                    rows[i].append(token)
+                    finished[i] = token in stop_tokens
+        return rows

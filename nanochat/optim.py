@@ -1,0 +1,122 @@
+"""Optimizers: Muon for the 2-D matrices inside blocks, AdamW for embeddings, the LM head and the rest.
+
+Muon orthogonalises each matrix's momentum with a few Newton-Schulz iterations, which makes
+updates of equal "size" in every direction; embeddings and the head are lookups/readouts and
+keep AdamW. Learning rates of the AdamW groups scale as 1/sqrt(width/768) so one set of
+defaults works across the depth dial.
+
+Distributed: gradients are averaged across ranks (coalesced all-reduce) before each step, so
+every rank applies the identical update and the replicas never drift apart.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+@torch.no_grad()
+def orthogonalize(G, steps: int = 5):
+    """Approximate the orthogonal polar factor U V^T of G [..., m, n] with a quintic Newton-Schulz iteration."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16() if G.is_cuda else G.float()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD-momentum (Nesterov) whose update for each 2-D parameter is orthogonalised."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = orthogonalize(g, group["ns_steps"])
+                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+                p.add_(update, alpha=-group["lr"] * scale)
+
+
+def split_params(modules):
+    """Partition parameters into (2-D matrices for Muon, token embedding, LM head, the rest for AdamW)."""
+    lookup_tables = {id(m.weight) for mod in modules for m in mod.modules() if isinstance(m, nn.Embedding)}
+    matrices, embedding, head, other = [], [], [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name == "transformer.wte.weight":
+                embedding.append(p)
+            elif name.startswith("lm_head"):
+                head.append(p)
+            elif p.ndim == 2 and id(p) not in lookup_tables:
+                matrices.append(p)
+            else:
+                other.append(p)
+    return matrices, embedding, head, other
+
+
+def build_optimizers(model, extra_modules=(), *, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
+                     other_lr=0.003, weight_decay=0.0):
+    """[AdamW, Muon] over the GPT plus any extra modules (e.g. the MegaContext nets).
+
+    Every param group remembers its `initial_lr` so the training loop can apply a schedule.
+    """
+    width_scale = (model.config.n_embd / 768) ** -0.5
+    matrices, embedding, head, other = split_params([model, *extra_modules])
+    adam_groups = [
+        dict(params=embedding, lr=embedding_lr * width_scale),
+        dict(params=head, lr=unembedding_lr * width_scale),
+        dict(params=other, lr=other_lr),
+    ]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+    muon = Muon(matrices, lr=matrix_lr)
+    optimizers = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+@torch.no_grad()
+def allreduce_grads(params, bucket_numel: int = 2**25):
+    """Average gradients across ranks in a few coalesced all-reduces (no-op when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    buckets, bucket, size = [], [], 0
+    for g in grads:
+        if bucket and (size + g.numel() > bucket_numel or g.dtype != bucket[0].dtype):
+            buckets.append(bucket)
+            bucket, size = [], 0
+        bucket.append(g)
+        size += g.numel()
+    if bucket:
+        buckets.append(bucket)
+    world = dist.get_world_size()
+    for bucket in buckets:
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(synced)

@@ -1,0 +1,70 @@
+"""Evaluate a base checkpoint: validation bits per byte and a few samples.
+
+    python -m scripts.base_eval --tag=d4
+"""
+
+import argparse
+import sys
+
+from nanochat import report
+from nanochat.checkpoint import CheckpointError, build_model, resolve_checkpoint_dir
+from nanochat.common import autocast_ctx, autocast_dtype, compute_init, get_base_dir, print0
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import prepare
+from nanochat.engine import Engine
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_tokenizer
+
+PROMPTS = ["The capital of France is", "It is a truth universally acknowledged, that",
+           "My dear sister,", "The meaning of life is"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tag", default="", help="checkpoint directory under checkpoints/base (default: the only/last one)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--data", default="", help="data source for validation (default: the one the model was trained on)")
+    parser.add_argument("--eval_tokens", type=int, default=2**19, help="validation tokens")
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--max_tokens", type=int, default=48, help="tokens per sample")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
+    args = parser.parse_args(argv)
+
+    _, rank, _, world_size, device = compute_init(args.device_type)
+    try:
+        ckpt_dir = resolve_checkpoint_dir("base", args.tag)
+        model, _, meta = build_model(ckpt_dir, args.step, device)
+        tokenizer = get_tokenizer()
+    except (CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    tag = ckpt_dir.name
+    if meta.get("tokenizer") != tokenizer.identity():
+        sys.exit(f"error: checkpoint {ckpt_dir} was trained with a different tokenizer than the one in "
+                 f"{get_base_dir() / 'tokenizer'}")
+    amp_dtype = autocast_dtype(device.type)
+    seq_len = model.config.sequence_len
+    data_dir = prepare(args.data or meta["train_config"]["data"])
+    loader = DataLoader(tokenizer, args.batch_size, seq_len, data_dir, split="val", rank=rank, world_size=world_size,
+                        device=device)
+    steps = max(1, args.eval_tokens // (args.batch_size * seq_len * world_size))
+    bpb = evaluate_bpb(model, iter(loader), steps, tokenizer.token_bytes(device), autocast_ctx(device.type, amp_dtype))
+    print0(f"checkpoint {tag} step {meta['step']}: val bpb {bpb:.4f} over {steps * args.batch_size * seq_len:,} tokens")
+
+    engine = Engine(model, autocast=lambda: autocast_ctx(device.type, amp_dtype))
+    samples = []
+    for i, prompt in enumerate(PROMPTS):
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+        row = engine.generate_batch(ids, max_tokens=args.max_tokens, temperature=args.temperature, top_k=50,
+                                    seed=i, stop_tokens=[tokenizer.bos_token_id])[0]
+        samples.append(tokenizer.decode(row[1:]))
+        print0(f"  {samples[-1]!r}")
+    if rank == 0:
+        report.log_section("base-eval", "Base model evaluation", [
+            {"checkpoint": f"{tag} step {meta['step']}", "val bpb": bpb, "val tokens": steps * args.batch_size * seq_len},
+            f"Samples (temperature {args.temperature}):", *[f"    {s!r}" for s in samples],
+        ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Pretrain the base GPT.
+
+    python -m scripts.base_train --depth=4 --max_seq_len=512            # one process (CPU or GPU)
+    torchrun --nproc_per_node=8 -m scripts.base_train --depth=20       # 8 GPUs
+
+Every knob is a flag (see --help); its default lives in TrainConfig below. The horizon is either
+--num_iterations or tokens = --target_param_data_ratio x parameters. Checkpoints go to
+$MC_BASE_DIR/checkpoints/base/<tag> and --resume continues exactly where a run stopped.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from nanochat import report
+from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, find_last_step, load_state_strict,
+                                 load_training_state, model_meta, restore_rng, save_checkpoint)
+from nanochat.common import (autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir,
+                             measure_matmul_flops, print0, seed_everything, synchronize)
+from nanochat.configurator import add_dataclass_args, dataclass_from_args
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import DataError, prepare
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import allreduce_grads, build_optimizers
+from nanochat.tokenizer import get_tokenizer
+
+
+class ConfigError(ValueError):
+    """A flag value or combination that cannot work; the message names the flag."""
+
+
+@dataclass
+class TrainConfig:
+    # data and model
+    data: str = field(default="fineweb-edu", metadata={"help": "training data: fineweb-edu[:N shards], books, or a directory of .txt/.jsonl/.parquet"})
+    depth: int = field(default=12, metadata={"help": "number of transformer layers; width = 64 * depth"})
+    width: int = field(default=0, metadata={"help": "model width override (0 = 64 * depth)"})
+    head_dim: int = field(default=64, metadata={"help": "attention head dimension", "choices": [64, 128]})
+    max_seq_len: int = field(default=2048, metadata={"help": "tokens per training sequence"})
+    # horizon and batch
+    num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1 = derive from --target_param_data_ratio"})
+    target_param_data_ratio: float = field(default=20.0, metadata={"help": "training tokens per parameter when --num_iterations=-1"})
+    total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step, over all ranks and micro-batches"})
+    device_batch_size: int = field(default=32, metadata={"help": "sequences per forward pass on each rank"})
+    # optimization
+    matrix_lr: float = field(default=0.02, metadata={"help": "Muon learning rate of the block matrices"})
+    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW learning rate of the token embedding (scaled by 1/sqrt(width/768))"})
+    unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW learning rate of the LM head (scaled by 1/sqrt(width/768))"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps of linear LR warmup"})
+    warmdown_ratio: float = field(default=0.2, metadata={"help": "fraction of final steps of linear LR decay"})
+    final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end, as a fraction of the peak"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0 = off)"})
+    # evaluation, sampling, checkpoints, logging
+    eval_every: int = field(default=250, metadata={"help": "validate every N steps (and at the end)"})
+    eval_tokens: int = field(default=10 * 524288, metadata={"help": "validation tokens per evaluation"})
+    sample_every: int = field(default=2000, metadata={"help": "print samples every N steps (and at the end); -1 = only at the end"})
+    save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only at the end)"})
+    log_every: int = field(default=10, metadata={"help": "print a log line every N steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --tag"})
+    tag: str = field(default="", metadata={"help": "checkpoint directory name (default d<depth>)"})
+    wandb_run: str = field(default="", metadata={"help": "wandb run name; empty = wandb off"})
+    # runtime
+    device_type: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
+    cpu_bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CPU (off by default: usually slower)"})
+    compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA only)"})
+    seed: int = field(default=42, metadata={"help": "seed of model init and data order"})
+
+
+def validate(cfg: TrainConfig, world_size: int) -> int:
+    """Check flag combinations; return the number of gradient-accumulation steps."""
+    width = cfg.width or 64 * cfg.depth
+    if cfg.depth < 1:
+        raise ConfigError(f"--depth must be >= 1, got {cfg.depth}")
+    if width % cfg.head_dim:
+        raise ConfigError(f"--width={width} is not a multiple of --head_dim={cfg.head_dim}")
+    if cfg.max_seq_len < 2:
+        raise ConfigError(f"--max_seq_len must be >= 2, got {cfg.max_seq_len}")
+    tokens_per_fwd = cfg.device_batch_size * cfg.max_seq_len * world_size
+    if cfg.device_batch_size < 1 or cfg.total_batch_size % tokens_per_fwd:
+        raise ConfigError(f"--total_batch_size={cfg.total_batch_size} must be a positive multiple of "
+                          f"--device_batch_size x --max_seq_len x ranks = {tokens_per_fwd}")
+    if cfg.num_iterations == 0 or (cfg.num_iterations < 0 and cfg.target_param_data_ratio <= 0):
+        raise ConfigError("set --num_iterations > 0 or --target_param_data_ratio > 0")
+    if not 0 <= cfg.warmup_ratio + cfg.warmdown_ratio <= 1:
+        raise ConfigError("--warmup_ratio + --warmdown_ratio must lie in [0, 1]")
+    if cfg.eval_tokens < cfg.device_batch_size * cfg.max_seq_len * world_size:
+        raise ConfigError(f"--eval_tokens={cfg.eval_tokens} is less than one validation batch ({tokens_per_fwd} tokens)")
+    return cfg.total_batch_size // tokens_per_fwd
+
+
+def lr_multiplier(step: int, num_iterations: int, cfg: TrainConfig) -> float:
+    warmup = round(cfg.warmup_ratio * num_iterations)
+    warmdown = round(cfg.warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * cfg.final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    frac = min(step / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+class NoWandb:
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(parser, TrainConfig, title="training")
+    return dataclass_from_args(TrainConfig, parser.parse_args(argv))
+
+
+def train(cfg: TrainConfig):
+    ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type)
+    master = rank == 0
+    grad_accum = validate(cfg, world_size)
+    amp_dtype = autocast_dtype(device.type, cfg.cpu_bf16)
+    amp = autocast_ctx(device.type, amp_dtype)
+    tag = cfg.tag or f"d{cfg.depth}"
+    ckpt_dir = checkpoint_dir("base", tag)
+
+    tokenizer = get_tokenizer()
+    token_bytes = tokenizer.token_bytes(device)
+    data_dir = prepare(cfg.data) if master else None
+    if ddp:
+        torch.distributed.barrier()
+        data_dir = prepare(cfg.data)
+
+    # model, optimizers, and (on --resume) their saved states
+    seed_everything(cfg.seed)
+    model_config = GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=tokenizer.vocab_size, n_layer=cfg.depth,
+                             n_embd=cfg.width or 64 * cfg.depth, head_dim=cfg.head_dim)
+    model = GPT(model_config).to(device)
+    model.init_weights()
+    optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                                  unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay)
+    start_step, loader_state, history = 0, None, {"step": [], "loss": [], "val_step": [], "val_bpb": []}
+    if cfg.resume:
+        start_step = find_last_step(ckpt_dir)
+        saved, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
+        if meta["model_config"] != asdict(model_config):
+            raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} has model config {meta['model_config']}, "
+                              f"but the flags give {asdict(model_config)}")
+        load_state_strict(model, states["gpt"], f"{ckpt_dir}/model_{start_step:06d}.pt")
+        training_state = load_training_state(ckpt_dir, start_step, rank, device)
+        for opt, state in zip(optimizers, training_state["optimizers"]):
+            opt.load_state_dict(state)
+        restore_rng(training_state["rng"])
+        loader_state, history = training_state["rank_state"]["loader"], meta["history"]
+        print0(f"resumed from {ckpt_dir} at step {start_step}")
+    train_model = torch.compile(model, dynamic=False) if cfg.compile and device.type == "cuda" else model
+
+    num_params = model.num_params()
+    flops_per_token = model.estimate_flops()
+    if cfg.num_iterations > 0:
+        num_iterations = cfg.num_iterations
+    else:
+        num_iterations = max(1, round(cfg.target_param_data_ratio * num_params / cfg.total_batch_size))
+    peak_flops = measure_matmul_flops(device, amp_dtype) * world_size
+    print0(f"model: {num_params:,} parameters, {flops_per_token:.3g} FLOPs/token, config {asdict(model_config)}")
+    print0(f"training: {num_iterations} steps x {cfg.total_batch_size:,} tokens "
+           f"({grad_accum} micro-batches of {cfg.device_batch_size} x {cfg.max_seq_len} on {world_size} rank(s)), "
+           f"device {device}, autocast {amp_dtype}")
+
+    loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, data_dir, split="train", seed=cfg.seed,
+                        rank=rank, world_size=world_size, device=device)
+    if loader_state is not None:
+        loader.load_state_dict(loader_state)
+    batches = iter(loader)
+    eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world_size))
+    engine = Engine(model, autocast=lambda: autocast_ctx(device.type, amp_dtype))
+    wandb_run = NoWandb()
+    if cfg.wandb_run and master:
+        import wandb
+        wandb_run = wandb.init(project="megacontext", name=cfg.wandb_run, config=asdict(cfg))
+
+    def validation_bpb():
+        val_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, data_dir, split="val",
+                                rank=rank, world_size=world_size, device=device)
+        model.eval()
+        bpb = evaluate_bpb(train_model, iter(val_loader), eval_steps, token_bytes, amp)
+        model.train()
+        return bpb
+
+    def samples():
+        prompts = ["The capital of France is", "It is a truth universally acknowledged, that", "Once upon a time"]
+        model.eval()
+        texts = []
+        for prompt in prompts:
+            ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+            row = engine.generate_batch(ids, max_tokens=32, temperature=0.0)[0]
+            texts.append(tokenizer.decode(row[1:]))
+        model.train()
+        return texts
+
+    def save(step: int, val_bpb: float):
+        meta = model_meta(model, train_config=asdict(cfg), history=history, val_bpb=val_bpb,
+                          tokenizer=tokenizer.identity())
+        save_checkpoint(ckpt_dir, step, {"gpt": model}, optimizers, meta, rank, {"loader": loader.state_dict()})
+
+    val_bpb, sample_texts = float("nan"), []
+    train_time, smooth_loss, tokens_per_sec, mfu = 0.0, 0.0, 0.0, 0.0
+    progress = tqdm(total=num_iterations, initial=start_step, disable=not master, desc="base_train",
+                    dynamic_ncols=True, mininterval=1.0)
+    step = start_step
+    while True:
+        last = step == num_iterations
+        if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > start_step) or step == 0:
+            val_bpb = validation_bpb()
+            history["val_step"].append(step)
+            history["val_bpb"].append(val_bpb)
+            progress.write(f"step {step:5d} | val bpb {val_bpb:.4f}") if master else None
+            wandb_run.log({"step": step, "val/bpb": val_bpb})
+        if master and (last or (cfg.sample_every > 0 and step % cfg.sample_every == 0 and step > start_step)):
+            sample_texts = samples()
+            for text in sample_texts:
+                progress.write(f"  sample: {text!r}")
+        if last or (cfg.save_every > 0 and step % cfg.save_every == 0 and step > start_step):
+            save(step, val_bpb)
+        if last:
+            break
+
+        synchronize(device)
+        t0 = time.perf_counter()
+        lrm = lr_multiplier(step, num_iterations, cfg)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        optimizers[1].param_groups[0]["momentum"] = muon_momentum(step)
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum):
+            x, y = next(batches)
+            with amp:
+                loss = train_model(x, y)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        allreduce_grads(list(model.parameters()))
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = (loss_sum / grad_accum).item()
+        synchronize(device)
+        dt = time.perf_counter() - t0
+
+        step += 1
+        if not math.isfinite(train_loss):
+            raise RuntimeError(f"training loss became {train_loss} at step {step}; lower the learning rates")
+        if step > start_step + 1:  # the first step includes warm-up/compilation
+            train_time += dt
+        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+        debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
+        tokens_per_sec = cfg.total_batch_size / dt
+        mfu = flops_per_token * tokens_per_sec / peak_flops
+        history["step"].append(step)
+        history["loss"].append(train_loss)
+        progress.update(1)
+        progress.set_postfix(loss=f"{debiased:.3f}", tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{mfu:.2f}")
+        if master and step % cfg.log_every == 0:
+            progress.write(f"step {step:5d}/{num_iterations} | loss {debiased:.4f} | lr x{lrm:.2f} | "
+                           f"{dt * 1000:.0f} ms | {tokens_per_sec:,.0f} tok/s | mfu {mfu:.3f}")
+        wandb_run.log({"step": step, "train/loss": train_loss, "train/tok_per_s": tokens_per_sec, "train/mfu": mfu,
+                       "train/lrm": lrm})
+    progress.close()
+
+    if master:
+        steps_timed = max(1, step - start_step - 1)
+        report_dir = get_report_dir()
+        report.plot_curves(report_dir / "base_loss.png", {"train loss (nats/token)": (history["step"], history["loss"])},
+                           "step", "loss", "Base training loss")
+        report.plot_curves(report_dir / "base_val_bpb.png", {"val bpb": (history["val_step"], history["val_bpb"])},
+                           "step", "bits per byte", "Base validation bits per byte")
+        report.log_section("base-train", "Base model training", [
+            {"data": cfg.data, "parameters": f"{num_params:,}", "FLOPs per token": f"{flops_per_token:.3g}",
+             "steps": num_iterations, "tokens per step": cfg.total_batch_size, "micro-batches": grad_accum,
+             "ranks": world_size, "device": str(device), "autocast": str(amp_dtype)},
+            {"initial val bpb": history["val_bpb"][0], "final val bpb": val_bpb,
+             "training time": f"{train_time / 60:.2f} min", "tokens/s (mean)": f"{cfg.total_batch_size * steps_timed / max(train_time, 1e-9):,.0f}",
+             "MFU (last step)": f"{mfu:.3f}", "checkpoint": str(ckpt_dir)},
+            ("img", "base_loss.png"), ("img", "base_val_bpb.png"),
+            "Samples (greedy):", *[f"    {t!r}" for t in sample_texts],
+            "Config: `" + json.dumps(asdict(cfg)) + "`",
+        ])
+        print0(f"done: val bpb {val_bpb:.4f}, checkpoint in {ckpt_dir}")
+    wandb_run.finish()
+    compute_cleanup()
+    return val_bpb
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+        compute_cleanup()
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+# Sourced by the recipes: make sure uv exists and the project environment is synced.
+# uv comes from PyPI (pip), the one installer every machine here can reach.
+if ! command -v uv >/dev/null 2>&1; then
+    export PATH="$HOME/.local/bin:$PATH"
+fi
+if ! command -v uv >/dev/null 2>&1; then
+    echo "uv not found: installing it with pip"
+    python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
+    hash -r
+fi
+uv sync --frozen --quiet

@@ -1,0 +1,86 @@
+"""End-to-end pretraining: smoke run, exact resume, torchrun with two gloo ranks, bad input."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.checkpoint import CheckpointError, build_model, checkpoint_dir, load_module_states
+from scripts import base_train
+
+TINY = ["--depth=1", "--width=64", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
+        "--eval_tokens=256", "--log_every=1", "--sample_every=-1"]
+
+
+def run_train(tiny_env, *extra):
+    return base_train.main([f"--data={tiny_env['data']}", *TINY, *extra])
+
+
+def test_smoke_trains_and_reports(tiny_env):
+    run_train(tiny_env, "--num_iterations=8", "--tag=smoke", "--eval_every=4")
+    model, _, meta = build_model(checkpoint_dir("base", "smoke"), None, "cpu")
+    assert meta["step"] == 8 and model.config.n_embd == 64
+    val = meta["history"]["val_bpb"]
+    assert len(val) == 3 and val[-1] < val[0]  # validation improves
+    from nanochat.common import get_report_dir
+    assert (get_report_dir() / "base_loss.png").exists()
+    assert "final val bpb" in (get_report_dir() / "section-base-train.md").read_text()
+
+
+def test_resume_is_exact(tiny_env):
+    run_train(tiny_env, "--num_iterations=4", "--save_every=2", "--tag=full")
+    full_dir, part_dir = checkpoint_dir("base", "full"), checkpoint_dir("base", "part")
+    part_dir.mkdir(parents=True, exist_ok=True)
+    for f in full_dir.glob("*_000002*"):
+        shutil.copy(f, part_dir / f.name)
+    run_train(tiny_env, "--num_iterations=4", "--save_every=2", "--tag=part", "--resume")
+    a, b = load_module_states(full_dir, 4)["gpt"], load_module_states(part_dir, 4)["gpt"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_flags_and_inputs(tiny_env, tmp_path):
+    with pytest.raises(SystemExit, match="total_batch_size"):
+        run_train(tiny_env, "--total_batch_size=100")
+    with pytest.raises(SystemExit, match="head_dim"):
+        run_train(tiny_env, "--width=96")
+    with pytest.raises(SystemExit):
+        run_train(tiny_env, "--no_such_flag=1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no .txt"):
+        base_train.main([f"--data={empty}", *TINY, "--num_iterations=1"])
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        run_train(tiny_env, "--num_iterations=2", "--tag=never_trained", "--resume")
+
+
+def test_corrupt_checkpoint_is_reported(tiny_env):
+    run_train(tiny_env, "--num_iterations=1", "--tag=corrupt")
+    ckpt = checkpoint_dir("base", "corrupt")
+    model_file = ckpt / "model_000001.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        build_model(ckpt, None, "cpu")
+    (ckpt / "meta_000001.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        build_model(ckpt, None, "cpu")
+
+
+def test_missing_tokenizer(tiny_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("MC_BASE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit, match="tok_train"):
+        run_train(tiny_env, "--num_iterations=1")
+
+
+def test_torchrun_two_gloo_ranks(tiny_env):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.base_train", f"--data={tiny_env['data']}", *TINY, "--total_batch_size=512",
+           "--num_iterations=2", "--tag=ddp", "--device_type=cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (checkpoint_dir("base", "ddp") / "optim_000002_rank1.pt").exists()
+    model, _, meta = build_model(checkpoint_dir("base", "ddp"), None, "cpu")
+    assert meta["step"] == 2

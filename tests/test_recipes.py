@@ -1,0 +1,31 @@
+"""The shell recipes parse and, in --dry-run, print the commands they would run."""
+
+import subprocess
+
+import pytest
+
+RECIPES = ["run10.sh", "speedrun.sh", "run1000.sh", "tests.sh", "scripts/multi_gpu.sh", "scripts/setup_env.sh",
+           ".ci/run"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_bash_syntax(recipe):
+    subprocess.run(["bash", "-n", recipe], check=True)
+
+
+@pytest.mark.parametrize("recipe,expect", [("speedrun.sh", "--depth=20"), ("run1000.sh", "--depth=32")])
+def test_multi_gpu_dry_run(recipe, expect):
+    out = subprocess.run(["bash", recipe, "--dry-run"], check=True, capture_output=True, text=True).stdout
+    assert "torchrun --standalone --nproc_per_node=8 -m scripts.base_train" in out and expect in out
+
+
+def test_run10_dry_run_cpu_preset():
+    out = subprocess.run(["bash", "run10.sh", "--cpu", "--dry-run"], check=True, capture_output=True, text=True).stdout
+    for step in ["scripts.tok_train", "scripts.base_train", "scripts.base_eval", "nanochat.report generate"]:
+        assert step in out
+    assert "--depth=4" in out and "--data=books" in out
+
+
+def test_run10_rejects_unknown_option():
+    result = subprocess.run(["bash", "run10.sh", "--bogus"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown option" in result.stderr
