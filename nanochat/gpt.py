@@ -124,7 +124,9 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm
+        # QK-norm, then rotary: a rotation keeps the norm, so for tokens the order does not matter, and
+        # damped tables (MegaContext gists) then really shrink the high-frequency parts of q/k.
+        q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:

@@ -1,0 +1,100 @@
+"""MCConfig: every MegaContext setting, in one place.
+
+`scripts/base_train.py --mc` exposes each field as `--mc_<field>` (see nanochat/configurator.py);
+recipes pass flags and never repeat these defaults. `validate` rejects impossible values and
+contradictory combinations at start-up, naming the flag.
+
+Terms: K = block size (tokens per LOD1 gist, LOD1 gists per LOD2 gist), W = working-context
+budget in entries, R = raw tail kept as tokens, H = the last H targets shared by all variants of
+a sequence (where counterfactual NLLs are compared).
+"""
+
+from dataclasses import dataclass, field
+
+
+class MCConfigError(ValueError):
+    """An invalid MegaContext setting; the message names the --mc_ flag."""
+
+
+@dataclass
+class MCConfig:
+    # tree and working context
+    block_size: int = field(default=32, metadata={"help": "K: tokens per LOD1 gist and LOD1 gists per LOD2 gist"})
+    max_lod: int = field(default=2, metadata={"help": "highest level of detail of the gist tree", "choices": [1, 2]})
+    wc_budget: int = field(default=512, metadata={"help": "W: entries (tokens + gists) in a working context"})
+    recent: int = field(default=128, metadata={"help": "R: most recent tokens always kept raw (LOD0)"})
+    horizon: int = field(default=64, metadata={"help": "H: final targets shared by all variants, scored for LensNet"})
+    num_variants: int = field(default=3, metadata={"help": "N: compressed working contexts per sequence (besides the truncation baseline)"})
+    # GistNet
+    gist_type: str = field(default="transformer", metadata={"help": "GistNet body", "choices": ["transformer", "mean"]})
+    gist_layers: int = field(default=2, metadata={"help": "bidirectional transformer layers of GistNet"})
+    gist_pooling: str = field(default="query", metadata={"help": "how GistNet pools a block", "choices": ["mean", "query", "cls"]})
+    gist_head: str = field(default="mlp", metadata={"help": "GistNet output head", "choices": ["linear", "mlp"]})
+    # LensNet
+    lens_layers: int = field(default=2, metadata={"help": "LensNet transformer layers"})
+    lens_width: int = field(default=128, metadata={"help": "LensNet hidden width"})
+    # focus allocator
+    allocator: str = field(default="stochastic_greedy", metadata={"help": "training-time allocator policy", "choices": ["greedy", "stochastic_greedy"]})
+    expand_threshold: float = field(default=0.0, metadata={"help": "expand a gist only if its score exceeds this"})
+    collapse_threshold: float = field(default=0.0, metadata={"help": "collapse a group only if its score is below minus this"})
+    max_edits: int = field(default=8, metadata={"help": "most expansions/collapses per refocus iteration"})
+    allocator_iterations: int = field(default=2, metadata={"help": "refocus iterations (LensNet re-scores in between)"})
+    top_k: int = field(default=8, metadata={"help": "stochastic_greedy samples among the top-k candidates"})
+    temperature: float = field(default=1.0, metadata={"help": "stochastic_greedy sampling temperature"})
+    # positions, precision, losses, memory
+    positional: str = field(default="gaussian", metadata={"help": "rotary positions of gists", "choices": ["gaussian", "index"]})
+    aux_dtype: str = field(default="auto", metadata={"help": "dtype of GistNet/LensNet (auto = follow the model)", "choices": ["auto", "fp32", "bf16"]})
+    lens_loss_weight: float = field(default=0.1, metadata={"help": "weight of the LensNet loss"})
+    baseline_loss_weight: float = field(default=1.0, metadata={"help": "weight of the truncation baseline in the LM loss"})
+    cache_lod0: bool = field(default=True, metadata={"help": "keep the LOD0 embedding cache (off: recompute, less memory)"})
+    seed: int = field(default=0, metadata={"help": "seed of variant sampling"})
+
+    def validate(self, sequence_len: int | None = None, head_dim: int | None = None):
+        """Raise MCConfigError for impossible settings (sequence_len/head_dim: of the model, when known)."""
+        def fail(msg):
+            raise MCConfigError(msg)
+        K = self.block_size
+        if K < 2 or K & (K - 1):
+            fail(f"--mc_block_size={K} must be a power of two >= 2")
+        if self.wc_budget < 2 * K:
+            fail(f"--mc_wc_budget={self.wc_budget} must be at least 2 x --mc_block_size={K}")
+        if self.recent < 1 or self.recent % K:
+            fail(f"--mc_recent={self.recent} must be a positive multiple of --mc_block_size={K}")
+        if self.wc_budget < self.recent:
+            fail(f"--mc_wc_budget={self.wc_budget} is smaller than --mc_recent={self.recent}")
+        if self.wc_budget == self.recent:
+            fail(f"--mc_wc_budget={self.wc_budget} equals --mc_recent: no room left for gists")
+        if not 1 <= self.horizon <= self.recent:
+            fail(f"--mc_horizon={self.horizon} must lie in [1, --mc_recent={self.recent}]")
+        if self.num_variants < 1:
+            fail(f"--mc_num_variants={self.num_variants} must be >= 1")
+        if self.gist_type == "transformer" and self.gist_layers < 1:
+            fail(f"--mc_gist_layers={self.gist_layers} must be >= 1 for --mc_gist_type=transformer")
+        if self.lens_layers < 1 or self.lens_width < 8:
+            fail("--mc_lens_layers must be >= 1 and --mc_lens_width >= 8")
+        if self.max_edits < 1 or self.allocator_iterations < 1 or self.top_k < 1:
+            fail("--mc_max_edits, --mc_allocator_iterations and --mc_top_k must be >= 1")
+        if self.temperature <= 0:
+            fail(f"--mc_temperature={self.temperature} must be > 0")
+        if self.lens_loss_weight < 0 or self.baseline_loss_weight < 0:
+            fail("loss weights (--mc_lens_loss_weight, --mc_baseline_loss_weight) must be >= 0")
+        if sequence_len is not None:
+            if sequence_len % K:
+                fail(f"--mc_block_size={K} does not divide the sequence length {sequence_len} (--max_seq_len)")
+            if sequence_len <= self.wc_budget:
+                fail(f"--max_seq_len={sequence_len} must exceed --mc_wc_budget={self.wc_budget}: "
+                     "MegaContext trains on histories longer than the working context")
+            if self.min_entries(sequence_len) > self.wc_budget:
+                fail(f"a history of {sequence_len} tokens does not fit --mc_wc_budget={self.wc_budget} even fully "
+                     f"compressed ({self.min_entries(sequence_len)} entries with --mc_recent={self.recent}); "
+                     "raise the budget or --mc_max_lod, or shorten --max_seq_len")
+        if head_dim is not None and head_dim % 2:
+            fail(f"positional mode {self.positional!r} needs an even head dim, got {head_dim}")
+
+    def min_entries(self, history_len: int) -> int:
+        """Entries of the most compressed cover of `history_len` tokens that keeps R raw (history a multiple of K)."""
+        K, group = self.block_size, self.block_size ** self.max_lod
+        older = history_len - self.recent  # tokens before the raw tail
+        n_top = older // group  # complete top-level groups
+        rest_blocks = (older - n_top * group) // K  # leftover LOD1 blocks (when max_lod = 2)
+        return n_top + rest_blocks + self.recent

@@ -1,0 +1,344 @@
+"""Working contexts: cuts through the MegaContext tree, kept as per-block LOD maps (DESIGN.md section 4).
+
+A history of `T` tokens has `n_blocks = T // K` complete LOD1 blocks and `t = T % K` tokens of a
+partial block after them. A working context (WC) over that history is described by its LOD map
+
+    lod_map  # [V, n_blocks] int8, one row per variant, one column per complete LOD1 block
+      RAW       =  0  the block is shown as its K raw tokens (K entries)
+      GIST      =  1  the block is shown as its LOD1 gist (1 entry)
+      GROUP     =  2  the block is part of an aligned LOD2 group: blocks [g*K, (g+1)*K) are all 2
+                      and the group is ONE entry (its LOD2 gist)
+      UNCOVERED = -1  the block is not shown; only a prefix of the history may be uncovered, and
+                      only when even the most compressed cover does not fit the budget W
+
+The partial block (if any) is always raw and is not part of the map. The last
+`recent_blocks = R // K` complete blocks are RAW, so the last R tokens (the raw tail, partial block
+included) are always tokens. A map is legal (`is_legal`) when its groups are complete and aligned,
+its uncovered blocks form a prefix and its tail is raw; it fits when `entry_counts <= W`.
+
+Edits (the focus allocator's vocabulary) change one block or one group and cost `edit_cost(K)`
+= K-1 entries each: `expand_blocks` (GIST -> RAW, +K-1), `expand_groups` (GROUP -> GIST, +K-1),
+`collapse_blocks` (RAW -> GIST, -(K-1), never in the raw tail), `collapse_groups` (K GIST blocks
+of a complete group -> GROUP, -(K-1)). Group masks are `[V, ceil(n_blocks / K)]`; an entry at
+position p belongs to block p // K and group p // K**2. Budgets are the caller's business.
+
+`materialize` turns maps into tensors the GPT can read: a slot grid over the token positions
+(slot s = position s) marks which slots start an entry, a cumsum compacts those slots to the left
+of a `[V, W]` grid (right padding), and ONE gather from the concatenated level tensors builds the
+embeddings. Targets come from positions (an LOD0 entry at p predicts token p+1), never from index
+alignment. `validate_wc` is the one place that checks the five invariants of a materialised batch.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from mc.config import MCConfig
+
+UNCOVERED, RAW, GIST, GROUP = -1, 0, 1, 2  # values of an LOD map
+
+
+def edit_cost(K: int) -> int:
+    """Entries one expansion adds (or one collapse frees): a block of K tokens vs 1 gist, a group of K gists vs 1."""
+    return K - 1
+
+
+def _group_view(mask, K: int):
+    """[V, n_blocks] -> [V, ceil(n_blocks / K), K], padding the last incomplete group with False."""
+    V, n = mask.shape
+    G = -(-n // K)
+    pad = torch.zeros(V, G * K - n, dtype=mask.dtype, device=mask.device)
+    return torch.cat([mask, pad], dim=1).view(V, G, K)
+
+
+def _blocks_of_groups(group_mask, n_blocks: int, K: int):
+    """[V, G] -> [V, n_blocks]: a block is marked when its group is (G may be n_blocks // K or ceil)."""
+    blocks = group_mask.repeat_interleave(K, dim=1)[:, :n_blocks]
+    pad = torch.zeros(blocks.size(0), n_blocks - blocks.size(1), dtype=blocks.dtype, device=blocks.device)
+    return torch.cat([blocks, pad], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# counting and legality of LOD maps
+
+def entry_counts(lod_map, K: int, tail_tokens: int = 0):
+    """Entries of each WC [V]: K per RAW block, 1 per GIST block, 1 per GROUP, plus the partial-block tokens."""
+    lod = lod_map.long()
+    first_of_group = torch.arange(lod.size(1), device=lod.device) % K == 0  # [n_blocks]
+    return ((lod == RAW).sum(1) * K + (lod == GIST).sum(1) + ((lod == GROUP) & first_of_group).sum(1)
+            + tail_tokens)
+
+
+def is_legal(lod_map, K: int, recent_blocks: int, max_lod: int = 2):
+    """bool [V]: known values only, GROUP blocks in complete aligned groups, UNCOVERED only as a prefix,
+    the last `recent_blocks` blocks RAW. (The budget is checked separately with `entry_counts`.)"""
+    lod = lod_map.long()
+    V, n = lod.shape
+    ok = ((lod >= UNCOVERED) & (lod <= max_lod)).all(1)
+    uncovered = lod == UNCOVERED
+    ok &= ~(uncovered[:, 1:] & ~uncovered[:, :-1]).any(1)  # covered block followed by an uncovered one
+    groups = _group_view(lod == GROUP, K)  # [V, G, K]; the padded tail group can never be all GROUP
+    ok &= (groups.any(-1) == groups.all(-1)).all(1)
+    r = min(recent_blocks, n)
+    if r:
+        ok &= (lod[:, n - r:] == RAW).all(1)
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# edits (vectorised over variants, blocks and groups)
+
+def expand_blocks(lod_map, block_mask):
+    """GIST blocks marked in block_mask [V, n_blocks] become RAW (+K-1 entries each); others unchanged."""
+    return torch.where(block_mask & (lod_map == GIST), RAW, lod_map).to(lod_map.dtype)
+
+
+def expand_groups(lod_map, group_mask, K: int):
+    """GROUP groups marked in group_mask [V, G] become K GIST blocks (+K-1 entries each)."""
+    blocks = _blocks_of_groups(group_mask, lod_map.size(1), K)
+    return torch.where(blocks & (lod_map == GROUP), GIST, lod_map).to(lod_map.dtype)
+
+
+def collapse_blocks(lod_map, block_mask, recent_blocks: int):
+    """RAW blocks marked in block_mask [V, n_blocks] become GIST (-(K-1) entries each), except the last
+    `recent_blocks` blocks, which stay raw (the tail invariant)."""
+    n = lod_map.size(1)
+    outside_tail = torch.arange(n, device=lod_map.device) < n - recent_blocks  # [n_blocks]
+    return torch.where(block_mask & outside_tail & (lod_map == RAW), GIST, lod_map).to(lod_map.dtype)
+
+
+def collapse_groups(lod_map, group_mask, K: int):
+    """Complete groups marked in group_mask [V, G] whose K blocks are all GIST become GROUP (-(K-1) each)."""
+    n = lod_map.size(1)
+    all_gist = _group_view(lod_map == GIST, K).all(-1)  # [V, ceil(n / K)]; False for the incomplete group
+    ok = _blocks_of_groups(group_mask, n, K) & _blocks_of_groups(all_gist, n, K)  # [V, n_blocks]
+    return torch.where(ok, GROUP, lod_map).to(lod_map.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# constructors
+
+def most_compressed_map(n_blocks: int, cfg: MCConfig, tail_tokens: int = 0, device=None):
+    """The most compressed legal map [n_blocks] int8: the last R // K blocks RAW, older aligned groups
+    GROUP (max_lod 2), the remaining older blocks GIST; if that still exceeds W, the oldest entries
+    (whole groups first, then single gists) are UNCOVERED, one entry each, until it fits."""
+    K, W = cfg.block_size, cfg.wc_budget
+    recent = min(cfg.recent // K, n_blocks)
+    older = n_blocks - recent
+    n_groups = older // K if cfg.max_lod >= 2 else 0
+    n_lone = older - n_groups * K
+    raw_entries = recent * K + tail_tokens
+    if raw_entries > W:
+        raise ValueError(f"the raw tail of {raw_entries} tokens ({recent} recent blocks of --mc_block_size={K} "
+                         f"+ {tail_tokens} partial-block tokens) exceeds --mc_wc_budget={W}")
+    over = max(0, n_groups + n_lone + raw_entries - W)  # entries to drop; each uncovered unit frees one
+    drop_groups, drop_lone = min(over, n_groups), over - min(over, n_groups)
+    b = torch.arange(n_blocks, device=device)  # [n_blocks]
+    lod = torch.where(b < n_groups * K, GROUP, torch.where(b < older, GIST, RAW))
+    dropped = (b < drop_groups * K) | ((b >= n_groups * K) & (b < n_groups * K + drop_lone))
+    return torch.where(dropped, UNCOVERED, lod).to(torch.int8)
+
+
+def _pick_random(candidates, n_afford, generator):
+    """Mark up to n_afford [V] random candidates [V, N] per row (random priorities, rank < n_afford)."""
+    V, N = candidates.shape
+    priority = torch.rand(V, N, generator=generator, device=candidates.device)
+    priority = torch.where(candidates, priority, 2.0)  # non-candidates sort last
+    order = priority.argsort(dim=1)  # [V, N]
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(V, N))
+    return candidates & (rank < n_afford[:, None])
+
+
+def random_maps(V: int, n_blocks: int, cfg: MCConfig, generator=None, tail_tokens: int = 0, device=None):
+    """V random legal maps [V, n_blocks] int8 within the budget W, keeping the last R tokens raw.
+
+    Start from the most compressed map; spend a random fraction (uniform per variant) of the free
+    budget on expanding random LOD2 groups (at least enough that the LOD1 blocks can absorb the
+    rest), then the rest on expanding random LOD1 blocks (including blocks of just-expanded groups).
+    Every expansion costs K-1, so maps end less than K-1 entries below W unless nothing is left to
+    expand. Two rounds, each vectorised over V and blocks.
+    `generator` must live on `device`.
+    """
+    K, W = cfg.block_size, cfg.wc_budget
+    cost = edit_cost(K)
+    lod = most_compressed_map(n_blocks, cfg, tail_tokens, device).expand(V, n_blocks).clone()
+    slack = W - entry_counts(lod, K, tail_tokens)  # [V]
+    G = n_blocks // K
+    if cfg.max_lod >= 2 and G:
+        is_group = lod[:, :G * K].view(V, G, K)[..., 0] == GROUP  # [V, G]
+        fraction = torch.rand(V, generator=generator, device=lod.device)
+        # groups take a random share of the slack, but at least what the LOD1 blocks could not absorb
+        share = torch.maximum((fraction * slack).long(), slack - cost * (lod == GIST).sum(1))
+        chosen = _pick_random(is_group, share // cost, generator)
+        lod = expand_groups(lod, chosen, K)
+        slack = slack - chosen.sum(1) * cost
+    chosen = _pick_random(lod == GIST, slack // cost, generator)
+    return expand_blocks(lod, chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# materialisation
+
+@dataclass
+class WorkingContext:
+    """A batch of V materialised working contexts, right-padded to W entries."""
+    embeds: torch.Tensor   # [V, W, D] entry embeddings (dtype/device of the levels); padding = 0
+    pos: torch.Tensor      # [V, W] long, global start token of each entry; padding = 0
+    span: torch.Tensor     # [V, W] long, tokens covered: 1, K or K**2; padding = 1
+    lod: torch.Tensor      # [V, W] long, 0 token, 1 LOD1 gist, 2 LOD2 gist; padding = 0
+    targets: torch.Tensor  # [V, W] long, next token of LOD0 entries, else -1; padding = -1
+    valid: torch.Tensor    # [V, W] bool, real entries (a prefix of each row)
+    sample: torch.Tensor   # [V] long, history row each variant reads
+    lod_map: torch.Tensor  # [V, n_blocks] int8, the maps this batch was built from
+    history_len: int       # T, tokens of history (n_blocks * K + partial block)
+
+    @property
+    def n_entries(self):  # [V]
+        return self.valid.sum(1)
+
+
+def default_samples(V: int, B: int, device=None):
+    """Sample of each variant when V = B * n: sequence-major, variants of a sequence adjacent."""
+    if V % B:
+        raise ValueError(f"{V} variants cannot be spread evenly over {B} sequences; pass `sample` explicitly")
+    return torch.arange(V, device=device) // (V // B)
+
+
+def materialize(lod_map, levels, tokens, cfg: MCConfig, next_token=None, sample=None) -> WorkingContext:
+    """Build V working contexts from LOD maps [V, n_blocks] and the tree levels.
+
+    levels: [LOD0 [B, T, D], LOD1 [B, T // K, D], (LOD2 [B, T // K**2, D] when max_lod = 2)], where T
+    may include a partial block of t < K tokens (always raw). tokens [B, T]: the history ids.
+    next_token [B]: the token after the history (target of the last position), else -1.
+    sample [V]: history row of each variant (default: `default_samples`).
+    Raises ValueError when a map is illegal or exceeds W (one host sync for both checks).
+    """
+    K, W = cfg.block_size, cfg.wc_budget
+    lod0 = levels[0]
+    B, T, D = lod0.shape
+    device = lod0.device
+    lod = lod_map.to(device=device, dtype=torch.int8)  # [V, n]
+    V, n = lod.shape
+    t = T - n * K
+    if not 0 <= t < K or levels[1].shape[:2] != (B, n):
+        raise ValueError(f"LOD map of {n} blocks does not match a history of {T} tokens with K={K} "
+                         f"(LOD1 level {tuple(levels[1].shape)})")
+    if tokens.shape != (B, T):
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not match the LOD0 level {tuple(lod0.shape)}")
+    n2 = levels[2].size(1) if len(levels) > 2 else 0
+    if len(levels) > 2 and levels[2].shape[:2] != (B, n // K):
+        raise ValueError(f"LOD2 level {tuple(levels[2].shape)} does not match {n} blocks with K={K}")
+    sample = default_samples(V, B, device) if sample is None else sample.to(device).long()
+
+    counts = entry_counts(lod, K, t)  # [V]
+    legal = is_legal(lod, K, cfg.recent // K, max_lod=len(levels) - 1)
+    max_count, n_illegal = torch.stack([counts.max(), (~legal).sum()]).tolist() if V else (0, 0)
+    if n_illegal:
+        v = int((~legal).nonzero()[0])
+        raise ValueError(f"LOD map of variant {v} is illegal (groups must be complete and aligned, uncovered "
+                         f"blocks a prefix, the last {cfg.recent // K} blocks raw, LOD <= {len(levels) - 1}): "
+                         f"{lod[v].tolist()}")
+    if max_count > W:
+        v = int(counts.argmax())
+        raise ValueError(f"LOD map of variant {v} needs {max_count} entries > --mc_wc_budget={W}")
+
+    # slot grid over token positions: slot s = b*K + j starts an entry iff
+    # RAW (every j) | GIST (j == 0) | GROUP (j == 0 and b first block of its group)
+    s = torch.arange(T, device=device)  # [T]
+    slot_lod = torch.cat([lod.repeat_interleave(K, dim=1), lod.new_zeros(V, t)], dim=1)  # [V, T]
+    starts_block = s % K == 0
+    starts_group = s % (K * K) == 0
+    valid_slot = (slot_lod == RAW) | ((slot_lod == GIST) & starts_block) | ((slot_lod == GROUP) & starts_group)
+    dest = torch.where(valid_slot, valid_slot.cumsum(1) - 1, W)  # [V, T]; column W is a dump
+    pos = torch.zeros(V, W + 1, dtype=torch.long, device=device)
+    pos = pos.scatter_(1, dest, s.expand(V, T))[:, :W]  # [V, W]
+    valid = torch.arange(W, device=device) < counts[:, None]  # [V, W], right padding
+    pos = torch.where(valid, pos, 0)
+    entry_lod = torch.where(valid, slot_lod.gather(1, pos), RAW).long()  # [V, W]
+
+    # one gather from [LOD0 rows | LOD1 rows | LOD2 rows | a zero row for padding]
+    n1 = n
+    row = sample[:, None]  # [V, 1]
+    src = torch.where(entry_lod == RAW, row * T + pos,
+          torch.where(entry_lod == GIST, B * T + row * n1 + pos // K,
+                      B * T + B * n1 + row * n2 + pos // (K * K)))
+    pad_row = B * (T + n1 + n2)
+    src = torch.where(valid, src, pad_row)
+    table = torch.cat([lvl.reshape(-1, D) for lvl in levels[:3]] + [lod0.new_zeros(1, D)])  # [B(T+n1+n2)+1, D]
+    embeds = table.index_select(0, src.view(-1)).view(V, W, D)
+
+    # targets from positions: token[p+1] for LOD0 entries, next_token after the last position
+    after = torch.full((B, 1), -1, dtype=torch.long, device=device) if next_token is None \
+        else next_token.to(device).long().view(B, 1)
+    following = torch.cat([tokens.to(device).long(), after], dim=1).view(-1)  # [B * (T+1)]
+    targets = following[row * (T + 1) + pos + 1]  # [V, W]
+    targets = torch.where(valid & (entry_lod == RAW), targets, -1)
+    span = torch.pow(K, entry_lod)
+    return WorkingContext(embeds, pos, span, entry_lod, targets, valid, sample, lod_map, T)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (tests and the --mc debug flag)
+
+class WorkingContextError(ValueError):
+    """A materialised working context breaks one of the invariants of DESIGN.md section 4."""
+
+
+def _check(bad, invariant: str, describe):
+    """Raise for the first (variant, entry) where `bad` [V, W] holds, described by describe(v, w)."""
+    if bad.any():
+        v, w = (int(i) for i in bad.nonzero()[0])
+        raise WorkingContextError(f"WC invariant {invariant} violated at variant {v}, entry {w}: {describe(v, w)}")
+
+
+def validate_wc(wc: WorkingContext, tokens, cfg: MCConfig, next_token=None):
+    """Check the five invariants of a materialised batch (plus right padding); raise WorkingContextError.
+
+    1 alignment: an LOD-l entry starts at a multiple of K**l and spans K**l tokens
+    2 coverage: entries tile [start, T) in order, without gaps or overlaps, ending at T
+    3 budget: at most W = cfg.wc_budget entries
+    4 tail: every entry touching the last R tokens is LOD0
+    5 targets: an LOD0 entry at p has target token[p+1] (next_token, else -1, for p = T-1); gists -1
+    """
+    K, W, R = cfg.block_size, cfg.wc_budget, cfg.recent
+    T = tokens.size(1)
+    V, Wc = wc.valid.shape
+    pos, span, lod, valid, tgt = wc.pos, wc.span, wc.lod, wc.valid, wc.targets
+    if wc.history_len != T:
+        raise WorkingContextError(f"WC built over {wc.history_len} tokens, validated against {T}")
+    # right padding: real entries form a prefix of each row, padding has target -1
+    _check(valid[:, 1:] & ~valid[:, :-1] if Wc > 1 else valid[:, :0], "(right padding)",
+           lambda v, w: "a real entry follows padding")
+    _check(~valid & (tgt != -1), "(right padding)", lambda v, w: f"padding has target {int(tgt[v, w])}, not -1")
+    # 1 alignment
+    _check(valid & ((lod < 0) | (lod > cfg.max_lod)), "1 (alignment)", lambda v, w: f"unknown LOD {int(lod[v, w])}")
+    lod_c = lod.clamp(0, cfg.max_lod)
+    _check(valid & ((span != K ** lod_c) | (pos % K ** lod_c != 0) | (pos < 0)), "1 (alignment)",
+           lambda v, w: f"LOD{int(lod[v, w])} entry at position {int(pos[v, w])} spans {int(span[v, w])} tokens; "
+                        f"it must start at a multiple of {K ** int(lod_c[v, w])} and span that many")
+    # 2 coverage
+    end = pos + span  # [V, W]
+    both = valid[:, 1:] & valid[:, :-1]
+    _check(both & (pos[:, 1:] != end[:, :-1]), "2 (coverage)",
+           lambda v, w: f"entry ends at token {int(end[v, w])} but the next starts at {int(pos[v, w + 1])}")
+    last = (valid.sum(1) - 1).clamp(min=0)  # [V]
+    last_end = end.gather(1, last[:, None])[:, 0]
+    _check((~valid[:, :1] | (last_end != T)[:, None]) & (T > 0), "2 (coverage)",
+           lambda v, w: f"the entries end at token {int(last_end[v])}, not at the history length {T}"
+           if valid[v, 0] else "the WC is empty")
+    # 3 budget
+    if Wc > W:
+        raise WorkingContextError(f"WC invariant 3 (budget) violated: {Wc} entries > --mc_wc_budget={W}")
+    # 4 tail
+    _check(valid & (end > T - R) & (lod != 0), "4 (tail)",
+           lambda v, w: f"LOD{int(lod[v, w])} entry at position {int(pos[v, w])} lies in the raw tail "
+                        f"(the last {R} of {T} tokens)")
+    # 5 targets
+    B = tokens.size(0)
+    after = torch.full((B, 1), -1, dtype=torch.long, device=tokens.device) if next_token is None \
+        else next_token.long().view(B, 1)
+    following = torch.cat([tokens.long(), after], dim=1)[wc.sample]  # [V, T+1]
+    expected = torch.where(lod == 0, following.gather(1, (pos + 1).clamp(0, T)), -1)
+    _check(valid & (tgt != expected), "5 (targets)",
+           lambda v, w: f"LOD{int(lod[v, w])} entry at position {int(pos[v, w])} has target {int(tgt[v, w])}, "
+                        f"expected {int(expected[v, w])}")
