@@ -1,0 +1,108 @@
+"""LensNet: shapes, zeros at padding, tail conditioning, non-causality, gradients everywhere."""
+
+import torch
+
+from mc.config import MCConfig
+from mc.lensnet import LensNet, tail_mask
+
+D, W, TAIL = 48, 24, 4
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    net = LensNet(MCConfig(block_size=4, lens_width=32, lens_layers=2), D)
+    with torch.no_grad():  # a "trained" net: the zero-initialised parts get values
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(std=0.2)
+    return net
+
+
+def batch(V=3, n_valid=(24, 17, 9), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(V, W, D, generator=g)
+    lod = torch.randint(0, 3, (V, W), generator=g)
+    rel_pos = torch.rand(V, W, generator=g) * 5000
+    valid = torch.arange(W)[None] < torch.tensor(n_valid)[:, None]  # right-padded
+    return embeds, lod, rel_pos, valid
+
+
+def test_initial_scores_are_zero():
+    torch.manual_seed(0)
+    net = LensNet(MCConfig(lens_width=32), D)
+    scores = net(*batch(), tail_len=TAIL)
+    assert scores.shape == (3, W) and scores.dtype == torch.float32 and scores.abs().max() == 0
+    assert "params" in net.summary()
+
+
+def test_shape_and_zeros_at_invalid():
+    net = make()
+    embeds, lod, rel_pos, valid = batch()
+    scores = net(embeds, lod, rel_pos, valid, tail_len=TAIL)
+    assert scores.shape == (3, W) and scores.dtype == torch.float32
+    assert (scores[~valid] == 0).all() and (scores[valid] != 0).all() and torch.isfinite(scores).all()
+    embeds[~valid] = float("nan")  # padding content never leaks
+    lod[~valid] = -1
+    torch.testing.assert_close(net(embeds, lod, rel_pos, valid, tail_len=TAIL), scores)
+    # a row computed alone (without padding) equals its padded version
+    alone = net(embeds[2:, :9], lod[2:, :9], rel_pos[2:, :9], valid[2:, :9], tail_len=TAIL)
+    torch.testing.assert_close(alone, scores[2:, :9], atol=1e-5, rtol=1e-5)
+    # any V, W; an empty row; a per-row tail length
+    out = net(torch.randn(1, 5, D), torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5), torch.ones(1, 5, dtype=torch.bool))
+    assert out.shape == (1, 5)
+    valid[1] = False
+    out = net(embeds, lod, rel_pos, valid, tail_len=torch.tensor([2, 3, 4]))
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+
+
+def test_tail_mask():
+    valid = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    want = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(tail_mask(valid, 3), want)
+    assert torch.equal(tail_mask(valid, torch.tensor([1, 1, 1]))[0], torch.tensor([0, 0, 0, 1, 0, 0], dtype=torch.bool))
+
+
+def test_depends_on_tail():
+    net = make()
+    embeds, lod, rel_pos, valid = batch()
+    scores = net(embeds, lod, rel_pos, valid, tail_len=TAIL)
+    changed = embeds.clone()
+    changed[0, W - 2] += 1.0  # a tail token of row 0 (24 valid entries, tail = 20..23)
+    changed[1, 15] += 1.0  # a tail token of row 1 (17 valid, tail = 13..16)
+    new = net(changed, lod, rel_pos, valid, tail_len=TAIL)
+    assert (new[0, :10] - scores[0, :10]).abs().min() > 0, "every early entry must react to the tail"
+    assert (new[1, :10] - scores[1, :10]).abs().min() > 0
+    torch.testing.assert_close(new[2], scores[2])  # rows are independent
+    # the tail length itself is part of the conditioning
+    assert not torch.allclose(net(embeds, lod, rel_pos, valid, tail_len=2), scores)
+
+
+def test_non_causal():
+    net = make()
+    embeds, lod, rel_pos, valid = batch()
+    scores = net(embeds, lod, rel_pos, valid, tail_len=TAIL)
+    changed = embeds.clone()
+    changed[0, 12] += 1.0  # a later, non-tail entry
+    new = net(changed, lod, rel_pos, valid, tail_len=TAIL)
+    assert (new[0, :12] - scores[0, :12]).abs().min() > 0, "earlier entries must see later ones"
+    # LOD and position also matter
+    lod2 = lod.clone()
+    lod2[0, 12] = (lod2[0, 12] + 1) % 3
+    assert not torch.allclose(net(embeds, lod2, rel_pos, valid, tail_len=TAIL)[0, :12], scores[0, :12])
+    assert not torch.allclose(net(embeds, lod, rel_pos * 2, valid, tail_len=TAIL), scores)
+
+
+def test_gradients_reach_every_parameter():
+    net = make()
+    embeds, lod, rel_pos, valid = batch()
+    scores = net(embeds, lod, rel_pos, valid, tail_len=TAIL)
+    (scores * torch.randn_like(scores)).sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_bf16_module():
+    net = make().to(torch.bfloat16)
+    embeds, lod, rel_pos, valid = batch()
+    scores = net(embeds, lod, rel_pos, valid, tail_len=TAIL)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and (scores[~valid] == 0).all()
