@@ -2,10 +2,15 @@
 
     python -m scripts.base_train --depth=4 --max_seq_len=512            # one process (CPU or GPU)
     torchrun --nproc_per_node=8 -m scripts.base_train --depth=20       # 8 GPUs
+    python -m scripts.base_train ... --mc --mc_wc_budget=128           # with MegaContext (mc/)
 
 Every knob is a flag (see --help); its default lives in TrainConfig below. The horizon is either
 --num_iterations or tokens = --target_param_data_ratio x parameters. Checkpoints go to
 $MC_BASE_DIR/checkpoints/base/<tag> and --resume continues exactly where a run stopped.
+
+With --mc every micro-batch goes through mc.runtime.MCController (tree, working contexts, LensNet,
+allocator, one batched forward); the --mc_* flags map onto mc.config.MCConfig. The micro-batch
+shrinks automatically so an MC forward sees no more entries than a plain one (mc.build).
 """
 
 import argparse
@@ -18,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from mc.build import build_controller, load_controller, mc_meta, mc_micro_batch
+from mc.config import MCConfig, MCConfigError
 from nanochat import report
 from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, find_last_step, load_state_strict,
                                  load_training_state, model_meta, restore_rng, save_checkpoint)
@@ -73,6 +80,7 @@ class TrainConfig:
     cpu_bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CPU (off by default: usually slower)"})
     compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA only)"})
     seed: int = field(default=42, metadata={"help": "seed of model init and data order"})
+    mc: bool = field(default=False, metadata={"help": "train with MegaContext (see the --mc_* flags)"})
 
 
 def validate(cfg: TrainConfig, world_size: int) -> int:
@@ -95,6 +103,16 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     if cfg.eval_tokens < cfg.device_batch_size * cfg.max_seq_len * world_size:
         raise ConfigError(f"--eval_tokens={cfg.eval_tokens} is less than one validation batch ({tokens_per_fwd} tokens)")
     return cfg.total_batch_size // tokens_per_fwd
+
+
+def format_mc_log(metrics: dict, times: dict, step_seconds: float) -> str:
+    """One console line of MegaContext telemetry: losses, counterfactual NLLs, LOD mix, phase shares."""
+    lod = "/".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.startswith("lod"))
+    phases = " ".join(f"{k} {100 * v / step_seconds:.0f}%" for k, v in times.items())
+    return (f"      mc | lm {metrics['lm_loss']:.3f} | lens {metrics['lens_loss']:.3f} acc {metrics['lens_pair_acc']:.2f} | "
+            f"last-H nll trunc {metrics['nll_h_truncation']:.3f} var {metrics['nll_h_variants']:.3f} "
+            f"best {metrics['nll_h_best']:.3f} |dnll| {metrics['dnll_abs']:.4f} | expansions {metrics['expansions']:.1f} | "
+            f"lod mix {lod} | {phases}")
 
 
 def lr_multiplier(step: int, num_iterations: int, cfg: TrainConfig) -> float:
@@ -121,13 +139,19 @@ class NoWandb:
         pass
 
 
-def parse_args(argv=None) -> TrainConfig:
+def parse_args(argv=None) -> tuple[TrainConfig, MCConfig | None]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, TrainConfig, title="training")
-    return dataclass_from_args(TrainConfig, parser.parse_args(argv))
+    add_dataclass_args(parser, MCConfig, prefix="mc_", title="MegaContext (with --mc)")
+    args = parser.parse_args(argv)
+    cfg = dataclass_from_args(TrainConfig, args)
+    argv = sys.argv[1:] if argv is None else argv
+    if not cfg.mc and any(a.startswith("--mc_") for a in argv):
+        parser.error("--mc_* flags were given without --mc")
+    return cfg, dataclass_from_args(MCConfig, args, prefix="mc_") if cfg.mc else None
 
 
-def train(cfg: TrainConfig):
+def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type)
     master = rank == 0
     grad_accum = validate(cfg, world_size)
@@ -149,7 +173,13 @@ def train(cfg: TrainConfig):
                              n_embd=cfg.width or 64 * cfg.depth, head_dim=cfg.head_dim)
     model = GPT(model_config).to(device)
     model.init_weights()
-    optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+    controller = build_controller(model, mc_cfg, rank) if mc_cfg else None
+    mc_modules = controller.modules() if controller else {}
+    batch_size = cfg.device_batch_size
+    if controller:  # fewer sequences per micro-batch, more micro-batches: same data per step, same memory
+        batch_size = mc_micro_batch(cfg.device_batch_size, cfg.max_seq_len, mc_cfg)
+        grad_accum *= cfg.device_batch_size // batch_size
+    optimizers = build_optimizers(model, list(mc_modules.values()), matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay)
     start_step, loader_state, history = 0, None, {"step": [], "loss": [], "val_step": [], "val_bpb": []}
     if cfg.resume:
@@ -158,7 +188,14 @@ def train(cfg: TrainConfig):
         if meta["model_config"] != asdict(model_config):
             raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} has model config {meta['model_config']}, "
                               f"but the flags give {asdict(model_config)}")
+        if meta.get("mc_config") != (asdict(mc_cfg) if mc_cfg else None):
+            raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} was trained with MegaContext config "
+                              f"{meta.get('mc_config')}, but the flags give {asdict(mc_cfg) if mc_cfg else None}")
         load_state_strict(model, states["gpt"], f"{ckpt_dir}/model_{start_step:06d}.pt")
+        if controller:
+            resumed = load_controller(model, states, meta, rank)
+            controller.gistnet.load_state_dict(resumed.gistnet.state_dict())
+            controller.lensnet.load_state_dict(resumed.lensnet.state_dict())
         training_state = load_training_state(ckpt_dir, start_step, rank, device)
         for opt, state in zip(optimizers, training_state["optimizers"]):
             opt.load_state_dict(state)
@@ -166,6 +203,7 @@ def train(cfg: TrainConfig):
         loader_state, history = training_state["rank_state"]["loader"], meta["history"]
         print0(f"resumed from {ckpt_dir} at step {start_step}")
     train_model = torch.compile(model, dynamic=False) if cfg.compile and device.type == "cuda" else model
+    params = [p for module in (model, *mc_modules.values()) for p in module.parameters()]
 
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
@@ -176,10 +214,15 @@ def train(cfg: TrainConfig):
     peak_flops = measure_matmul_flops(device, amp_dtype) * world_size
     print0(f"model: {num_params:,} parameters, {flops_per_token:.3g} FLOPs/token, config {asdict(model_config)}")
     print0(f"training: {num_iterations} steps x {cfg.total_batch_size:,} tokens "
-           f"({grad_accum} micro-batches of {cfg.device_batch_size} x {cfg.max_seq_len} on {world_size} rank(s)), "
+           f"({grad_accum} micro-batches of {batch_size} x {cfg.max_seq_len} on {world_size} rank(s)), "
            f"device {device}, autocast {amp_dtype}")
+    if controller:
+        print0(f"MegaContext: {controller.gistnet.summary()}; {controller.lensnet.summary()}")
+        print0(f"MegaContext: micro-batch {batch_size} sequences x {1 + mc_cfg.num_variants} variants "
+               f"= {batch_size * (1 + mc_cfg.num_variants)} working contexts of W={mc_cfg.wc_budget} "
+               f"(plain: {cfg.device_batch_size} x {cfg.max_seq_len})")
 
-    loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, data_dir, split="train", seed=cfg.seed,
+    loader = DataLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, split="train", seed=cfg.seed,
                         rank=rank, world_size=world_size, device=device)
     if loader_state is not None:
         loader.load_state_dict(loader_state)
@@ -196,8 +239,14 @@ def train(cfg: TrainConfig):
                                 rank=rank, world_size=world_size, device=device)
         model.eval()
         bpb = evaluate_bpb(train_model, iter(val_loader), eval_steps, token_bytes, amp)
+        arms = {}
+        if controller:
+            mc_loader = DataLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, split="val", rank=rank,
+                                   world_size=world_size, device=device)
+            mc_steps = max(1, eval_steps * cfg.device_batch_size // batch_size)
+            arms = controller.arms_bpb(iter(mc_loader), mc_steps, token_bytes, amp)
         model.train()
-        return bpb
+        return bpb, arms
 
     def samples():
         prompts = ["The capital of France is", "It is a truth universally acknowledged, that", "Once upon a time"]
@@ -212,10 +261,11 @@ def train(cfg: TrainConfig):
 
     def save(step: int, val_bpb: float):
         meta = model_meta(model, train_config=asdict(cfg), history=history, val_bpb=val_bpb,
-                          tokenizer=tokenizer.identity())
-        save_checkpoint(ckpt_dir, step, {"gpt": model}, optimizers, meta, rank, {"loader": loader.state_dict()})
+                          tokenizer=tokenizer.identity(), **(mc_meta(mc_cfg) if mc_cfg else {}))
+        save_checkpoint(ckpt_dir, step, {"gpt": model, **mc_modules}, optimizers, meta, rank,
+                        {"loader": loader.state_dict()})
 
-    val_bpb, sample_texts = float("nan"), []
+    val_bpb, arms, sample_texts = float("nan"), {}, []
     train_time, smooth_loss, tokens_per_sec, mfu = 0.0, 0.0, 0.0, 0.0
     progress = tqdm(total=num_iterations, initial=start_step, disable=not master, desc="base_train",
                     dynamic_ncols=True, mininterval=1.0)
@@ -223,11 +273,14 @@ def train(cfg: TrainConfig):
     while True:
         last = step == num_iterations
         if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > start_step) or step == 0:
-            val_bpb = validation_bpb()
+            val_bpb, arms = validation_bpb()
             history["val_step"].append(step)
             history["val_bpb"].append(val_bpb)
-            progress.write(f"step {step:5d} | val bpb {val_bpb:.4f}") if master else None
-            wandb_run.log({"step": step, "val/bpb": val_bpb})
+            for arm, value in arms.items():
+                history.setdefault(f"val_{arm}", []).append(value)
+            arm_text = "".join(f" | {arm} {value:.4f}" for arm, value in arms.items())
+            progress.write(f"step {step:5d} | val bpb {val_bpb:.4f}" + (f" | last-H bpb:{arm_text}" if arms else "")) if master else None
+            wandb_run.log({"step": step, "val/bpb": val_bpb, **{f"val/h_bpb_{a}": v for a, v in arms.items()}})
         if master and (last or (cfg.sample_every > 0 and step % cfg.sample_every == 0 and step > start_step)):
             sample_texts = samples()
             for text in sample_texts:
@@ -245,21 +298,37 @@ def train(cfg: TrainConfig):
                 group["lr"] = group["initial_lr"] * lrm
         optimizers[1].param_groups[0]["momentum"] = muon_momentum(step)
         loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
+        mc_metrics, mc_times = {}, {}
+        for micro in range(grad_accum):
             x, y = next(batches)
-            with amp:
-                loss = train_model(x, y)
-            (loss / grad_accum).backward()
-            loss_sum += loss.detach()
-        allreduce_grads(list(model.parameters()))
+            if controller:
+                with amp:
+                    out = controller.process_batch(x, y, step * grad_accum + micro, forward_fn=train_model)
+                with controller.timer.phase("backward"):
+                    (out.loss / grad_accum).backward()
+                loss_sum += out.metrics["lm_loss"]
+                for key, value in out.metrics.items():
+                    mc_metrics[key] = mc_metrics.get(key, 0.0) + value / grad_accum
+                for key, value in [*out.timings.items(), *controller.timer.pop().items()]:
+                    mc_times[key] = mc_times.get(key, 0.0) + value
+            else:
+                with amp:
+                    loss = train_model(x, y)
+                (loss / grad_accum).backward()
+                loss_sum += loss.detach()
+        t_opt = time.perf_counter()
+        allreduce_grads(params)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         for opt in optimizers:
             opt.step()
-        model.zero_grad(set_to_none=True)
+        for module in (model, *mc_modules.values()):
+            module.zero_grad(set_to_none=True)
         train_loss = (loss_sum / grad_accum).item()
         synchronize(device)
         dt = time.perf_counter() - t0
+        if controller:
+            mc_times["optimizer"] = time.perf_counter() - t_opt
 
         step += 1
         if not math.isfinite(train_loss):
@@ -277,8 +346,11 @@ def train(cfg: TrainConfig):
         if master and step % cfg.log_every == 0:
             progress.write(f"step {step:5d}/{num_iterations} | loss {debiased:.4f} | lr x{lrm:.2f} | "
                            f"{dt * 1000:.0f} ms | {tokens_per_sec:,.0f} tok/s | mfu {mfu:.3f}")
+            if controller:
+                progress.write(format_mc_log(mc_metrics, mc_times, dt))
         wandb_run.log({"step": step, "train/loss": train_loss, "train/tok_per_s": tokens_per_sec, "train/mfu": mfu,
-                       "train/lrm": lrm})
+                       "train/lrm": lrm, **{f"mc/{k}": v for k, v in mc_metrics.items()},
+                       **{f"mc_time/{k}": v for k, v in mc_times.items()}})
     progress.close()
 
     if master:
@@ -286,8 +358,10 @@ def train(cfg: TrainConfig):
         report_dir = get_report_dir()
         report.plot_curves(report_dir / "base_loss.png", {"train loss (nats/token)": (history["step"], history["loss"])},
                            "step", "loss", "Base training loss")
-        report.plot_curves(report_dir / "base_val_bpb.png", {"val bpb": (history["val_step"], history["val_bpb"])},
-                           "step", "bits per byte", "Base validation bits per byte")
+        val_series = {"val bpb": (history["val_step"], history["val_bpb"])}
+        val_series.update({f"last-H bpb, {arm}": (history["val_step"], history[f"val_{arm}"]) for arm in arms})
+        report.plot_curves(report_dir / "base_val_bpb.png", val_series, "step", "bits per byte",
+                           "Base validation bits per byte")
         report.log_section("base-train", "Base model training", [
             {"data": cfg.data, "parameters": f"{num_params:,}", "FLOPs per token": f"{flops_per_token:.3g}",
              "steps": num_iterations, "tokens per step": cfg.total_batch_size, "micro-batches": grad_accum,
@@ -295,6 +369,8 @@ def train(cfg: TrainConfig):
             {"initial val bpb": history["val_bpb"][0], "final val bpb": val_bpb,
              "training time": f"{train_time / 60:.2f} min", "tokens/s (mean)": f"{cfg.total_batch_size * steps_timed / max(train_time, 1e-9):,.0f}",
              "MFU (last step)": f"{mfu:.3f}", "checkpoint": str(ckpt_dir)},
+            *([{f"final last-H bpb ({arm}, W={mc_cfg.wc_budget})": v for arm, v in arms.items()},
+               "MegaContext config: `" + json.dumps(asdict(mc_cfg)) + "`"] if controller else []),
             ("img", "base_loss.png"), ("img", "base_val_bpb.png"),
             "Samples (greedy):", *[f"    {t!r}" for t in sample_texts],
             "Config: `" + json.dumps(asdict(cfg)) + "`",
@@ -306,10 +382,10 @@ def train(cfg: TrainConfig):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, mc_cfg = parse_args(argv)
     try:
-        train(cfg)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+        train(cfg, mc_cfg)
+    except (ConfigError, MCConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         compute_cleanup()
         sys.exit(f"error: {e}")
 

@@ -1,0 +1,142 @@
+"""The focus allocator: LensNet scores -> legal, budgeted, block-aligned edits of LOD maps (DESIGN.md section 6).
+
+Scores live on working-context entries; edits live on units of the map:
+    expand a LOD1 gist  (block GIST -> RAW)        +K-1 entries, scored by the gist's entry
+    expand a LOD2 gist  (group GROUP -> GIST)      +K-1 entries, scored by the group's entry
+    collapse a raw block (RAW -> GIST)             -(K-1), scored by the mean of its tokens' scores
+    collapse K gists    (GIST x K -> GROUP)        -(K-1), scored by the mean of their scores
+Positive scores ask for detail, negative ones for compression. Because every edit costs the same
+K-1 entries, "within budget" is a count: one iteration applies the most negative collapses (below
+-collapse_threshold), then as many of the best expansions (above expand_threshold) as the freed
+budget affords, at most `max_edits` of each. `greedy` takes the top scores; `stochastic_greedy`
+samples without replacement among the top-k with probabilities softmax(score / temperature)
+(Gumbel top-k). Everything is vectorised over variants and blocks.
+
+Evaluation baselines build maps directly: `recency` (the most compressed map: gists only),
+`random` (working_context.random_maps), `similarity` (scores = cosine of each gist with the mean of
+the tail, then greedy) and `oracle` (expands the blocks it is told hold the answer).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from mc.config import MCConfig
+from mc.working_context import (GIST, GROUP, RAW, collapse_blocks, collapse_groups, edit_cost, entry_counts,
+                                expand_blocks, expand_groups, most_compressed_map)
+
+NEG = float("-inf")
+
+
+def unit_scores(scores, wc, K: int):
+    """Entry scores [V, W] -> per-unit scores: (gist block [V, n], group [V, G], raw block mean [V, n], gist group mean [V, G]).
+
+    Units with no entry of the right kind get NaN.
+    """
+    V, n = wc.lod_map.shape
+    G = -(-n // K)
+    block = (wc.pos // K).clamp(max=n)  # [V, W]; position >= n*K (partial block) -> overflow column n
+    group = (wc.pos // (K * K)).clamp(max=G)
+    scores = scores.float()
+
+    def scatter_mean(index, select, width):
+        total = torch.zeros(V, width + 1, device=scores.device)
+        count = torch.zeros(V, width + 1, device=scores.device)
+        index = torch.where(select, index, width)
+        total.scatter_add_(1, index, torch.where(select, scores, 0.0))
+        count.scatter_add_(1, index, select.float())
+        return (total / count)[:, :width]  # NaN where count == 0
+
+    gist_block = scatter_mean(block, wc.valid & (wc.lod == 1), n)
+    group_entry = scatter_mean(group, wc.valid & (wc.lod == 2), G)
+    raw_block = scatter_mean(block, wc.valid & (wc.lod == 0), n)
+    gist_group = scatter_mean(group, wc.valid & (wc.lod == 1), G)
+    return gist_block, group_entry, raw_block, gist_group
+
+
+def select_top(keys, n_take, top_k: int | None = None):
+    """Mask [V, N] of the n_take [V] largest finite keys per row (only among the top_k when given)."""
+    V, N = keys.shape
+    order = keys.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=keys.device).expand(V, N))
+    return torch.isfinite(keys) & (rank < n_take[:, None])
+
+
+def choose(scores, n_take, cfg: MCConfig, policy: str, generator=None):
+    """Pick up to n_take [V] candidates (finite entries of scores [V, N]) by `policy`."""
+    if policy == "greedy":
+        return select_top(scores, n_take)
+    if policy != "stochastic_greedy":
+        raise ValueError(f"unknown allocator policy {policy!r}")
+    in_top_k = select_top(scores, torch.full_like(n_take, cfg.top_k))
+    u = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(1e-9, 1 - 1e-9)
+    keys = torch.where(in_top_k, scores / cfg.temperature - torch.log(-torch.log(u)), NEG)
+    return select_top(keys, n_take)
+
+
+def refocus(lod_map, scores, wc, cfg: MCConfig, policy: str, generator=None, tail_tokens: int = 0,
+            allow_collapse: bool = True):
+    """One allocator iteration on maps [V, n_blocks] given entry scores [V, W] of their WCs; returns new maps."""
+    K, W = cfg.block_size, cfg.wc_budget
+    cost = edit_cost(K)
+    V, n = lod_map.shape
+    G = n // K  # complete groups only
+    recent_blocks = min(cfg.recent // K, n)
+    gist_block, group_entry, raw_block, gist_group = unit_scores(scores, wc, K)
+    max_edits = torch.full((V,), cfg.max_edits, dtype=torch.long, device=lod_map.device)
+    new_map = lod_map
+    if allow_collapse:
+        block_idx = torch.arange(n, device=lod_map.device)
+        collapsible = (lod_map == RAW) & (block_idx < n - recent_blocks) & (raw_block < -cfg.collapse_threshold)
+        collapse_block = select_top(torch.where(collapsible, -raw_block, NEG), max_edits)
+        new_map = collapse_blocks(new_map, collapse_block, recent_blocks)
+        if cfg.max_lod >= 2 and G:
+            all_gist = (new_map[:, :G * K] == GIST).view(V, G, K).all(-1)
+            mean = gist_group[:, :G]
+            collapsible = all_gist & (mean < -cfg.collapse_threshold)
+            new_map = collapse_groups(new_map, select_top(torch.where(collapsible, -mean, NEG), max_edits), K)
+    free = (W - entry_counts(new_map, K, tail_tokens)).clamp(min=0)
+    n_afford = torch.minimum(free // cost, max_edits)
+    expand_block = (lod_map == GIST) & (new_map == GIST) & (gist_block > cfg.expand_threshold)
+    candidates = [torch.where(expand_block, gist_block, NEG)]
+    if cfg.max_lod >= 2 and G:
+        is_group = (new_map[:, :G * K] == GROUP).view(V, G, K)[..., 0]
+        expand_group = is_group & (group_entry[:, :G] > cfg.expand_threshold)
+        candidates.append(torch.where(expand_group, group_entry[:, :G], NEG))
+    picked = choose(torch.cat(candidates, 1), n_afford, cfg, policy, generator)
+    new_map = expand_blocks(new_map, picked[:, :n])
+    if len(candidates) > 1:
+        new_map = expand_groups(new_map, picked[:, n:], K)
+    return new_map
+
+
+def expanded_units(lod_map, base_map, K: int):
+    """Which units of `base_map` are shown in more detail in `lod_map` (both [V, n]) -> (blocks [V, n], groups [V, G])."""
+    V, n = lod_map.shape
+    G = n // K
+    blocks = (base_map == GIST) & (lod_map == RAW)
+    groups = ((base_map[:, :G * K] == GROUP) & (lod_map[:, :G * K] != GROUP)).view(V, G, K).any(-1)
+    return blocks, groups
+
+
+def similarity_scores(wc, tail_len: int):
+    """Cosine of every entry with the mean of the last tail_len valid entries (the query): [V, W]."""
+    from mc.lensnet import tail_mask
+    tail = tail_mask(wc.valid, tail_len).unsqueeze(-1)  # [V, W, 1]
+    query = (wc.embeds.float() * tail).sum(1) / tail.sum(1).clamp(min=1)  # [V, D]
+    sim = F.cosine_similarity(wc.embeds.float(), query[:, None, :], dim=-1)
+    return torch.where(wc.valid & (wc.lod > 0), sim, 0.0)
+
+
+def oracle_map(n_blocks: int, cfg: MCConfig, answer_blocks, tail_tokens: int = 0):
+    """Most compressed maps [V, n] with the given blocks [V, n] bool (and their groups) expanded."""
+    K = cfg.block_size
+    V = answer_blocks.size(0)
+    lod_map = most_compressed_map(n_blocks, cfg, tail_tokens, answer_blocks.device).expand(V, n_blocks).clone()
+    G = n_blocks // K
+    if cfg.max_lod >= 2 and G:
+        lod_map = expand_groups(lod_map, answer_blocks[:, :G * K].view(V, G, K).any(-1), K)
+    lod_map = expand_blocks(lod_map, answer_blocks & (lod_map == GIST))
+    over = entry_counts(lod_map, K, tail_tokens) > cfg.wc_budget
+    if over.any():
+        raise ValueError(f"oracle: expanding the answer blocks exceeds --mc_wc_budget={cfg.wc_budget}")
+    return lod_map

@@ -1,0 +1,59 @@
+"""Build MegaContext for a GPT: the nets (in the right dtype and device), the controller, and the
+micro-batch size that keeps an MC step within the memory of the plain step.
+
+Checkpoints store the nets as the modules "mc_gist" and "mc_lens" next to "gpt", and the MCConfig
+as meta["mc_config"], so every later stage (eval, chat) rebuilds exactly what was trained.
+"""
+
+from dataclasses import asdict
+
+import torch
+
+from mc.config import MCConfig, MCConfigError
+from mc.gistnet import GistNet
+from mc.lensnet import LensNet
+from mc.runtime import MCController
+
+AUX_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_controller(model, cfg: MCConfig, rank: int = 0) -> MCController:
+    """Fresh GistNet + LensNet on the model's device; dtype = the model's unless --mc_aux_dtype says otherwise."""
+    cfg.validate(model.config.sequence_len, model.config.head_dim)
+    weight = model.lm_head.weight
+    dtype = weight.dtype if cfg.aux_dtype == "auto" else AUX_DTYPES[cfg.aux_dtype]
+    d_model = model.config.n_embd
+    gistnet = GistNet(cfg, d_model).to(device=weight.device, dtype=dtype)
+    lensnet = LensNet(cfg, d_model).to(device=weight.device, dtype=dtype)
+    return MCController(model, gistnet, lensnet, cfg, rank)
+
+
+def load_controller(model, states: dict, meta: dict, rank: int = 0) -> MCController:
+    """The controller of a checkpoint trained with --mc (module states from checkpoint.load_module_states)."""
+    from nanochat.checkpoint import CheckpointError, load_state_strict
+    if "mc_config" not in meta or "mc_gist" not in states:
+        raise CheckpointError("this checkpoint was trained without --mc: it has no GistNet/LensNet to load")
+    try:
+        cfg = MCConfig(**meta["mc_config"])
+    except TypeError as e:
+        raise CheckpointError(f"the checkpoint's MegaContext config is incompatible ({e})") from None
+    controller = build_controller(model, cfg, rank)
+    load_state_strict(controller.gistnet, states["mc_gist"], "the checkpoint's GistNet")
+    load_state_strict(controller.lensnet, states["mc_lens"], "the checkpoint's LensNet")
+    return controller
+
+
+def mc_meta(cfg: MCConfig) -> dict:
+    return {"mc_config": asdict(cfg)}
+
+
+def mc_micro_batch(device_batch_size: int, seq_len: int, cfg: MCConfig) -> int:
+    """Sequences per MC micro-batch: the largest divisor b of device_batch_size with b (1+N) W <= B T,
+    i.e. the MC forward sees no more entries than the plain one (so it fits the same memory)."""
+    per_sequence = (1 + cfg.num_variants) * cfg.wc_budget
+    fitting = [b for b in range(1, device_batch_size + 1) if device_batch_size % b == 0 and b * per_sequence <= device_batch_size * seq_len]
+    if not fitting:
+        raise MCConfigError(f"one sequence needs {(1 + cfg.num_variants)} x {cfg.wc_budget} working-context entries, more than "
+                            f"the plain micro-batch of --device_batch_size={device_batch_size} x --max_seq_len={seq_len}; "
+                            "lower --mc_num_variants or --mc_wc_budget, or raise --device_batch_size")
+    return max(fitting)
