@@ -1,0 +1,229 @@
+"""Evaluation arms at a fixed working-context budget W (DESIGN.md section 10), for scripts/mc_eval.py.
+
+An arm reads a batch of histories x [B, L] (L a multiple of K; y [B, L] the next tokens) and
+predicts the final E = `tail` targets y[:, L-E:], E <= R, so every arm shows those tokens raw and
+all arms score exactly the same positions. `ArmEvaluator.run` returns per arm the NLL [B, E] and
+the greedy prediction [B, E] of those positions (teacher-forced), or a string saying why the arm
+was skipped for this batch. Arms:
+
+  truncation     the GPT on the last W tokens (standard rotary; RoPE is relative, so this equals a
+                 working context of W raw tokens)
+  full           the GPT on the whole history, when L <= full_max_len (rotary tables grow on demand,
+                 but beyond a few times the trained length the model is out of distribution)
+  mc             the full system: most compressed map, then LensNet-guided greedy expansion
+                 (MCController.guided_maps, `allocator_iterations` rounds of at most `max_edits`)
+  gists_only     the most compressed map (recency baseline: everything old as gists, nothing expanded)
+  random         random legal maps that use the budget (working_context.random_maps)
+  similarity     greedy expansion ranked by cosine(gist, mean of the raw tail) instead of LensNet
+  oracle         the most compressed map with the blocks holding the answer (and their groups)
+                 expanded, as allocator.oracle_map; `evidence` [B, n] counts the evidence tokens of each
+                 block, and when not all of a row's evidence blocks fit W, the row keeps the most of
+                 them that fit, blocks holding more evidence first (none fitting: the most compressed map)
+  shuffled       the mc maps with the gist embeddings permuted across the gist entries of the same
+                 LOD in each row (positions and spans stay): do gists carry content or only "something is here"?
+  mean_gist      the mc arm of a second checkpoint trained with --mc_gist_type=mean
+  plain_truncation, plain_full   truncation / full of a plain (no --mc) checkpoint, when given
+MC arms are skipped for histories that do not fit W even fully compressed (cfg.min_entries(L) > W).
+`run_maps` scores arbitrary LOD maps (substitutability: all raw vs gists vs nothing).
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from mc.allocator import refocus, similarity_scores
+from mc.lensnet import tail_mask
+from mc.positional import wc_rope
+from mc.tree import build_tree
+from mc.working_context import (RAW, UNCOVERED, entry_counts, expand_blocks, expand_groups, materialize,
+                                most_compressed_map, random_maps)
+
+MC_ARMS = ("mc", "gists_only", "random", "similarity", "oracle", "shuffled")  # read the MC checkpoint's tree
+ARMS = ("truncation", "full", *MC_ARMS, "mean_gist", "plain_truncation", "plain_full")
+
+
+def shuffle_gists(wc, generator=None):
+    """The same working contexts with gist embeddings permuted among the gist entries of equal LOD in each row."""
+    V, W, D = wc.embeds.shape
+    gist = wc.valid & (wc.lod > 0)
+    slot = torch.arange(W, device=wc.embeds.device).expand(V, W).float()
+    noise = torch.rand(V, W, generator=generator, device=wc.embeds.device) * W
+    inf = torch.tensor(float("inf"), device=wc.embeds.device)
+    dst = torch.where(gist, wc.lod * 2 * W + slot, inf).sort(dim=1, stable=True).indices  # gist slots by LOD, in order; others after
+    src = torch.where(gist, wc.lod * 2 * W + noise, inf).sort(dim=1, stable=True).indices  # gist slots by LOD, shuffled; others after
+    perm = torch.empty_like(dst).scatter_(1, dst, src)  # slot dst[i] shows the embedding of slot src[i]
+    return dataclasses.replace(wc, embeds=wc.embeds.gather(1, perm.unsqueeze(-1).expand(V, W, D)))
+
+
+def none_map(n_blocks: int, cfg, device=None):
+    """[n_blocks] int8: only the raw tail (the last R // K blocks); everything older uncovered."""
+    b = torch.arange(n_blocks, device=device)
+    return torch.where(b >= n_blocks - min(cfg.recent // cfg.block_size, n_blocks), RAW, UNCOVERED).to(torch.int8)
+
+
+def fitting_oracle_maps(n_blocks: int, cfg, evidence):
+    """Oracle maps [B, n]: the most compressed map with the top-k evidence blocks (evidence [B, n], tokens of
+    evidence per block) and their LOD2 groups expanded, k per row the largest that fits W. One vectorised
+    pass per k (k <= evidence blocks of a row, a handful)."""
+    K = cfg.block_size
+    B = evidence.size(0)
+    evidence = evidence.float()
+    base = most_compressed_map(n_blocks, cfg, device=evidence.device).expand(B, n_blocks)
+    order = evidence.sort(dim=1, descending=True, stable=True).indices  # [B, n] blocks by evidence share
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_blocks, device=order.device).expand(B, -1))
+    G = n_blocks // K
+    maps = base
+    for k in range(1, int((evidence > 0).sum(1).max()) + 1):
+        chosen = (rank < k) & (evidence > 0)  # [B, n]
+        cand = base
+        if cfg.max_lod >= 2 and G:
+            cand = expand_groups(cand, chosen[:, :G * K].view(B, G, K).any(-1), K)
+        cand = expand_blocks(cand, chosen)
+        fits = entry_counts(cand, K) <= cfg.wc_budget  # [B]; monotone in k, so the last fitting k wins
+        maps = torch.where(fits[:, None], cand, maps)
+    return maps
+
+
+def _score(logits, targets):
+    """logits [B, E, vocab], targets [B, E] -> (nll [B, E] fp32, greedy prediction [B, E])."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    return nll, logits.argmax(-1)
+
+
+class ArmEvaluator:
+    """The arms of one MC checkpoint (controller), optionally a plain model and a mean-gist controller."""
+
+    def __init__(self, controller, plain_model=None, mean_controller=None, full_max_len: int = 0,
+                 tail: int | None = None, seed: int = 0):
+        cfg = controller.cfg
+        self.controller, self.cfg, self.plain, self.mean = controller, cfg, plain_model, mean_controller
+        self.tail = tail or cfg.recent
+        if not 1 <= self.tail <= cfg.recent:
+            raise ValueError(f"the scored tail ({self.tail} tokens) must lie in [1, R={cfg.recent}]: only the last R "
+                             "tokens are raw in every arm")
+        if mean_controller is not None:
+            m = mean_controller.cfg
+            if (m.block_size, m.wc_budget, m.recent) != (cfg.block_size, cfg.wc_budget, cfg.recent):
+                raise ValueError(f"the mean-gist checkpoint has K={m.block_size}, W={m.wc_budget}, R={m.recent} but the MC "
+                                 f"checkpoint K={cfg.block_size}, W={cfg.wc_budget}, R={cfg.recent}: arms must share them")
+        self.full_max_len = full_max_len or 2 * controller.model.config.sequence_len
+        self.seed = seed
+
+    def arms(self) -> list:
+        """The arms this evaluator can run (mean_gist / plain_* only with their checkpoints)."""
+        return [a for a in ARMS if (a != "mean_gist" or self.mean) and (not a.startswith("plain") or self.plain)]
+
+    def fits(self, L: int) -> bool:
+        """A history of L tokens fits W fully compressed (MC arms can run)."""
+        return L % self.cfg.block_size == 0 and self.cfg.min_entries(L) <= self.cfg.wc_budget
+
+    # ---- pieces ----------------------------------------------------------------------------------
+
+    def _gpt_tail(self, model, x):
+        return model(x)[:, -self.tail:]  # [B, E, vocab]
+
+    def _wc_tail(self, controller, wc):
+        """Logits [V, E, vocab] of the last E entries of materialised WCs (raw tail tokens)."""
+        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, controller.model.config.head_dim, controller.cfg.positional)
+        logits = controller.model(inputs_embeds=wc.embeds, rope=(cos, sin))  # [V, W, vocab]
+        return logits[tail_mask(wc.valid, self.tail)].view(wc.valid.size(0), self.tail, -1)
+
+    @staticmethod
+    def _tree(controller, x, y):
+        cfg = controller.cfg
+        B, L = x.shape
+        levels = build_tree(controller.model.transformer.wte(x), controller.gistnet, cfg)
+        base = most_compressed_map(L // cfg.block_size, cfg, device=x.device).expand(B, -1)
+        return levels, base, y[:, -1]
+
+    @staticmethod
+    def _mc_maps(controller, levels, base, x, next_token):
+        base_wc = materialize(base, levels, x, controller.cfg, next_token)
+        return controller.guided_maps(base, controller.score(base_wc, grad=False), levels, x, next_token, None,
+                                      "greedy", None)
+
+    def _similarity_maps(self, levels, base, x, next_token):
+        cfg, maps = self.cfg, base
+        for _ in range(cfg.allocator_iterations):
+            wc = materialize(maps, levels, x, cfg, next_token)
+            # cosine in [-1, 1], shifted positive so the whole budget is spent on the most similar gists
+            scores = similarity_scores(wc, cfg.recent) + 2.0 * (wc.valid & (wc.lod > 0))
+            maps = refocus(maps, scores, wc, cfg, "greedy", allow_collapse=False)
+        return maps
+
+    # ---- running ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, x, y, arms, evidence=None, batch_index: int = 0) -> dict:
+        """{arm: (nll [B, E], pred [B, E]) or a skip reason}. x, y [B, L] with L a multiple of K;
+        evidence [B, L // K] bool: blocks holding the answer (needed by `oracle`)."""
+        cfg, ctl = self.cfg, self.controller
+        B, L = x.shape
+        W, E = cfg.wc_budget, self.tail
+        target = y[:, -E:]
+        out = {}
+        gen = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + batch_index)
+        tree = mc_maps = None
+        for arm in arms:
+            if arm in ("truncation", "plain_truncation"):
+                model = ctl.model if arm == "truncation" else self.plain
+                out[arm] = _score(self._gpt_tail(model, x[:, -W:]), target)
+                continue
+            if arm in ("full", "plain_full"):
+                model = ctl.model if arm == "full" else self.plain
+                out[arm] = (_score(self._gpt_tail(model, x), target) if L <= self.full_max_len
+                            else f"history {L} > --full_max_len={self.full_max_len}")
+                continue
+            if arm not in (*MC_ARMS, "mean_gist"):
+                raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
+            if not self.fits(L):
+                out[arm] = f"history {L} does not fit W={W} even fully compressed"
+                continue
+            if arm == "mean_gist":
+                m_levels, m_base, nt = self._tree(self.mean, x, y)
+                maps = self._mc_maps(self.mean, m_levels, m_base, x, nt)
+                out[arm] = _score(self._wc_tail(self.mean, materialize(maps, m_levels, x, self.mean.cfg, nt)), target)
+                continue
+            if tree is None:
+                tree = self._tree(ctl, x, y)
+            levels, base, nt = tree
+            n = base.size(1)
+            if arm in ("mc", "shuffled"):
+                mc_maps = self._mc_maps(ctl, levels, base, x, nt) if mc_maps is None else mc_maps
+                maps = mc_maps
+            elif arm == "gists_only":
+                maps = base
+            elif arm == "random":
+                maps = random_maps(B, n, cfg, gen, device=x.device)
+            elif arm == "similarity":
+                maps = self._similarity_maps(levels, base, x, nt)
+            else:  # oracle
+                if evidence is None:
+                    out[arm] = "no answer blocks known for this task"
+                    continue
+                maps = fitting_oracle_maps(n, cfg, evidence.to(x.device))
+            wc = materialize(maps, levels, x, cfg, nt)
+            if arm == "shuffled":
+                wc = shuffle_gists(wc, gen)
+            out[arm] = _score(self._wc_tail(ctl, wc), target)
+        return out
+
+    @torch.no_grad()
+    def oracle_maps(self, x, evidence):
+        """The oracle arm's LOD maps [B, L // K] for histories x [B, L] (for inspection and tests)."""
+        return fitting_oracle_maps(x.size(1) // self.cfg.block_size, self.cfg, evidence.to(x.device))
+
+    @torch.no_grad()
+    def run_maps(self, x, y, named_maps: dict) -> dict:
+        """{name: (nll [B, E], pred [B, E])} of the MC checkpoint under given maps {name: [B|1, n] int8};
+        maps may exceed W (e.g. all raw): each is materialised with a budget of max(W, its entries)."""
+        cfg = self.cfg
+        levels, _, nt = self._tree(self.controller, x, y)
+        out = {}
+        for name, maps in named_maps.items():
+            maps = maps.expand(x.size(0), -1)
+            raw = int((maps == RAW).sum(1).max()) * cfg.block_size
+            wide = dataclasses.replace(cfg, wc_budget=max(cfg.wc_budget, raw + maps.size(1)))
+            out[name] = _score(self._wc_tail(self.controller, materialize(maps, levels, x, wide, nt)), y[:, -self.tail:])
+        return out

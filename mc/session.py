@@ -1,0 +1,497 @@
+"""MCSession: MegaContext inference over one growing token stream (DESIGN.md sections 9 and 11).
+
+One session = one stream (B = 1): streams decoded together would differ in LOD maps, refocus
+points and KV-reuse points, so a batch would degrade to per-row work. Many streams = many sessions.
+
+State (tensors on the model's device):
+    tree     MCTree: ids, LOD0 embeddings, LOD1/LOD2 gists; grows by every token, O(1) amortised
+    lod_map  [n_blocks] int8 over the complete blocks (RAW/GIST/GROUP/UNCOVERED); the partial block
+             (T % K tokens) is always raw and not in the map
+    entries  the WC as an entry table pos [W], lod [W], rope [W, 2, hd/2] (first n_entries rows),
+             always equal to `entry_table(lod_map, T, K)`
+    cache    the GPT's KVCache, valid for the first `_valid` entries of that table
+
+A token's way (`append`; `generate` appends each sampled token):
+ 1. the tree appends it (a gist when its block completes); a completed block enters the map RAW, so
+    earlier entries never change: the token is one new raw row of the table and the cache only
+    grows (decode = a 1-entry forward; no per-token work depends on the history length);
+ 2. every `refocus_interval` tokens, and whenever the WC exceeds W, `refocus` runs: first, if over
+    W, `mc.allocator.fit_budget` collapses the oldest detail first (raw blocks outside the recent
+    tail -> gists, all-gist groups -> LOD2, then the oldest entries -> UNCOVERED) down to
+    W - headroom; then LensNet scores the WC and the greedy allocator (allow_collapse) edits the map,
+    expanding only within W - headroom. The headroom (min(refocus_interval, K)) keeps the WC off the
+    brim, where every new token would force another fit and a recompute;
+ 3. KV reuse: a map change rebuilds the table, compares it with the old one (pos, lod: one vector
+    compare), and the cache is kept up to the first changed entry; the next `logits()` recomputes
+    only the entries from there on (one chunk prefill, the GPT's explicit-mask path).
+Logits are lazy: appending a long prompt (in chunks of `append_chunk` = W tokens, one refocus per
+chunk when due) runs no GPT forward; the first `logits()` prefills at most W entries.
+`recompute_logits()` (fresh materialisation + full forward) is the reference for tests.
+
+Choices recorded here:
+- `refocus_interval` (default 32 = the default K) and `refocus_rounds` (LensNet rounds per refocus,
+  default 1: the focus is refined across refocuses) are session arguments, not MCConfig fields.
+- Rotary tables come from `mc.positional.wc_rope`; appended raw tokens take rows of a standard-RoPE
+  table computed ahead (span-1 `gaussian` = standard RoPE at the position, `index` = standard RoPE
+  at the entry index), so a decode step computes no tables.
+- The UNCOVERED prefix only grows: nothing re-covers history once dropped.
+- `save` stores ids, gists, the map and counters, not LOD0 (re-embedded exactly on load) nor the
+  KV cache (one prefill). It records the MCConfig, the GPT config hash, a fingerprint of the weights
+  that made the stored gists (embedding + GistNet) and the tokenizer identity; `load` refuses any
+  mismatch, a wrong version and corrupt/truncated/foreign files with a ValueError saying which.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pickle
+import time
+import zipfile
+from collections import deque
+from dataclasses import asdict, replace
+
+import torch
+
+from mc.allocator import fit_budget, refocus as allocate
+from mc.config import MCConfig
+from mc.positional import wc_rope
+from mc.tree import MCTree
+from mc.working_context import GIST, GROUP, RAW, UNCOVERED, WorkingContext, entry_counts, is_legal, materialize
+from nanochat.common import atomic_write_bytes
+from nanochat.engine import sample_next_token
+
+FORMAT = "megacontext-session"
+FORMAT_VERSION = 1
+DEFAULT_REFOCUS_INTERVAL = 32
+ROPE_AHEAD = 1024  # standard rotary rows computed at once for appended raw tokens
+EDIT_LOG = 2048  # map-change events kept for the focus map
+
+
+def entry_table(lod_map, history_len: int, K: int):
+    """Map [n] + history length -> the WC's entries in order: pos [E] long (global start), lod [E] long."""
+    lod = lod_map.long()
+    n = lod.numel()
+    b = torch.arange(n, device=lod.device)
+    count = torch.where(lod == RAW, K, torch.where(lod == GIST, 1, ((lod == GROUP) & (b % K == 0)).long()))
+    block = torch.repeat_interleave(b, count)  # [E_blocks] block of each entry
+    first = (count.cumsum(0) - count)[block]  # index of the block's first entry
+    offset = torch.arange(block.numel(), device=lod.device) - first
+    blod = lod[block]
+    pos = block * K + torch.where(blod == RAW, offset, 0)
+    tail = torch.arange(n * K, history_len, device=lod.device)  # the partial block, raw
+    return torch.cat([pos, tail]), torch.cat([blod, torch.zeros_like(tail)])
+
+
+def config_hash(config) -> str:
+    """Short stable hash of a dataclass config."""
+    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(controller) -> str:
+    """Hash of the weights that made a tree's stored tensors: the GPT's embedding and the GistNet."""
+    h = hashlib.sha256()
+    tensors = [("wte", controller.model.transformer.wte.weight)] + list(controller.gistnet.state_dict().items())
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class MCSession:
+    """One growing stream decoded through a working context of at most W entries (see module docstring)."""
+
+    def __init__(self, controller, *, refocus_interval: int = DEFAULT_REFOCUS_INTERVAL, refocus_rounds: int = 1,
+                 tokenizer_id: str | None = None, append_chunk: int | None = None, autocast=None, capacity: int = 1024):
+        cfg: MCConfig = controller.cfg
+        K, W, R = cfg.block_size, cfg.wc_budget, cfg.recent
+        if R + K - 1 > W:
+            raise ValueError(f"an MC session keeps the last --mc_recent={R} tokens plus up to K-1={K - 1} tokens of the "
+                             f"current block raw: it needs --mc_wc_budget >= {R + K - 1}, got {W}")
+        if refocus_interval < 1 or refocus_rounds < 1:
+            raise ValueError(f"refocus_interval ({refocus_interval}) and refocus_rounds ({refocus_rounds}) must be >= 1")
+        self.controller, self.model, self.cfg = controller, controller.model, cfg
+        self.refocus_interval, self.refocus_rounds, self.tokenizer_id = refocus_interval, refocus_rounds, tokenizer_id
+        self.append_chunk = append_chunk or W
+        # entries a refocus leaves free for the tokens until the next one: at most one block, and the
+        # raw tail (R + up to K-1 tokens) must still fit in W - headroom
+        self.headroom = max(0, min(refocus_interval, K, W - (R + K - 1)))
+        self.autocast = autocast  # context-manager factory (e.g. bf16 autocast), or None
+        self.device = self.model.lm_head.weight.device
+        self.head_dim = self.model.config.head_dim
+        self.tree = MCTree(cfg, self.model.transformer.wte, controller.gistnet, capacity=capacity)
+        self._map = torch.zeros(max(capacity // K, 1), dtype=torch.int8, device=self.device)  # [cap] int8
+        self.n_blocks = 0
+        self._pos = torch.zeros(W, dtype=torch.long, device=self.device)  # entry table, first n_entries rows
+        self._lod = torch.zeros(W, dtype=torch.long, device=self.device)
+        self._rope = torch.zeros(W, 2, self.head_dim // 2, device=self.device)  # [W, (cos, sin), hd/2] fp32
+        self.n_entries = 0  # entries of the WC (may exceed W inside `_append`, until the budget fit)
+        self._tab_len = 0  # rows of the table that describe the current WC's first entries
+        self.cache = self.model.new_kv_cache(1, W)
+        self._valid = 0  # leading cache entries equal to the entry table
+        self._logits = None  # [vocab] next-token logits, while still valid
+        self._ahead = (0, self._rope.new_zeros(0, 2, self.head_dim // 2))  # (first position, rows)
+        self._since_refocus = 0
+        self.stats = dict(refocus=0, budget_fits=0, map_changes=0, forwards=0, prefills=0, kv_reused=0, kv_computed=0,
+                          decode_tokens=0, decode_seconds=0.0, append_tokens=0, append_seconds=0.0)
+        self.edits = deque(maxlen=EDIT_LOG)  # {event, kind, history, expanded [blocks], collapsed [blocks]}
+
+    @classmethod
+    def begin(cls, controller, prompt_ids, **kwargs) -> "MCSession":
+        """A new session holding `prompt_ids` (any length); kwargs as for the constructor."""
+        session = cls(controller, **kwargs)
+        session.append(prompt_ids)
+        return session
+
+    def _amp(self):
+        return self.autocast() if self.autocast is not None else contextlib.nullcontext()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tree.T
+
+    @property
+    def lod_map(self):
+        """[n_blocks] int8 view of the current map."""
+        return self._map[:self.n_blocks]
+
+    def entries(self):
+        """(pos [E], lod [E]) views of the current WC's entry table."""
+        return self._pos[:self.n_entries], self._lod[:self.n_entries]
+
+    def _entry_embeds(self, pos, lod):
+        """Embeddings [m, D] of entries (pos, lod [m]): token embeddings or gists of the tree."""
+        tree, K = self.tree, self.cfg.block_size
+        out = tree.lod0_cache[0, pos] if tree.lod0_cache is not None else \
+            self.model.transformer.wte(tree.ids[0, pos]).to(tree.dtype)
+        for level, gists in enumerate(tree.gists, start=1):
+            index = (pos // K ** level).clamp(max=gists.size(1) - 1)
+            out = torch.where((lod == level)[:, None], gists[0, index], out)
+        return out
+
+    @torch.no_grad()
+    def working_context(self) -> WorkingContext:
+        """The current WC as a right-padded batch of one ([1, W] tensors), like `materialize` builds it."""
+        K, W, T = self.cfg.block_size, self.cfg.wc_budget, self.tree.T
+        valid = torch.arange(W, device=self.device) < self.n_entries  # [W]
+        pos = torch.where(valid, self._pos, 0)
+        lod = torch.where(valid, self._lod, 0)
+        embeds = torch.where(valid[:, None], self._entry_embeds(pos, lod), 0.0)  # [W, D]
+        after = self.tree.ids[0, (pos + 1).clamp(max=max(T - 1, 0))]
+        targets = torch.where(valid & (lod == RAW) & (pos + 1 < T), after, -1)
+        span = torch.pow(K, lod)
+        return WorkingContext(embeds[None], pos[None], span[None], lod[None], targets[None], valid[None],
+                              torch.zeros(1, dtype=torch.long, device=self.device), self.lod_map[None], T)
+
+    # ---- growing -------------------------------------------------------------------------------
+
+    def _std_rope(self, q0: int, n: int):
+        """Standard rotary rows [n, 2, hd/2] of integer positions [q0, q0 + n), from a table computed ahead."""
+        start, rows = self._ahead
+        if not (start <= q0 and q0 + n <= start + rows.size(0)):
+            q = torch.arange(q0, q0 + max(n, ROPE_AHEAD), device=self.device)[None]  # [1, L]
+            ones = torch.ones_like(q)
+            cos, sin = wc_rope(q, ones, ones * 0, ones.bool(), self.head_dim, "gaussian")  # span 1 = standard RoPE
+            start, rows = q0, torch.stack([cos[0, :, 0], sin[0, :, 0]], dim=1)  # [L, 2, hd/2]
+            self._ahead = (start, rows)
+        return rows[q0 - start:q0 - start + n]
+
+    def _extend(self, ids):
+        """Append ids [c] to the tree and the map; the c new raw entries join the table if it has room."""
+        K, W = self.cfg.block_size, self.cfg.wc_budget
+        c, T0 = ids.numel(), self.tree.T
+        self.tree.append(ids[None])
+        n_new = (T0 + c) // K - self.n_blocks
+        if n_new:  # completed blocks enter the map raw: their entries do not change
+            if self.n_blocks + n_new > self._map.numel():
+                grown = self._map.new_zeros(max(2 * self._map.numel(), self.n_blocks + n_new))
+                grown[:self.n_blocks] = self.lod_map
+                self._map = grown
+            self._map[self.n_blocks:self.n_blocks + n_new] = RAW
+            self.n_blocks += n_new
+        E0 = self.n_entries
+        if E0 + c <= W and self._tab_len == E0:  # the table stays exact: write the new rows
+            if c == 1:
+                self._pos[E0] = T0
+            else:
+                self._pos[E0:E0 + c] = torch.arange(T0, T0 + c, device=self.device)
+            # self._lod[E0:E0 + c] is already RAW: rows past the table are kept RAW by `_set_map`
+            rope_q = T0 if self.cfg.positional == "gaussian" else E0
+            self._rope[E0:E0 + c] = self._std_rope(rope_q, c)
+            self._tab_len = E0 + c
+        self.n_entries = E0 + c
+        self._logits = None
+        self._since_refocus += c
+
+    def _set_map(self, new_map, kind: str | None) -> bool:
+        """Install map [n]: rebuild the entry table, keep the cache up to the first changed entry, log the
+        edits under `kind` (None: no log). Returns False (and does nothing) when the map is unchanged."""
+        K, W, T = self.cfg.block_size, self.cfg.wc_budget, self.tree.T
+        new_map = new_map.to(torch.int8)
+        if kind is not None and self._tab_len == self.n_entries and torch.equal(new_map, self.lod_map):
+            return False
+        old_map = self.lod_map.clone()
+        self._map[:self.n_blocks] = new_map
+        pos, lod = entry_table(new_map, T, K)
+        E = pos.numel()
+        if E > W:
+            raise ValueError(f"internal: a map of {E} entries exceeds --mc_wc_budget={W}")
+        m = min(self._tab_len, E)
+        differ = (self._pos[:m] != pos[:m]) | (self._lod[:m] != lod[:m])
+        first = int(torch.cat([differ, differ.new_ones(1)]).long().argmax())  # first changed entry (m if none)
+        valid = torch.ones_like(pos, dtype=torch.bool)[None]  # the table starts at entry 0, so `index` mode works too
+        cos, sin = wc_rope(pos[None], torch.pow(K, lod)[None], lod[None], valid, self.head_dim, self.cfg.positional)
+        self._pos[:E], self._lod[:E] = pos, lod
+        self._lod[E:] = RAW
+        self._rope[first:E] = torch.stack([cos[0, first:, 0], sin[0, first:, 0]], dim=1)
+        self.n_entries = self._tab_len = E
+        self._valid = min(self._valid, first)
+        self._logits = None
+        if kind is not None:
+            self._log_edits(old_map, new_map, kind)
+        return True
+
+    def _log_edits(self, old_map, new_map, kind: str):
+        detail = lambda lod: torch.where(lod == UNCOVERED, 0, 3 - lod.long())  # noqa: E731  raw 3 > LOD1 2 > LOD2 1 > none 0
+        change = detail(new_map) - detail(old_map)
+        expanded, collapsed = (change > 0).nonzero()[:, 0].tolist(), (change < 0).nonzero()[:, 0].tolist()
+        if expanded or collapsed:
+            self.stats["map_changes"] += 1
+            self.edits.append(dict(event=self.stats["refocus"] + self.stats["budget_fits"], kind=kind,
+                                   history=self.tree.T, expanded=expanded, collapsed=collapsed))
+
+    def _maintain(self):
+        """After growth: refocus when due or when the WC exceeds W."""
+        if self.n_entries > self.cfg.wc_budget or self._since_refocus >= self.refocus_interval:
+            self.refocus()
+
+    def _append(self, ids):
+        for s in range(0, ids.numel(), self.append_chunk):
+            self._extend(ids[s:s + self.append_chunk])
+            self._maintain()
+
+    @torch.no_grad()
+    def append(self, ids):
+        """Append token ids (list or 1-D tensor, any length) to the history."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
+        if ids.numel() == 0:
+            return
+        vocab = self.model.config.vocab_size
+        if bool((ids.min() < 0) | (ids.max() >= vocab)):
+            raise ValueError(f"token ids must lie in [0, {vocab}) (the model's vocabulary)")
+        t0 = time.perf_counter()
+        with self._amp():
+            self._append(ids)
+        self.stats["append_tokens"] += ids.numel()
+        self.stats["append_seconds"] += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def refocus(self, rounds: int | None = None) -> bool:
+        """Fit the budget if the WC exceeds W (oldest detail first, down to W - headroom), then LensNet +
+        the greedy allocator edit the map within W - headroom, `rounds` rounds (default
+        `refocus_rounds`), re-scored in between. Returns whether the map changed."""
+        self._since_refocus = 0
+        K, cfg = self.cfg.block_size, self.cfg
+        budget, t = cfg.wc_budget - self.headroom, self.tree.T % K
+        changed = False
+        with self._amp():
+            if self.n_entries > cfg.wc_budget:
+                self.stats["budget_fits"] += 1
+                changed = self._set_map(fit_budget(self.lod_map, cfg, t, budget), "budget")
+            if self.n_blocks <= cfg.recent // K:
+                return changed  # nothing outside the raw tail to focus on
+            self.stats["refocus"] += 1
+            focus_cfg = replace(cfg, wc_budget=budget)
+            for _ in range(rounds or self.refocus_rounds):
+                wc = self.working_context()
+                scores = self.controller.score(wc, grad=False)  # [1, W]
+                new_map = allocate(self.lod_map[None], scores, wc, focus_cfg, "greedy", None,
+                                   tail_tokens=t, allow_collapse=True)[0]
+                if not self._set_map(new_map, "refocus"):
+                    break
+                changed = True
+        return changed
+
+    # ---- decoding ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self):
+        """Next-token logits [vocab] (fp32) after the current history; reuses the KV cache up to the first changed entry."""
+        E = self.n_entries
+        if E == 0:
+            raise ValueError("the session is empty: append a prompt (starting with the BOS token) first")
+        if self._logits is not None and self._valid == E:
+            return self._logits
+        start = min(self._valid, E - 1)
+        self.cache.truncate(start)
+        T = self.tree.T
+        if E - start == 1:  # the last entry is always the newest token
+            embeds = self.tree.lod0(T - 1, T)  # [1, 1, D]
+        else:
+            embeds = self._entry_embeds(self._pos[start:E], self._lod[start:E])[None]  # [1, m, D]
+        rope = self._rope[start:E]  # [m, 2, hd/2]
+        with self._amp():
+            out = self.model(inputs_embeds=embeds, rope=(rope[None, :, None, 0], rope[None, :, None, 1]),
+                             kv_cache=self.cache)
+        self._logits = out[0, -1].float()
+        self._valid = E
+        st = self.stats
+        st["forwards"] += 1
+        st["prefills"] += int(E - start > 1)
+        st["kv_reused"] += start
+        st["kv_computed"] += E - start
+        return self._logits
+
+    def step(self, token: int):
+        """Append one token and return the next-token logits [vocab]."""
+        t0 = time.perf_counter()
+        self.append([token])
+        logits = self.logits()
+        self.stats["decode_tokens"] += 1
+        self.stats["decode_seconds"] += time.perf_counter() - t0
+        return logits
+
+    @torch.no_grad()
+    def generate(self, max_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
+                 stop_tokens=()):
+        """Yield up to max_tokens sampled token ids, one at a time; each joins the history before it is
+        yielded. Stops after yielding a stop token (which stays in the history)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        stop = set(stop_tokens)
+        for _ in range(max_tokens):
+            t0 = time.perf_counter()
+            logits = self.logits()
+            next_id = sample_next_token(logits[None], generator, temperature, top_k)  # [1]
+            token = int(next_id)
+            with self._amp():
+                self._append(next_id)
+            self.stats["decode_tokens"] += 1
+            self.stats["decode_seconds"] += time.perf_counter() - t0
+            yield token
+            if token in stop:
+                return
+
+    @torch.no_grad()
+    def recompute_logits(self):
+        """Reference next-token logits [vocab]: materialise the WC afresh and run a full forward, no cache."""
+        wc = materialize(self.lod_map[None], self.tree.levels(), self.tree.token_ids, self.cfg)
+        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.head_dim, self.cfg.positional)
+        with self._amp():
+            out = self.model(inputs_embeds=wc.embeds, rope=(cos, sin))
+        return out[0, int(wc.n_entries[0]) - 1].float()
+
+    # ---- inspection ----------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """Plain-Python snapshot for /stats, the focus map and tests."""
+        K, T, st = self.cfg.block_size, self.tree.T, self.stats
+        pos, lod = self.entries()
+        per_lod = torch.bincount(lod, minlength=3).tolist()
+        uncovered = int((self.lod_map == UNCOVERED).sum()) * K
+        computed = st["kv_computed"]
+        return dict(
+            history_tokens=T, wc_entries=self.n_entries, wc_budget=self.cfg.wc_budget, block_size=K,
+            recent=self.cfg.recent, tail_tokens=T % K, max_lod=self.cfg.max_lod,
+            lod_mix=dict(raw=per_lod[0], lod1=per_lod[1], lod2=per_lod[2]),
+            spans=dict(raw=per_lod[0], lod1=per_lod[1] * K, lod2=per_lod[2] * K * K, uncovered=uncovered),
+            lod_map=self.lod_map.tolist(), entry_pos=pos.tolist(), entry_lod=lod.tolist(),
+            refocus_count=st["refocus"], budget_fits=st["budget_fits"], map_changes=st["map_changes"],
+            refocus_interval=self.refocus_interval, since_refocus=self._since_refocus,
+            decode_tokens=st["decode_tokens"],
+            decode_tokens_per_s=st["decode_tokens"] / st["decode_seconds"] if st["decode_seconds"] else 0.0,
+            append_tokens_per_s=st["append_tokens"] / st["append_seconds"] if st["append_seconds"] else 0.0,
+            kv=dict(cached=self._valid, forwards=st["forwards"], prefills=st["prefills"], reused=st["kv_reused"],
+                    computed=computed, reuse_fraction=st["kv_reused"] / max(st["kv_reused"] + computed, 1)),
+            edits=list(self.edits), tokenizer=self.tokenizer_id,
+        )
+
+    # ---- persistence ---------------------------------------------------------------------------
+
+    def save(self, path):
+        """Write the session to `path` atomically (temp file + os.replace)."""
+        tree = self.tree
+        state = {
+            "format": FORMAT, "version": FORMAT_VERSION, "mc_config": asdict(self.cfg),
+            "model_config": asdict(self.model.config), "model_hash": config_hash(self.model.config),
+            "weights": weights_fingerprint(self.controller), "tokenizer": self.tokenizer_id,
+            "num_tokens": tree.T, "ids": tree.token_ids.cpu(),
+            "gists": [g[:, :tree.num_nodes(l)].cpu() for l, g in enumerate(tree.gists, start=1)],
+            "lod_map": self.lod_map.cpu(),
+            "session": dict(refocus_interval=self.refocus_interval, since_refocus=self._since_refocus,
+                            stats=dict(self.stats), edits=list(self.edits)),
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(os.fspath(path), buffer.getvalue())
+
+    @classmethod
+    def load(cls, path, controller, *, tokenizer_id: str | None = None, refocus_interval: int | None = None,
+             check_weights: bool = True, **kwargs) -> "MCSession":
+        """Continue a saved session with `controller` (same model, MCConfig and tokenizer); ValueError if incompatible."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"MegaContext session file {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+            raise ValueError(f"{path} is not a readable MegaContext session: corrupt or truncated "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
+        fmt = state.get("format") if isinstance(state, dict) else None
+        if fmt != FORMAT:
+            what = "a MegaContext tree file" if fmt == "megacontext-tree" else "a model checkpoint or other file"
+            raise ValueError(f"{path} is not a MegaContext session file (no '{FORMAT}' marker; it looks like {what})")
+        if state.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} is a session of format version {state.get('version')}; "
+                             f"this code reads version {FORMAT_VERSION}")
+        model, cfg = controller.model, controller.cfg
+        if state.get("tokenizer") != tokenizer_id:
+            raise ValueError(f"{path} was saved with tokenizer {state.get('tokenizer')!r}, "
+                             f"but this session uses tokenizer {tokenizer_id!r}: token ids would mean different text")
+        if state.get("model_hash") != config_hash(model.config):
+            saved = state.get("model_config") or {}
+            raise ValueError(f"{path} was saved for another model (width {saved.get('n_embd')}, depth "
+                             f"{saved.get('n_layer')}, config hash {state.get('model_hash')}); this model has width "
+                             f"{model.config.n_embd}, depth {model.config.n_layer}, hash {config_hash(model.config)}")
+        if state.get("mc_config") != asdict(cfg):
+            saved = state.get("mc_config") or {}
+            diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in asdict(cfg).items() if saved.get(k) != v]
+            raise ValueError(f"{path} was saved with another MegaContext config: {', '.join(diff) or 'unknown fields'}")
+        if check_weights and state.get("weights") != weights_fingerprint(controller):
+            raise ValueError(f"{path} holds gists made by other weights (embedding/GistNet fingerprint "
+                             f"{state.get('weights')}, this model {weights_fingerprint(controller)}); "
+                             "load it with the checkpoint that saved it")
+        K, W, D = cfg.block_size, cfg.wc_budget, model.config.n_embd
+        try:
+            T, ids, gists, lod_map, extra = (state[k] for k in ("num_tokens", "ids", "gists", "lod_map", "session"))
+            n = T // K
+            ok = (ids.shape == (1, T) and ids.dtype == torch.long and len(gists) == cfg.max_lod
+                  and all(g.shape == (1, T // K ** l, D) for l, g in enumerate(gists, start=1))
+                  and lod_map.shape == (n,) and lod_map.dtype == torch.int8)
+            ok = ok and (T == 0 or 0 <= int(ids.min()) and int(ids.max()) < model.config.vocab_size)
+            ok = ok and bool(is_legal(lod_map[None], K, cfg.recent // K, cfg.max_lod)[0])
+            ok = ok and int(entry_counts(lod_map[None], K, T % K)[0]) <= W
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path} is an incomplete MegaContext session file ({type(e).__name__}: {e})") from None
+        if not ok:
+            raise ValueError(f"{path} holds inconsistent MegaContext session tensors (T={T}, K={K}, W={W}, D={D})")
+        interval = refocus_interval or extra.get("refocus_interval", DEFAULT_REFOCUS_INTERVAL)
+        session = cls(controller, refocus_interval=interval, tokenizer_id=tokenizer_id, capacity=T, **kwargs)
+        tree, device = session.tree, session.device
+        with torch.no_grad():
+            tree.ids[:, :T] = ids.to(device)
+            for s in range(0, T if tree.lod0_cache is not None else 0, 65536):  # exact re-embedding, in slices
+                e = min(T, s + 65536)
+                tree.lod0_cache[:, s:e] = model.transformer.wte(tree.ids[:, s:e]).to(tree.dtype)
+            for l, g in enumerate(gists, start=1):
+                tree.gists[l - 1][:, :g.size(1)] = g.to(device, tree.dtype)
+            tree.T = T
+            session._map = lod_map.to(device).clone()
+            session.n_blocks = n
+            session._set_map(session.lod_map.clone(), None)
+        session._since_refocus = int(extra.get("since_refocus", 0))
+        session.stats.update({k: v for k, v in extra.get("stats", {}).items() if k in session.stats})
+        session.edits.extend(extra.get("edits", []))
+        return session

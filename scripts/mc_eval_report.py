@@ -1,0 +1,127 @@
+"""Output of scripts/mc_eval.py (a helper module, not an entry point): summaries, JSON, PNGs, report section.
+
+`write_outputs(results, report_dir)` turns the raw needle records into accuracy tables (per length,
+per length x depth bin, per offset bin), writes report_dir/mc_eval.json atomically (NaN -> null),
+the plots mc_eval_*.png, and the markdown tables as the report section "mc-eval".
+"""
+
+import json
+import math
+
+import numpy as np
+
+from nanochat import report
+from nanochat.common import atomic_write_text
+from nanochat.eval_plots import heatmap, markdown_table
+
+
+def _mean(values):
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def summarize_needle(rec: dict, lengths, depth_bins: int, offset_bins: int, K: int) -> dict:
+    """Per arm: accuracy per length, per length x depth bin, per offset bin (offset * bins // K)."""
+    offset_bins = min(offset_bins, K)
+    out = {"depth_bins": [i / depth_bins for i in range(depth_bins + 1)],
+           "offset_bins": [[i * K // offset_bins, (i + 1) * K // offset_bins - 1] for i in range(offset_bins)],
+           "examples": {}, "accuracy": {}, "by_depth": {}, "by_offset": {}}
+    for arm, r in rec.items():
+        L, depth, offset, correct = (np.asarray(r[k]) for k in ("L", "depth", "offset", "correct"))
+        if not len(L):
+            continue
+        d_bin = np.minimum((depth * depth_bins).astype(int), depth_bins - 1)
+        o_bin = offset * offset_bins // K
+        out["accuracy"][arm] = {int(l): _mean(correct[L == l]) for l in lengths if (L == l).any()}
+        out["by_depth"][arm] = {int(l): [_mean(correct[(L == l) & (d_bin == b)]) for b in range(depth_bins)]
+                                for l in lengths if (L == l).any()}
+        out["by_offset"][arm] = [_mean(correct[o_bin == b]) for b in range(offset_bins)]
+        for l in lengths:  # examples per length: the most any arm scored (arms skip lengths they cannot run)
+            out["examples"][int(l)] = max(out["examples"].get(int(l), 0), int((L == l).sum()))
+    out["examples"] = {l: c for l, c in out["examples"].items() if c}
+    return out
+
+
+def _clean(obj):
+    """JSON-safe copy: NaN/inf -> None, keys -> str."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    return obj
+
+
+def _arm_table(per_arm: dict, columns, head: str, digits: int = 3) -> str:
+    rows = [[arm] + [per_arm[arm].get(c) for c in columns] for arm in per_arm if per_arm[arm]]
+    return markdown_table([head, *columns], rows, digits) if rows else "(no results)"
+
+
+def _lines(path, per_arm: dict, xlabel: str, ylabel: str, title: str):
+    series = {arm: (list(v), list(v.values())) for arm, v in per_arm.items() if v}
+    if series:
+        report.plot_curves(path, series, xlabel, ylabel, title)
+        return [("img", path.name)]
+    return []
+
+
+def write_outputs(results: dict, report_dir) -> dict:
+    cfg = results["eval_config"]
+    W, K, E = results["W"], results["K"], results["tail"]
+    items = [{"checkpoint": results["checkpoint"]["mc"], "step": results["checkpoint"]["step"], "W": W, "K": K,
+              "R": results["mc_config"]["recent"], "scored tail E": E, "full_max_len": results["full_max_len"],
+              "arms": ", ".join(results["arms"]), "filler": cfg["filler"]}]
+    if "needle" in results:
+        nd = results["needle"] = summarize_needle(results["needle"], results["lengths"], cfg["depth_bins"],
+                                                  cfg["offset_bins"], K)
+        cols = list(nd["examples"])
+        items += [f"**Needle accuracy** (exact match of the value) by history length in tokens "
+                  f"(examples per length: {nd['examples']}):", _arm_table(nd["accuracy"], cols, "arm")]
+        items += _lines(report_dir / "mc_eval_needle_length.png", nd["accuracy"], "history length (tokens)",
+                        "needle accuracy", f"Needle accuracy vs history length (W={W})")
+        bins = [f"{a}-{b}" for a, b in nd["offset_bins"]]
+        by_off = {arm: dict(zip(bins, v)) for arm, v in nd["by_offset"].items()}
+        items += ["Needle accuracy by the needle's offset inside its block (all lengths):", _arm_table(by_off, bins, "arm")]
+        items += _lines(report_dir / "mc_eval_needle_offset.png", {a: dict(enumerate(v)) for a, v in nd["by_offset"].items()},
+                        f"offset bin (of {len(bins)} over K={K})", "needle accuracy", "Needle accuracy by offset in block")
+        depth_labels = [f"{nd['depth_bins'][i]:.1f}-{nd['depth_bins'][i + 1]:.1f}" for i in range(cfg["depth_bins"])]
+        for arm, table in nd["by_depth"].items():
+            path = report_dir / f"mc_eval_needle_{arm}.png"
+            heatmap(path, [table[l] for l in table], list(table), depth_labels, f"Needle accuracy: {arm} (W={W})",
+                    "depth (0 = oldest)", "history length")
+            items.append(("img", path.name))
+    if "recall" in results:
+        rc = results["recall"]
+        cols = sorted({n for v in rc["accuracy"].values() for n in v})
+        items += [f"**Associative recall** accuracy per query vs number of pairs (history {rc['length']} tokens):",
+                  _arm_table(rc["accuracy"], cols, "arm")]
+        items += _lines(report_dir / "mc_eval_recall.png", rc["accuracy"], "key -> value pairs", "accuracy",
+                        f"Recall at history {rc['length']}")
+    if "loss" in results:
+        ls = results["loss"]
+        for key, what in (("natural", "natural text (val split)"), ("facts", "facts documents, all tail tokens"),
+                          ("facts_far", "facts documents, far-recall tokens only")):
+            cols = sorted({n for v in ls[key].values() for n in v})
+            if cols:
+                items += [f"**Tail NLL** (nats, final {E} tokens) vs history length: {what}:", _arm_table(ls[key], cols, "arm")]
+                items += _lines(report_dir / f"mc_eval_loss_{key}.png", ls[key], "history length (tokens)",
+                                "NLL (nats)", f"Tail NLL vs history: {what}")
+        for key, what in (("natural", "natural text"), ("facts_far", "facts far-recall tokens")):
+            table = ls["substitution"][key]
+            if table:
+                kinds = ["raw", "gists", "none", "delta", "recovered"]
+                items += [f"**Substitutability** ({what}): tail NLL with older history raw / as gists (most compressed) / "
+                          "absent; delta = gists - raw, recovered = (none - gists) / (none - raw). Beyond W, 'raw' "
+                          "shows the GPT more entries than MC training ever does:",
+                          markdown_table(["history", *kinds], [[L, *[table[L].get(k) for k in kinds]] for L in table])]
+    if "tasks_file" in results:
+        tf = results["tasks_file"]
+        items += [f"**Tasks file** {tf['path']} ({tf['items']} items), exact match:",
+                  markdown_table(["arm", "accuracy"], [[a, v] for a, v in tf["accuracy"].items()])]
+    if results["skipped"]:
+        items += ["Skipped:", "\n".join(f"- {s}" for s in results["skipped"])]
+    atomic_write_text(report_dir / "mc_eval.json", json.dumps(_clean(results), indent=2))
+    report.log_section("mc-eval", "MegaContext evaluation", items)
+    return results

@@ -1,0 +1,163 @@
+"""scripts/mc_eval.py end to end on tiny in-test checkpoints: every arm, its files, the oracle's map, bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mc.arms import ArmEvaluator, shuffle_gists
+from mc.build import load_controller
+from mc.working_context import GIST, GROUP, RAW, entry_counts, materialize, most_compressed_map
+from mc.tree import build_tree
+from nanochat.checkpoint import build_model, checkpoint_dir
+from nanochat.common import get_report_dir
+from nanochat.longrange import LongRange
+from nanochat.tasks_file import TasksFileError, load_tasks_file
+from scripts import base_train, mc_eval
+
+K, W, R = 8, 64, 16
+MC = ["--depth=1", "--width=64", "--max_seq_len=128", "--device_batch_size=2", "--total_batch_size=256",
+      "--eval_tokens=256", "--sample_every=-1", "--num_iterations=1", "--mc", f"--mc_block_size={K}",
+      f"--mc_wc_budget={W}", f"--mc_recent={R}", "--mc_horizon=8", "--mc_lens_width=64", "--mc_gist_layers=1",
+      "--mc_lens_layers=1"]
+EVAL = ["--mc_tag=mceval_mc", "--lengths=1,4", "--needle_examples=3", "--batch_size=3", "--recall_pairs=1,3",
+        "--recall_examples=2", "--recall_length=2", "--loss_examples=2", "--depth_bins=2", "--full_max_len=128"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread beats two (and does not stall when the CPU is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_env):
+    data = tiny_env["data"]
+    mix = [f"--data={data}", f"--data_mix={data}:0.4,needle:0.3,recall:0.3"]
+    base_train.main(mix + MC + ["--tag=mceval_mc"])
+    base_train.main(mix + MC + ["--tag=mceval_mean", "--mc_gist_type=mean"])
+    base_train.main(mix + MC[:8] + ["--tag=mceval_plain"])
+    return tiny_env
+
+
+@pytest.fixture(scope="module")
+def results(checkpoints, tmp_path_factory):
+    tasks = tmp_path_factory.mktemp("tasks") / "qa.jsonl"
+    tasks.write_text("\n".join(json.dumps(item) for item in [
+        {"context": "The door code is 4417.", "question": "What is the door code?", "answer": "4417"},
+        {"context": "Anna lives in Oslo. " * 5, "question": "Where does Anna live?", "answer": "Oslo"}]) + "\n")
+    return mc_eval.main(EVAL + ["--mean_gist_tag=mceval_mean", "--plain_tag=mceval_plain", f"--tasks_file={tasks}"])
+
+
+def test_every_arm_runs_and_files_are_written(results):
+    arms = ["truncation", "full", "mc", "gists_only", "random", "similarity", "oracle", "shuffled", "mean_gist",
+            "plain_truncation", "plain_full"]
+    assert results["arms"] == arms and results["lengths"] == [64, 256]
+    needle = results["needle"]
+    assert set(needle["accuracy"]) == set(arms) - {"full", "plain_full"}  # 256 > --full_max_len
+    assert set(needle["accuracy"]["mc"]) == {256} and needle["examples"] == {256: 3}  # 64: too short
+    assert all(0 <= a <= 1 for a in needle["accuracy"]["oracle"].values())
+    assert set(results["recall"]["accuracy"]["mc"]) == {1, 3} and results["recall"]["length"] == 128
+    loss = results["loss"]
+    assert set(loss["natural"]["truncation"]) == {64, 256} and set(loss["natural"]["full"]) == {64}
+    assert "oracle" not in loss["natural"]
+    assert set(loss["facts_far"]["mc"]) == {256} and np.isfinite(loss["facts_far"]["oracle"][256])
+    assert set(loss["substitution"]["natural"]) == {64} and "delta" in loss["substitution"]["natural"][64]
+    assert set(results["tasks_file"]["accuracy"]) == set(arms) - {"oracle"}
+    assert any("too short" in s for s in results["skipped"])
+    out = get_report_dir()
+    saved = json.loads((out / "mc_eval.json").read_text())
+    assert saved["needle"]["accuracy"]["mc"].keys() == {"256"} and saved["W"] == W
+    for name in ["mc_eval_needle_length.png", "mc_eval_needle_offset.png", "mc_eval_recall.png",
+                 "mc_eval_loss_natural.png", "mc_eval_loss_facts_far.png",
+                 *[f"mc_eval_needle_{a}.png" for a in arms if "full" not in a]]:
+        assert (out / name).stat().st_size > 1000, name
+    section = (out / "section-mc-eval.md").read_text()
+    assert "Needle accuracy" in section and "| mean_gist |" in section and "Substitutability" in section
+
+
+def test_oracle_expands_the_answer_block(checkpoints):
+    model, states, meta = build_model(checkpoint_dir("base", "mceval_mc"), None, "cpu")
+    controller = load_controller(model, states, meta)
+    ev = ArmEvaluator(controller)
+    gen = LongRange(checkpoints["tokenizer"], K)
+    L = 256
+    exs = [gen.needle(np.random.default_rng(i), L + 1, depth=d, offset=3) for i, d in enumerate([0.05, 0.4])]
+    x = torch.from_numpy(np.stack([e.tokens[:-1] for e in exs]))
+    evidence = torch.zeros(2, L // K, dtype=torch.bool)
+    for b, e in enumerate(exs):
+        s, t = e.evidence[0]
+        evidence[b, s // K:(t - 1) // K + 1] = True
+    maps = ev.oracle_maps(x, evidence)
+    base = most_compressed_map(L // K, controller.cfg)
+    expected = base.expand(2, -1).clone()
+    opened = evidence.view(2, -1, K).any(-1).repeat_interleave(K, 1) & (expected == GROUP)  # LOD2 groups holding the needle
+    expected[opened] = GIST
+    expected[evidence] = RAW  # the needle's blocks are shown as tokens
+    assert torch.equal(maps, expected) and (maps[evidence] == RAW).all() and evidence.sum(1).min() >= 1
+    assert ((maps == RAW) & ~evidence).sum() == 2 * (R // K)  # nothing else raw but the tail
+    # too much evidence for W: the blocks holding the most evidence that fit (each here costs a group + a block)
+    weights = torch.zeros(1, L // K)
+    weights[0, [1, 9, 17, 2]] = torch.tensor([5.0, 4.0, 3.0, 1.0])
+    maps = ev.oracle_maps(x[:1], weights)[0]
+    assert maps[1] == RAW and maps[9] == RAW and (maps[17] == GROUP) and maps[2] == GIST
+    assert (maps[16:24] == GROUP).all() and entry_counts(maps[None], K)[0] <= W
+
+
+def test_shuffled_gists_keep_layout(checkpoints):
+    model, states, meta = build_model(checkpoint_dir("base", "mceval_mc"), None, "cpu")
+    controller = load_controller(model, states, meta)
+    x = torch.randint(0, 500, (2, 256))
+    levels = build_tree(model.transformer.wte(x), controller.gistnet, controller.cfg)
+    wc = materialize(most_compressed_map(32, controller.cfg).expand(2, -1), levels, x, controller.cfg)
+    sh = shuffle_gists(wc, torch.Generator().manual_seed(0))
+    gist = wc.valid & (wc.lod > 0)
+    assert (wc.lod == 1).sum() > 4 and (wc.lod == 2).sum() > 1
+    assert torch.equal(sh.embeds[~gist], wc.embeds[~gist]) and not torch.equal(sh.embeds[gist], wc.embeds[gist])
+    for lod in (1, 2):  # a permutation among the gists of each LOD, per row
+        for v in range(2):
+            sel = wc.lod[v] == lod
+            assert torch.equal(sh.embeds[v][sel].sort(0).values, wc.embeds[v][sel].sort(0).values)
+
+
+def test_synthetic_filler_and_chosen_arms(checkpoints):
+    res = mc_eval.main(EVAL[:1] + ["--tasks=needle,recall", "--filler=synthetic", "--arms=mc,oracle,truncation",
+                                   "--lengths=2", "--needle_examples=2", "--batch_size=2", "--recall_pairs=2",
+                                   "--recall_examples=2", "--needle_decoys=0"])
+    assert res["arms"] == ["mc", "oracle", "truncation"] and set(res["needle"]["accuracy"]) == {"mc", "oracle", "truncation"}
+    assert res["needle"]["examples"] == {128: 2} and "loss" not in res
+    assert any("mean_gist: skipped" in s for s in res["skipped"])
+
+
+def test_tasks_file_errors(tmp_path, checkpoints):
+    cases = {"missing.jsonl": None, "empty.jsonl": "\n\n",
+             "badjson.jsonl": '{"context": "a", "question": "b", "answer": "c"}\n{oops\n',
+             "nokey.jsonl": '{"context": "a", "question": "b", "answer": "c"}\n{"context": "a", "question": "b"}\n',
+             "notstr.jsonl": '{"context": "a", "question": "b", "answer": 42}\n'}
+    expect = {"missing.jsonl": "does not exist", "empty.jsonl": "is empty", "badjson.jsonl": "line 2: not valid JSON",
+              "nokey.jsonl": r"line 2: missing key\(s\) \['answer'\]", "notstr.jsonl": "line 1: 'answer' must be a string, got int"}
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(TasksFileError, match=expect[name]):
+            load_tasks_file(tmp_path / name)
+    with pytest.raises(SystemExit, match="error: --tasks_file .*line 2: missing key"):
+        mc_eval.main(EVAL + ["--tasks=needle", f"--tasks_file={tmp_path / 'nokey.jsonl'}"])
+
+
+def test_bad_flags(checkpoints, capsys):
+    with pytest.raises(SystemExit) as e:
+        mc_eval.main(["--help"])
+    assert e.value.code == 0 and "--needle_examples" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown arm"):
+        mc_eval.main(EVAL + ["--arms=mc,magic"])
+    with pytest.raises(SystemExit, match="trained without --mc"):
+        mc_eval.main(EVAL[1:] + ["--mc_tag=mceval_plain"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        mc_eval.main(EVAL[1:] + ["--mc_tag=nope"])
+    with pytest.raises(SystemExit, match="--lengths"):
+        mc_eval.main(EVAL + ["--lengths=0,-1"])

@@ -1,0 +1,299 @@
+"""MCSession (DESIGN.md section 9): WC invariants under streaming, KV reuse == recompute, persistence, focus map.
+
+A tiny GPT (depth 2, width 64) with K=4, W=32, R=8. Zero-initialised output projections of the GPT,
+GistNet and LensNet get small random values, so logits depend on the whole WC, gists differ from
+block means and LensNet's scores are non-zero. LensNet's last layer is `score_w . relu^2(...)`, so
+|score_w| makes every score >= 0 (expand everything) and -|score_w| every score <= 0 (collapse).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from mc.build import build_controller
+from mc.config import MCConfig
+from mc.focus_map import plot_focus
+from mc.allocator import fit_budget
+from mc.session import MCSession, entry_table
+from mc.tree import MCTree
+from mc.working_context import GIST, GROUP, RAW, UNCOVERED, entry_counts, is_legal, materialize, validate_wc
+from nanochat.gpt import GPT, GPTConfig
+
+VOCAB = 97
+CFG = MCConfig(block_size=4, wc_budget=32, recent=8, horizon=4, gist_layers=1, lens_layers=1, lens_width=32,
+               max_edits=4)
+
+
+def make_controller(cfg=CFG, width=64, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_embd=width))
+    model.init_weights()
+    controller = build_controller(model, cfg)
+    with torch.no_grad():
+        for net in (model, controller.gistnet, controller.lensnet):
+            for p in net.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(std=0.05)
+    model.eval()
+    return controller
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors here are tiny: intra-op threads only add synchronisation (and stall on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def controller():
+    return make_controller()
+
+
+def tokens(n, seed=0):
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def set_lens_sign(controller, sign):
+    """Make LensNet score every entry >= 0 (sign +1), <= 0 (-1), or restore random signs (0)."""
+    w = controller.lensnet.score_w
+    if not hasattr(controller, "_score_w"):
+        controller._score_w = w.detach().clone()
+    with torch.no_grad():
+        w.copy_(controller._score_w if sign == 0 else sign * controller._score_w.abs())
+
+
+def check_session(s, cfg=CFG):
+    """The session's WC is legal, within W, equal to a fresh materialisation, and its table matches the map."""
+    assert 0 < s.n_entries <= cfg.wc_budget
+    assert bool(is_legal(s.lod_map[None], cfg.block_size, cfg.recent // cfg.block_size)[0])
+    wc = s.working_context()
+    validate_wc(wc, s.tree.token_ids, cfg)
+    ref = materialize(s.lod_map[None], s.tree.levels(), s.tree.token_ids, cfg)
+    for name in ("pos", "lod", "span", "valid", "targets"):
+        assert torch.equal(getattr(wc, name), getattr(ref, name)), name
+    torch.testing.assert_close(wc.embeds, ref.embeds, rtol=0, atol=0)
+    pos, lod = entry_table(s.lod_map, s.num_tokens, cfg.block_size)
+    assert torch.equal(s.entries()[0], pos) and torch.equal(s.entries()[1], lod)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+# ---- budget policy ---------------------------------------------------------------------------------
+
+def test_fit_budget_collapses_oldest_detail_first():
+    cfg = dataclasses.replace(CFG, wc_budget=40)  # K=4, R=8: the last 2 blocks stay raw
+    R_, G_ = RAW, GIST
+    lod = torch.tensor([R_, G_, G_, G_, R_, R_, G_, G_, G_, R_, R_, R_], dtype=torch.int8)  # 3 groups of 4 blocks
+    assert int(entry_counts(lod[None], 4)[0]) == 6 * 4 + 6
+    # over by 1 -> the oldest raw block (0) becomes a gist
+    out = fit_budget(lod, dataclasses.replace(cfg, wc_budget=29), tail_tokens=0)
+    assert out.tolist() == [G_, G_, G_, G_, R_, R_, G_, G_, G_, R_, R_, R_]
+    # more -> all raw blocks outside the tail, then the oldest complete all-gist group -> LOD2
+    out = fit_budget(lod, dataclasses.replace(cfg, wc_budget=15), tail_tokens=0)
+    assert out.tolist() == [GROUP] * 4 + [G_] * 4 + [G_, G_, R_, R_]
+    # still more -> both groups, then the oldest entries (here both groups) are uncovered
+    out = fit_budget(lod, dataclasses.replace(cfg, wc_budget=13), tail_tokens=3)
+    assert out.tolist() == [UNCOVERED] * 8 + [G_, G_, R_, R_]
+    assert int(entry_counts(out[None], 4, 3)[0]) == 13
+    with pytest.raises(ValueError, match="raw tail"):
+        fit_budget(lod, dataclasses.replace(cfg, wc_budget=9), tail_tokens=3)
+
+
+# ---- streaming invariants ---------------------------------------------------------------------------
+
+def test_invariants_over_thousands_of_appends_and_refocuses(controller):
+    set_lens_sign(controller, 0)
+    s = MCSession.begin(controller, tokens(50), refocus_interval=5)
+    stream, t, i, uncovered = tokens(2000, seed=1), 0, 0, 0
+    chunks = [1] * 30 + [3, 7, 40]
+    while t < stream.numel():
+        n = chunks[i % len(chunks)]
+        s.append(stream[t:t + n])
+        t, i = t + n, i + 1
+        assert s.n_entries <= CFG.wc_budget and s.num_tokens == 50 + t
+        now = int((s.lod_map == UNCOVERED).sum())
+        assert now >= uncovered  # the uncovered prefix only grows
+        uncovered = now
+        if i % 50 == 0:
+            check_session(s)
+    assert i > 800  # appends
+    check_session(s)
+    st = s.state()
+    assert st["refocus_count"] > 250 and st["map_changes"] > 50
+    assert sum(st["spans"].values()) == s.num_tokens  # raw spans include the partial block
+    assert st["lod_mix"]["raw"] + st["lod_mix"]["lod1"] + st["lod_mix"]["lod2"] == st["wc_entries"]
+
+
+def test_refocus_runs_every_interval(controller):
+    set_lens_sign(controller, 0)
+    s = MCSession.begin(controller, tokens(40), refocus_interval=7)
+    before = s.stats["refocus"]
+    for tok in tokens(70, seed=2).tolist():
+        s.append([tok])
+    assert s.stats["refocus"] - before >= 10
+
+
+def test_100W_prompt_fits_the_budget(controller):
+    set_lens_sign(controller, 0)
+    prompt = tokens(100 * CFG.wc_budget, seed=3)
+    s = MCSession.begin(controller, prompt)
+    assert s.num_tokens == prompt.numel() and torch.equal(s.tree.token_ids[0], prompt)
+    check_session(s)
+    assert (s.lod_map == UNCOVERED).any()  # 3200 tokens do not fit 32 entries even fully compressed
+    close(s.logits(), s.recompute_logits())
+
+
+# ---- KV cache reuse ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("positional", ["gaussian", "index"])
+def test_kv_reuse_equals_recompute(positional):
+    cfg = dataclasses.replace(CFG, positional=positional)
+    ctl = make_controller(cfg)
+    s = MCSession.begin(ctl, tokens(60), refocus_interval=6)
+    close(s.logits(), s.recompute_logits())
+    for step, tok in enumerate(tokens(150, seed=4).tolist()):
+        set_lens_sign(ctl, (1, -1, 0)[(step // 20) % 3])  # phases of expansions, collapses, mixed
+        close(s.step(tok), s.recompute_logits())
+    kv = s.state()["kv"]
+    assert kv["prefills"] > 5 and kv["reused"] > 3 * kv["computed"]  # edits happened, most entries reused
+
+
+def test_append_only_extends_the_cache(controller):
+    set_lens_sign(controller, 0)
+    s = MCSession.begin(controller, tokens(20), refocus_interval=1000)  # 20 raw entries, W = 32
+    s.logits()
+    for tok in tokens(8, seed=5).tolist():  # completes two blocks, stays within W: the WC only grows
+        computed = s.stats["kv_computed"]
+        close(s.step(tok), s.recompute_logits())
+        assert s.stats["kv_computed"] == computed + 1
+    assert s.stats["prefills"] == 1  # only the first prefill
+
+
+def test_refocus_edits_reuse_the_prefix(controller):
+    s = MCSession.begin(controller, tokens(200, seed=6), refocus_interval=1000)
+    for sign in (-1, 1, -1, 1):  # collapse (frees room), expand into it, ...
+        set_lens_sign(controller, sign)
+        before = s.lod_map.clone()
+        s.logits()  # the cache holds the whole WC
+        assert s.refocus() and not torch.equal(before, s.lod_map)
+        old_pos, old_lod = entry_table(before, s.num_tokens, 4)
+        new_pos, new_lod = s.entries()
+        m = min(old_pos.numel(), new_pos.numel())
+        differ = (old_pos[:m] != new_pos[:m]) | (old_lod[:m] != new_lod[:m])
+        first_change = int(differ.long().argmax()) if differ.any() else m
+        reused, computed = s.stats["kv_reused"], s.stats["kv_computed"]
+        close(s.logits(), s.recompute_logits())
+        assert s.stats["kv_reused"] - reused == first_change  # the cache before the first changed entry is kept
+        assert s.stats["kv_computed"] - computed == s.n_entries - first_change
+    set_lens_sign(controller, 0)
+
+
+def test_budget_collapse_matches_recompute(controller):
+    set_lens_sign(controller, 1)  # LensNet keeps expanding, so budget fits must collapse
+    s = MCSession.begin(controller, tokens(120, seed=7), refocus_interval=3)
+    fits = s.stats["budget_fits"]
+    for tok in tokens(60, seed=8).tolist():
+        close(s.step(tok), s.recompute_logits())
+        assert s.n_entries <= CFG.wc_budget
+    assert s.stats["budget_fits"] > fits
+    set_lens_sign(controller, 0)
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+def test_generate_is_seeded_and_stops(controller):
+    set_lens_sign(controller, 0)
+    runs = [list(MCSession.begin(controller, tokens(30)).generate(40, temperature=1.0, seed=11)) for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) == 40
+    other = list(MCSession.begin(controller, tokens(30)).generate(40, temperature=1.0, seed=12))
+    assert other != runs[0]
+    s = MCSession.begin(controller, tokens(30))
+    out = list(s.generate(40, temperature=1.0, seed=11, stop_tokens=[runs[0][5]]))
+    first = runs[0].index(runs[0][5])
+    assert out == runs[0][:first + 1]  # stops right after the stop token, which is yielded
+    assert s.num_tokens == 30 + len(out) and s.tree.token_ids[0, -1] == out[-1]
+    greedy = list(MCSession.begin(controller, tokens(30)).generate(5, temperature=0.0))
+    assert greedy == list(MCSession.begin(controller, tokens(30)).generate(5, temperature=0.0, seed=99))
+    with pytest.raises(ValueError, match="empty"):
+        next(MCSession(controller).generate(3))
+    with pytest.raises(ValueError, match="vocabulary"):
+        MCSession(controller).append([VOCAB])
+
+
+# ---- persistence ------------------------------------------------------------------------------------
+
+def test_save_load_round_trip(controller, tmp_path):
+    set_lens_sign(controller, 0)
+    s = MCSession.begin(controller, tokens(300, seed=9), refocus_interval=5, tokenizer_id="tok-a")
+    list(s.generate(30, seed=1))
+    path = tmp_path / "session.pt"
+    s.save(path)
+    loaded = MCSession.load(path, controller, tokenizer_id="tok-a")
+    a, b = s.state(), loaded.state()
+    for key in ("history_tokens", "wc_entries", "lod_map", "entry_pos", "entry_lod", "lod_mix", "spans",
+                "refocus_count", "budget_fits", "since_refocus", "refocus_interval", "edits"):
+        assert a[key] == b[key], key
+    assert torch.equal(s.tree.token_ids, loaded.tree.token_ids)
+    for x, y in zip(s.tree.levels(), loaded.tree.levels()):
+        assert torch.equal(x, y)
+    close(loaded.logits(), s.logits())
+    # both continue identically (greedy), and a second load samples exactly like the first
+    assert list(s.generate(20, temperature=0.0)) == list(loaded.generate(20, temperature=0.0))
+    close(loaded.logits(), s.logits())
+    again = [list(MCSession.load(path, controller, tokenizer_id="tok-a").generate(15, seed=5)) for _ in range(2)]
+    assert again[0] == again[1]
+    assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temp file
+
+
+def test_load_refuses_bad_files(controller, tmp_path):
+    set_lens_sign(controller, 0)
+    s = MCSession.begin(controller, tokens(100), tokenizer_id="tok-a")
+    good = tmp_path / "good.pt"
+    s.save(good)
+    data = good.read_bytes()
+
+    def refused(path, pattern, ctl=controller, tokenizer_id="tok-a"):
+        with pytest.raises(ValueError, match=pattern):
+            MCSession.load(path, ctl, tokenizer_id=tokenizer_id)
+
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00garbage" * 100)
+    refused(tmp_path / "corrupt.pt", "corrupt or truncated")
+    (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
+    refused(tmp_path / "truncated.pt", "corrupt or truncated")
+    torch.save({"gpt": controller.model.state_dict()}, tmp_path / "model.pt")
+    refused(tmp_path / "model.pt", "not a MegaContext session file")
+    tree = MCTree(CFG, controller.model.transformer.wte, controller.gistnet)
+    tree.append(tokens(10))
+    tree.save(tmp_path / "tree.pt")
+    refused(tmp_path / "tree.pt", "tree file, not|not a MegaContext session file")
+    refused(good, "tokenizer", tokenizer_id="tok-b")
+    refused(good, "other MegaContext config: max_edits=4", ctl=make_controller(dataclasses.replace(CFG, max_edits=2)))
+    refused(good, "another model .width 64", ctl=make_controller(width=128))
+    refused(good, "other weights", ctl=make_controller(seed=1))
+    state = torch.load(good, weights_only=True)
+    state["version"] = 99
+    torch.save(state, tmp_path / "v99.pt")
+    refused(tmp_path / "v99.pt", "version 99")
+    state["version"] = 1
+    state["lod_map"] = state["lod_map"][:-1]
+    torch.save(state, tmp_path / "bad_map.pt")
+    refused(tmp_path / "bad_map.pt", "inconsistent")
+    with pytest.raises(FileNotFoundError):
+        MCSession.load(tmp_path / "missing.pt", controller, tokenizer_id="tok-a")
+
+
+# ---- focus map --------------------------------------------------------------------------------------
+
+def test_focus_map_png(controller, tmp_path):
+    set_lens_sign(controller, 0)
+    s = MCSession.begin(controller, tokens(400, seed=10), refocus_interval=5)
+    list(s.generate(20, seed=2))
+    for target, name in ((s, "from_session.png"), (MCSession.begin(controller, tokens(3)).state(), "tiny.png")):
+        path = plot_focus(target, tmp_path / name)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
