@@ -140,10 +140,9 @@ def build_model(directory, step: int | None, device, phase: str = "eval"):
     except TypeError as e:
         raise CheckpointError(f"model config in {directory}/meta_{step:06d}.json is incompatible ({e})") from None
     states = load_module_states(directory, step, device)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
+    # built directly on the device: the first use of the meta device imports torch._refs (~4 s of startup)
+    with torch.device(device):
+        model = GPT(config)  # the rotary buffers are computed here; every weight comes from the checkpoint
     load_state_strict(model, states["gpt"], f"checkpoint {directory}/model_{step:06d}.pt")
     model.train(phase == "train")
     return model, states, meta
@@ -151,3 +150,20 @@ def build_model(directory, step: int | None, device, phase: str = "eval"):
 
 def model_meta(model: GPT, **extra) -> dict:
     return dict(model_config=asdict(model.config), **extra)
+
+
+STAGE_SCRIPTS = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft"}  # the script that writes each stage
+
+
+def load_model(stage: str, tag: str = "", step: int | None = None, device="cpu"):
+    """The model of checkpoints/<stage>/<tag> (default tag: the most recent) for inference:
+    (model, meta, directory). A missing checkpoint is a CheckpointError that says how to make one."""
+    stage_dir = checkpoint_dir(stage, tag) if tag else get_base_dir() / "checkpoints" / stage
+    try:
+        directory = resolve_checkpoint_dir(stage, tag)
+        step = find_last_step(directory) if step is None else step
+    except CheckpointError:
+        raise CheckpointError(f"no {stage} checkpoint found in {stage_dir}: run `bash run10.sh` first "
+                              f"(or `python -m scripts.{STAGE_SCRIPTS.get(stage, stage)}`)") from None
+    model, _, meta = build_model(directory, step, device)
+    return model, meta, directory

@@ -35,6 +35,7 @@ from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, prepare
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.longrange import DataMixError, MixedLoader, parse_mix
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import allreduce_grads, build_optimizers
 from nanochat.tokenizer import get_tokenizer
@@ -48,6 +49,8 @@ class ConfigError(ValueError):
 class TrainConfig:
     # data and model
     data: str = field(default="fineweb-edu", metadata={"help": "training data: fineweb-edu[:N shards], books, or a directory of .txt/.jsonl/.parquet"})
+    data_mix: str = field(default="", metadata={"help": "mix long-range synthetic rows into training, e.g. books:0.6,needle:0.2,recall:0.1,facts:0.1 "
+                                                        "(natural text = the --data value or 'text'; see nanochat/longrange.py); empty = --data only"})
     depth: int = field(default=12, metadata={"help": "number of transformer layers; width = 64 * depth"})
     width: int = field(default=0, metadata={"help": "model width override (0 = 64 * depth)"})
     head_dim: int = field(default=64, metadata={"help": "attention head dimension", "choices": [64, 128]})
@@ -102,6 +105,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError("--warmup_ratio + --warmdown_ratio must lie in [0, 1]")
     if cfg.eval_tokens < cfg.device_batch_size * cfg.max_seq_len * world_size:
         raise ConfigError(f"--eval_tokens={cfg.eval_tokens} is less than one validation batch ({tokens_per_fwd} tokens)")
+    if cfg.data_mix:
+        parse_mix(cfg.data_mix, cfg.data)  # raises DataMixError naming --data_mix
     return cfg.total_batch_size // tokens_per_fwd
 
 
@@ -173,6 +178,9 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
                              n_embd=cfg.width or 64 * cfg.depth, head_dim=cfg.head_dim)
     model = GPT(model_config).to(device)
     model.init_weights()
+    if mc_cfg and mc_cfg.num_variants < 2 and mc_cfg.lens_loss_weight > 0:
+        raise MCConfigError(f"--mc_num_variants={mc_cfg.num_variants} leaves LensNet no pair of variants to compare "
+                            "(its loss would always be 0): use >= 2, or --mc_lens_loss_weight=0")
     controller = build_controller(model, mc_cfg, rank) if mc_cfg else None
     mc_modules = controller.modules() if controller else {}
     batch_size = cfg.device_batch_size
@@ -222,8 +230,13 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
                f"= {batch_size * (1 + mc_cfg.num_variants)} working contexts of W={mc_cfg.wc_budget} "
                f"(plain: {cfg.device_batch_size} x {cfg.max_seq_len})")
 
-    loader = DataLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, split="train", seed=cfg.seed,
-                        rank=rank, world_size=world_size, device=device)
+    if cfg.data_mix:
+        loader = MixedLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, parse_mix(cfg.data_mix, cfg.data),
+                             seed=cfg.seed, rank=rank, world_size=world_size, device=device,
+                             block_size=mc_cfg.block_size if mc_cfg else 32)
+    else:
+        loader = DataLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, split="train", seed=cfg.seed,
+                            rank=rank, world_size=world_size, device=device)
     if loader_state is not None:
         loader.load_state_dict(loader_state)
     batches = iter(loader)
@@ -363,7 +376,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         report.plot_curves(report_dir / "base_val_bpb.png", val_series, "step", "bits per byte",
                            "Base validation bits per byte")
         report.log_section("base-train", "Base model training", [
-            {"data": cfg.data, "parameters": f"{num_params:,}", "FLOPs per token": f"{flops_per_token:.3g}",
+            {"data": cfg.data + (f" (mix {cfg.data_mix})" if cfg.data_mix else ""), "parameters": f"{num_params:,}", "FLOPs per token": f"{flops_per_token:.3g}",
              "steps": num_iterations, "tokens per step": cfg.total_batch_size, "micro-batches": grad_accum,
              "ranks": world_size, "device": str(device), "autocast": str(amp_dtype)},
             {"initial val bpb": history["val_bpb"][0], "final val bpb": val_bpb,
@@ -385,7 +398,7 @@ def main(argv=None):
     cfg, mc_cfg = parse_args(argv)
     try:
         train(cfg, mc_cfg)
-    except (ConfigError, MCConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+    except (ConfigError, MCConfigError, CheckpointError, DataError, DataMixError, FileNotFoundError) as e:
         compute_cleanup()
         sys.exit(f"error: {e}")
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nanochat.checkpoint import CheckpointError, build_model, checkpoint_dir, load_module_states
-from scripts import base_train
+from nanochat import report
+from scripts import base_eval, base_train
 
 TINY = ["--depth=1", "--width=64", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
         "--eval_tokens=256", "--log_every=1", "--sample_every=-1"]
@@ -28,6 +29,11 @@ def test_smoke_trains_and_reports(tiny_env):
     from nanochat.common import get_report_dir
     assert (get_report_dir() / "base_loss.png").exists()
     assert "final val bpb" in (get_report_dir() / "section-base-train.md").read_text()
+    base_eval.main(["--tag=smoke", "--eval_tokens=256", "--batch_size=2", "--max_tokens=4"])
+    report_md = open(report.generate()).read()
+    assert "Base model evaluation" in report_md and "Base model training" in report_md and "torch" in report_md
+    with pytest.raises(SystemExit, match="does not exist"):
+        base_eval.main(["--tag=nope"])
 
 
 def test_resume_is_exact(tiny_env):

@@ -1,0 +1,288 @@
+"""Focus allocator (DESIGN.md section 6): legal budgeted edits from scores, policies and baselines.
+
+A seeded loop over random configs, maps and scores checks the properties every refocus must keep
+(legal maps, budget W, at most max_edits edits of each kind, greedy = the best candidates);
+small hand-built cases check the exact choices, thresholds, collapses and baselines.
+"""
+
+import random
+
+import pytest
+import torch
+
+from mc.allocator import expanded_units, oracle_map, refocus, similarity_scores, unit_scores
+from mc.config import MCConfig
+from mc.working_context import (GIST, GROUP, RAW, UNCOVERED, collapse_blocks, edit_cost, entry_counts, expand_blocks,
+                                expand_groups, is_legal, materialize, most_compressed_map, random_maps)
+
+D = 3
+
+
+def history(cfg, B, n_blocks, t=0, seed=0):
+    """Random levels [LOD0 [B, T, D], LOD1 [B, n, D], (LOD2)] and tokens [B, T] of a history of n blocks + t tokens."""
+    g = torch.Generator().manual_seed(seed)
+    K, T = cfg.block_size, n_blocks * cfg.block_size + t
+    levels = [torch.randn(B, T, D, generator=g), torch.randn(B, n_blocks, D, generator=g)]
+    if cfg.max_lod == 2:
+        levels.append(torch.randn(B, n_blocks // K, D, generator=g))
+    return levels, torch.randint(0, 100, (B, T), generator=g)
+
+
+def wc_of(maps, cfg, t=0, seed=0):
+    """Materialised WCs of maps [V, n] (one history row per variant)."""
+    V, n = maps.shape
+    levels, tokens = history(cfg, V, n, t, seed)
+    return materialize(maps, levels, tokens, cfg, sample=torch.arange(V))
+
+
+def random_case(seed):
+    """A random config (K in {4, 8}), legal maps within budget (some with room to expand), entry scores."""
+    rng = random.Random(seed)
+    K = rng.choice([4, 8])
+    R = K * rng.randint(1, 2)
+    W = R + K * rng.randint(2, 6) + rng.randint(0, K - 1)
+    cfg = MCConfig(block_size=K, recent=R, wc_budget=W, horizon=1, max_lod=rng.choice([1, 2]),
+                   max_edits=rng.randint(1, 4), top_k=rng.randint(1, 6),
+                   expand_threshold=rng.choice([0.0, 0.0, 0.5]), collapse_threshold=rng.choice([0.0, 0.0, 0.5]))
+    cfg.validate()
+    n = rng.randint(R // K, 3 * K + R // K)
+    t = rng.choice([0, 0, rng.randint(1, K - 1)])
+    if min(n, R // K) * K + t > W:
+        t = 0
+    g = torch.Generator().manual_seed(seed)
+    V = rng.randint(1, 4)
+    maps = random_maps(V, n, cfg, g, tail_tokens=t)
+    maps = collapse_blocks(maps, torch.rand(V, n, generator=g) < 0.4, R // K)  # free some budget
+    wc = wc_of(maps, cfg, t, seed)
+    scores = torch.where(wc.valid, 2 * torch.randn(wc.valid.shape, generator=g), 0.0)
+    return cfg, maps, wc, scores, t, g
+
+
+def n_edits(old, new, K):
+    """(expanded blocks, expanded groups, collapsed blocks, new groups) [V] between two maps [V, n]."""
+    V, n = old.shape
+    G = n // K
+    grouped = lambda m: m[:, :G * K].view(V, G, K)[..., 0] == GROUP  # noqa: E731  [V, G]
+    return ((old == GIST) & (new == RAW)).sum(1), (grouped(old) & ~grouped(new)).sum(1), \
+        ((old == RAW) & (new != RAW)).sum(1), (grouped(new) & ~grouped(old)).sum(1)
+
+
+def test_refocus_keeps_maps_legal_and_within_budget():
+    cases = 0
+    for seed in range(100):
+        cfg, maps, wc, scores, t, g = random_case(seed)
+        K, W = cfg.block_size, cfg.wc_budget
+        for policy in ("greedy", "stochastic_greedy"):
+            for allow_collapse in (True, False):
+                new = refocus(maps, scores, wc, cfg, policy, g, tail_tokens=t, allow_collapse=allow_collapse)
+                assert new.shape == maps.shape and new.dtype == maps.dtype
+                assert is_legal(new, K, cfg.recent // K, cfg.max_lod).all(), (seed, policy, new.tolist())
+                assert (entry_counts(new, K, t) <= W).all(), seed
+                assert torch.equal(new == UNCOVERED, maps == UNCOVERED)  # refocus never uncovers or re-covers
+                exp_b, exp_g, col_b, col_g = n_edits(maps, new, K)
+                assert (exp_b + exp_g <= cfg.max_edits).all()
+                assert (col_b <= cfg.max_edits).all() and (col_g <= cfg.max_edits).all()
+                if not allow_collapse:
+                    assert not col_b.any() and not col_g.any()
+                materialize(new, *history(cfg, maps.size(0), maps.size(1), t), cfg, sample=torch.arange(maps.size(0)))
+                cases += 1
+    assert cases == 400
+
+
+def test_greedy_expands_the_best_candidates():
+    """Without collapses, greedy expands exactly min(candidates, max_edits, free // (K-1)) units, the best-scored."""
+    for seed in range(100):
+        cfg, maps, wc, scores, t, g = random_case(seed)
+        K, W = cfg.block_size, cfg.wc_budget
+        V, n = maps.shape
+        G = n // K
+        new = refocus(maps, scores, wc, cfg, "greedy", tail_tokens=t, allow_collapse=False)
+        gist_block, group_entry, _, _ = unit_scores(scores, wc, K)
+        unit_score = torch.cat([gist_block, group_entry[:, :G]], 1)  # [V, n + G]
+        is_unit = torch.cat([maps == GIST, maps[:, :G * K].view(V, G, K)[..., 0] == GROUP], 1)
+        candidate = is_unit & (unit_score > cfg.expand_threshold)
+        blocks, groups = expanded_units(new, maps, K)
+        expanded = torch.cat([blocks, groups], 1)
+        assert not (expanded & ~candidate).any(), "only candidates above the threshold are expanded"
+        free = W - entry_counts(maps, K, t)
+        want = torch.minimum(torch.minimum(candidate.sum(1), free // edit_cost(K)), torch.tensor(cfg.max_edits))
+        assert torch.equal(expanded.sum(1), want), seed
+        for v in range(V):
+            chosen, left = unit_score[v][expanded[v]], unit_score[v][candidate[v] & ~expanded[v]]
+            if len(chosen) and len(left):
+                assert chosen.min() >= left.max(), seed
+
+
+def line_cfg(**kw):
+    """K=4, max_lod=1: a history of single blocks, so each candidate is a block."""
+    base = dict(block_size=4, max_lod=1, recent=4, wc_budget=4 + 10 + 3 * 3, horizon=1, max_edits=3)
+    return MCConfig(**{**base, **kw})
+
+
+def gist_scores(wc, block_scores, K=4):
+    """Entry scores [1, W]: block_scores[b] on the LOD1 gist entry of block b, 0 elsewhere."""
+    block = torch.where(wc.valid & (wc.lod == 1), wc.pos // K, -1)[0]
+    s = torch.zeros_like(wc.pos, dtype=torch.float)
+    for b, value in enumerate(block_scores):
+        s[0, block == b] = value
+    return s
+
+
+def test_greedy_picks_highest_scores_within_budget_and_max_edits():
+    cfg = line_cfg()
+    maps = most_compressed_map(11, cfg)[None]  # 10 gists + 1 raw tail block = 14 entries, free 9 = 3 edits
+    wc = wc_of(maps, cfg)
+    s = [0.1, 0.9, -1.0, 0.5, 0.7, 0.2, 0.8, 0.0, 0.3, 0.4]
+    new = refocus(maps, gist_scores(wc, s), wc, cfg, "greedy")
+    assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 4, 6]
+    # a tighter budget affords two, max_edits=1 one
+    new = refocus(maps, gist_scores(wc, s), wc, line_cfg(wc_budget=4 + 10 + 6), "greedy")
+    assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 6]
+    new = refocus(maps, gist_scores(wc, s), wc, line_cfg(max_edits=1), "greedy")
+    assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1]
+    # non-positive scores are not expanded (threshold 0), even with budget to spare
+    new = refocus(maps, gist_scores(wc, [0.0] * 9 + [0.2]), wc, cfg, "greedy")
+    assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [9]
+
+
+def test_groups_compete_with_blocks():
+    cfg = MCConfig(block_size=4, recent=4, wc_budget=4 + 3 + 3, horizon=1, max_edits=8)  # 2 groups + 1 tail
+    maps = most_compressed_map(9, cfg)[None]
+    assert maps.tolist() == [[2] * 8 + [0]]
+    wc = wc_of(maps, cfg)
+    scores = torch.where(wc.valid & (wc.lod == 2), torch.where(wc.pos == 0, 0.3, 0.6), 0.0)
+    new = refocus(maps, scores, wc, cfg, "greedy")  # budget for one edit: the better group
+    assert new.tolist() == [[2, 2, 2, 2, 1, 1, 1, 1, 0]]
+
+
+def test_thresholds():
+    cfg = line_cfg(expand_threshold=0.5)
+    maps = most_compressed_map(11, cfg)[None]
+    wc = wc_of(maps, cfg)
+    new = refocus(maps, gist_scores(wc, [0.4, 0.6, 0.5, 0.9] + [0.0] * 6), wc, cfg, "greedy")
+    assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 3]
+    # collapse only below -collapse_threshold
+    cfg = line_cfg(collapse_threshold=0.5, max_edits=8, wc_budget=44)
+    maps = torch.tensor([[RAW] * 6 + [GIST] * 4 + [RAW]], dtype=torch.int8)
+    wc = wc_of(maps, cfg)
+    block_score = torch.tensor([-0.4, -0.6, -0.5, -0.9, 0.0, -2.0] + [0.0] * 5)
+    scores = torch.where(wc.valid & (wc.lod == 0), block_score[(wc.pos // 4).clamp(max=10)], 0.0)
+    new = refocus(maps, scores, wc, cfg, "greedy")
+    assert new.tolist() == [[RAW, GIST, RAW, GIST, RAW, GIST] + [GIST] * 4 + [RAW]]
+
+
+def test_negative_scores_collapse_raw_blocks_and_all_gist_groups():
+    K = 4
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=200, horizon=1, max_edits=8)
+    # group 0 all gists, group 1 raw, then 2 loose gists and the 2-block raw tail
+    maps = torch.tensor([[GIST] * 4 + [RAW] * 4 + [GIST, GIST, RAW, RAW]], dtype=torch.int8)
+    assert is_legal(maps, K, 2).all()
+    wc = wc_of(maps, cfg)
+    scores = torch.where(wc.valid, -1.0, 0.0)
+    new = refocus(maps, scores, wc, cfg, "greedy")
+    # raw blocks outside the tail become gists, the all-gist group 0 collapses, the tail stays raw
+    assert new.tolist() == [[GROUP] * 4 + [GIST] * 4 + [GIST, GIST, RAW, RAW]]
+    assert is_legal(new, K, 2).all()
+    # allow_collapse=False leaves the map alone (nothing positive to expand)
+    assert torch.equal(refocus(maps, scores, wc, cfg, "greedy", allow_collapse=False), maps)
+    # max_edits bounds the collapses, the most negative first
+    cfg1 = MCConfig(block_size=K, recent=2 * K, wc_budget=200, horizon=1, max_edits=1)
+    raw_score = torch.tensor([0, 0, 0, 0, -1, -3, -1, -2, 0, 0, 0, 0], dtype=torch.float)
+    scores = torch.where(wc.valid & (wc.lod == 0), raw_score[(wc.pos // K).clamp(max=11)], torch.where(wc.valid, -0.5, 0.0))
+    new = refocus(maps, scores, wc, cfg1, "greedy")
+    assert ((maps == RAW) & (new == GIST)).nonzero()[:, 1].tolist() == [5]
+    assert new[0, :4].tolist() == [GROUP] * 4
+    # positive scores on the tail never collapse it, negative ones neither
+    assert (refocus(maps, torch.where(wc.valid, -5.0, 0.0), wc, cfg, "greedy")[0, -2:] == RAW).all()
+
+
+def test_stochastic_greedy_samples_among_top_k_reproducibly():
+    cfg = line_cfg(allocator="stochastic_greedy", top_k=3, max_edits=2, temperature=1.0)
+    maps = most_compressed_map(11, cfg)[None]
+    wc = wc_of(maps, cfg)
+    s = [0.1, 0.9, 0.3, 0.5, 0.7, 0.2, 0.8, 0.05, 0.3, 0.4]  # top-3: blocks 1, 6, 4
+    scores = gist_scores(wc, s)
+    seen = set()
+    for seed in range(60):
+        new = refocus(maps, scores, wc, cfg, "stochastic_greedy", torch.Generator().manual_seed(seed))
+        picked = tuple((new[0, :10] == RAW).nonzero().view(-1).tolist())
+        assert len(picked) == 2 and set(picked) <= {1, 4, 6}, picked
+        again = refocus(maps, scores, wc, cfg, "stochastic_greedy", torch.Generator().manual_seed(seed))
+        assert torch.equal(new, again)
+        seen.add(picked)
+    assert len(seen) == 3, "every pair of the top-3 is sampled sometimes"
+    # a batch of variants draws independently; a tiny temperature is greedy
+    many = refocus(maps.expand(16, -1), scores.expand(16, -1), wc_of(maps.expand(16, -1).clone(), cfg), cfg,
+                   "stochastic_greedy", torch.Generator().manual_seed(0))
+    assert len({tuple(m.tolist()) for m in many}) > 1
+    cold = refocus(maps, scores, wc, line_cfg(top_k=3, max_edits=2, temperature=1e-4), "stochastic_greedy",
+                   torch.Generator().manual_seed(0))
+    assert (cold[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 6]
+    with pytest.raises(ValueError, match="policy"):
+        refocus(maps, scores, wc, cfg, "telepathy")
+
+
+def test_oracle_map_expands_answer_blocks_and_their_groups():
+    K = 4
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1)
+    n = 36  # most compressed: 8 groups (blocks 0-31) + 2 loose gists + 8 tail tokens = 18 entries
+    base = most_compressed_map(n, cfg)
+    answer = torch.zeros(2, n, dtype=torch.bool)
+    answer[0, 5] = True  # inside group 1 -> group and block expanded (+6)
+    answer[1, [2, 17, 33]] = True  # groups 0 and 4 + blocks 2, 17 + loose gist 33 (+15)
+    maps = oracle_map(n, cfg, answer)
+    assert is_legal(maps, K, 2).all() and (entry_counts(maps, K) == torch.tensor([24, 33])).all()
+    assert (maps[answer] == RAW).all()
+    assert maps[0, 4:8].tolist() == [GIST, RAW, GIST, GIST]
+    assert maps[1, 0:4].tolist() == [GIST, GIST, RAW, GIST] and maps[1, 16:20].tolist() == [GIST, RAW, GIST, GIST]
+    blocks, groups = expanded_units(maps, base.expand(2, n), K)
+    assert groups.nonzero().tolist() == [[0, 1], [1, 0], [1, 4]]
+    assert blocks.nonzero().tolist() == [[1, 33]]
+    assert (maps[0, :4] == GROUP).all() and (maps[0, 8:32] == GROUP).all()  # nothing else changes
+    # answers in the raw tail cost nothing; too many answers exceed W with a clear error
+    tail = torch.zeros(1, n, dtype=torch.bool)
+    tail[0, -1] = True
+    assert torch.equal(oracle_map(n, cfg, tail)[0], base)
+    over = torch.zeros(1, n, dtype=torch.bool)
+    over[0, [1, 9, 17]] = True  # three groups + three blocks: 18 + 18 > 33
+    with pytest.raises(ValueError, match="oracle.*mc_wc_budget=33"):
+        oracle_map(n, cfg, over)
+
+
+def test_similarity_scores_peak_at_a_gist_equal_to_the_tail_mean():
+    K = 4
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=40, horizon=1, max_lod=1)
+    n = 10
+    levels, tokens = history(cfg, 1, n)
+    tail_mean = levels[0][0, -cfg.recent:].mean(0)
+    levels[1][0, 3] = 2.5 * tail_mean  # cosine is scale-free
+    maps = most_compressed_map(n, cfg)[None]
+    wc = materialize(maps, levels, tokens, cfg)
+    sim = similarity_scores(wc, cfg.recent)
+    assert sim.shape == wc.valid.shape
+    best = int(sim[0].argmax())
+    assert wc.lod[0, best] == 1 and wc.pos[0, best] == 3 * K
+    torch.testing.assert_close(sim[0, best], torch.tensor(1.0))
+    assert (sim[~(wc.valid & (wc.lod > 0))] == 0).all()
+    # greedy on similarity expands that block first
+    new = refocus(maps, sim, wc, MCConfig(block_size=K, recent=2 * K, wc_budget=40, horizon=1, max_lod=1, max_edits=1), "greedy")
+    assert (new[0, :8] == RAW).nonzero().view(-1).tolist() == [3]
+
+
+def test_expanded_units_marks_exactly_the_expanded_units():
+    K = 4
+    cfg = MCConfig(block_size=K, recent=K, wc_budget=1000, horizon=1)
+    n = 3 * K + 3  # 3 groups, 2 loose gists, 1 tail block
+    base = most_compressed_map(n, cfg).expand(3, n).clone()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        want_groups = torch.rand(3, 3, generator=g) < 0.5
+        m = expand_groups(base, want_groups, K)
+        want_blocks = (torch.rand(3, n, generator=g) < 0.5) & (base == GIST)  # loose gists of the base
+        inner = (torch.rand(3, n, generator=g) < 0.5) & (m == GIST) & (base == GROUP)  # blocks inside expanded groups
+        m = expand_blocks(m, want_blocks | inner)
+        blocks, groups = expanded_units(m, base, K)
+        assert torch.equal(groups, want_groups), "a group counts once however deep it is expanded"
+        assert torch.equal(blocks, want_blocks), "blocks count only where the base map shows them as gists"
+    blocks, groups = expanded_units(base, base, K)
+    assert not blocks.any() and not groups.any()

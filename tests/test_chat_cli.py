@@ -1,0 +1,77 @@
+"""The chat CLI (run as a subprocess, like a user would) and chat_eval, on a tiny SFT checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nanochat.common import get_report_dir
+from scripts import base_train, chat_eval, chat_sft
+
+SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tiny_env):
+    base_train.main([f"--data={tiny_env['data']}", "--depth=1", "--width=64", f"--max_seq_len={SEQ}",
+                     "--device_batch_size=2", f"--total_batch_size={2 * SEQ}", f"--eval_tokens={2 * SEQ}",
+                     "--num_iterations=2", "--sample_every=-1", "--tag=clibase"])
+    chat_sft.main(["--source=base", "--source_tag=clibase", "--tag=clisft", "--data=identity", "--num_conversations=16",
+                   "--val_conversations=4", "--num_iterations=2", "--device_batch_size=2", "--rows_per_step=2",
+                   "--longdoc_filler=synthetic"])
+    return tiny_env
+
+
+def cli(*args, stdin: str = "", base_dir=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if base_dir is not None:
+        env["MC_BASE_DIR"] = str(base_dir)
+    return subprocess.run([sys.executable, "-m", "scripts.chat_cli", *args], input=stdin, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_answers_a_piped_prompt(tiny_sft):
+    result = cli("--prompt", "-", "--tag=clisft", "--temperature=0", "--max_tokens=8", stdin="Who are you?\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sft checkpoint" in result.stderr and result.stdout.endswith("\n")
+
+
+def test_piped_lines_are_turns_with_commands(tiny_sft):
+    stdin = "Hello\n/clear\nWho are you?\n/bogus\n/quit\nnot read\n"
+    result = cli("--tag=clisft", "--max_tokens=4", stdin=stdin)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(new conversation)" in result.stderr and "unknown command /bogus" in result.stderr
+    assert result.stdout.count("\n") == 2  # two replies, one line each
+
+
+def test_context_full_is_said_plainly(tiny_sft):
+    long_prompt = "tell me more about this " * 40  # well over the 128-token context
+    result = cli("--prompt", long_prompt, "--tag=clisft", "--max_tokens=4")
+    assert result.returncode == 1
+    assert f"no longer fits the model's context of {SEQ} tokens" in result.stderr and "/clear" in result.stderr
+    assert "Traceback" not in result.stderr
+    # in a conversation it is a message, not the end: /clear starts over and the chat goes on
+    result = cli("--tag=clisft", "--max_tokens=4", stdin=f"{long_prompt}\n/clear\nHi\n")
+    assert result.returncode == 0 and "no longer fits" in result.stderr and result.stdout.count("\n") == 1
+
+
+def test_missing_checkpoint(tiny_sft, tmp_path):
+    result = cli("--prompt", "hi", base_dir=tmp_path)
+    assert result.returncode != 0
+    assert "no sft checkpoint found" in result.stderr and "run10.sh" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_eval_end_to_end(tiny_sft):
+    results = chat_eval.main(["--tag=clisft", "--num_longdoc=6", "--num_arc=3", "--max_tokens=4"])
+    saved = json.loads((get_report_dir() / "chat_eval.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    longdoc = saved["longdoc_qa"]
+    assert longdoc["n"] + longdoc["skipped_too_long"] == 6 and len(longdoc["by_depth"]) == 5
+    assert "skipped" in saved["arc_easy"]  # the tests run offline
+    section = (get_report_dir() / "section-chat-eval.md").read_text()
+    assert "Long-document QA" in section and "ARC-Easy" in section
+    with pytest.raises(SystemExit, match="no sft checkpoint found"):
+        chat_eval.main(["--tag=never_trained"])

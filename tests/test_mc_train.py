@@ -1,0 +1,95 @@
+"""base_train --mc end to end: training, checkpoint contents, exact resume, flag errors, torchrun.
+
+Tiny model (depth 1, width 64, T=64) and tiny MegaContext (K=8, W=32, R=16, H=8, N=3): one sequence
+per MC micro-batch, (1+3) x 32 = 2 x 64 entries, the same as the plain micro-batch, so each step of
+128 tokens is two MC micro-batches.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mc.build import load_controller
+from nanochat.checkpoint import build_model, checkpoint_dir, load_module_states
+from scripts import base_train
+
+TINY = ["--depth=1", "--width=64", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128",
+        "--eval_tokens=128", "--log_every=1", "--sample_every=-1"]
+MC = ["--mc", "--mc_block_size=8", "--mc_wc_budget=32", "--mc_recent=16", "--mc_horizon=8", "--mc_num_variants=3",
+      "--mc_gist_layers=1", "--mc_lens_layers=1", "--mc_lens_width=32"]
+
+
+def run_train(tiny_env, *extra, mc=True):
+    return base_train.main([f"--data={tiny_env['data']}", *TINY, *(MC if mc else []), *extra])
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mc_trains_and_checkpoint_restores_the_nets(tiny_env, capsys):
+    run_train(tiny_env, "--num_iterations=2", "--tag=mc_smoke")
+    out = capsys.readouterr().out
+    assert "MegaContext: micro-batch 1 sequences x 4 variants = 4 working contexts of W=32" in out
+    assert "last-H bpb: | truncation" in out and "mc | lm " in out  # validation arms and MC telemetry
+    ckpt = checkpoint_dir("base", "mc_smoke")
+    model, states, meta = build_model(ckpt, None, "cpu")
+    assert meta["step"] == 2 and {"gpt", "mc_gist", "mc_lens"} <= set(states)
+    assert meta["mc_config"]["block_size"] == 8 and meta["mc_config"]["wc_budget"] == 32
+    assert all(len(meta["history"][f"val_{arm}"]) == 2 for arm in ("truncation", "mc", "full"))
+    assert all(v == v for v in meta["history"]["loss"])
+    assert states["mc_lens"]["score_w"].abs().sum() > 0, "LensNet trained (its score vector starts at zero)"
+    controller = load_controller(model, states, meta)
+    assert states_equal(controller.gistnet.state_dict(), states["mc_gist"])
+    assert states_equal(controller.lensnet.state_dict(), states["mc_lens"])
+    assert controller.cfg.num_variants == 3 and controller.model is model
+
+
+def test_mc_resume_is_exact(tiny_env):
+    run_train(tiny_env, "--num_iterations=4", "--save_every=2", "--tag=mc_full")
+    full_dir, part_dir = checkpoint_dir("base", "mc_full"), checkpoint_dir("base", "mc_part")
+    part_dir.mkdir(parents=True, exist_ok=True)
+    for f in full_dir.glob("*_000002*"):
+        shutil.copy(f, part_dir / f.name)
+    run_train(tiny_env, "--num_iterations=4", "--save_every=2", "--tag=mc_part", "--resume")
+    a, b = load_module_states(full_dir, 4), load_module_states(part_dir, 4)
+    for name in ("gpt", "mc_gist", "mc_lens"):
+        assert states_equal(a[name], b[name]), name
+    # and training moved them: step 4 differs from step 2
+    assert not states_equal(a["mc_gist"], load_module_states(full_dir, 2)["mc_gist"])
+    # resuming with other MegaContext flags than the checkpoint's is refused
+    with pytest.raises(SystemExit, match="--resume: .* MegaContext config"):
+        run_train(tiny_env, "--num_iterations=4", "--tag=mc_part", "--resume", "--mc_horizon=4")
+
+
+def test_mc_flag_errors(tiny_env, capsys):
+    with pytest.raises(SystemExit):
+        run_train(tiny_env, "--num_iterations=1", "--mc_wc_budget=32", mc=False)
+    assert "--mc_* flags were given without --mc" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--mc_wc_budget=12 must be at least 2 x --mc_block_size=8"):
+        run_train(tiny_env, "--num_iterations=1", "--mc_wc_budget=12")
+    with pytest.raises(SystemExit, match="--max_seq_len=64 must exceed --mc_wc_budget=64"):
+        run_train(tiny_env, "--num_iterations=1", "--mc_wc_budget=64")
+    with pytest.raises(SystemExit, match="--mc_num_variants=1"):
+        run_train(tiny_env, "--num_iterations=1", "--mc_num_variants=1")
+    with pytest.raises(SystemExit):  # an unknown mode is rejected by the flag's choices
+        run_train(tiny_env, "--num_iterations=1", "--mc_positional=spiral")
+    assert "--mc_positional" in capsys.readouterr().err
+
+
+def test_mc_torchrun_two_gloo_ranks(tiny_env):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.base_train", f"--data={tiny_env['data']}", *TINY, *MC, "--total_batch_size=256", "--eval_tokens=256",
+           "--num_iterations=2", "--tag=mc_ddp", "--device_type=cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-8000:]
+    ckpt = checkpoint_dir("base", "mc_ddp")
+    assert (ckpt / "optim_000002_rank0.pt").exists() and (ckpt / "optim_000002_rank1.pt").exists()
+    model, states, meta = build_model(ckpt, None, "cpu")
+    assert meta["step"] == 2 and {"mc_gist", "mc_lens"} <= set(states)
+    load_controller(model, states, meta)

@@ -1,0 +1,205 @@
+"""MCController (DESIGN.md section 8): one MC training step, its gradients, determinism, the three arms.
+
+A tiny GPT (depth 2, width 64, vocab 256, T=256) with K=8, W=64, R=16, H=8 and N=3 variants. The
+GPT's output projections start at zero (every position would only see itself, so gists could not
+matter); `make` perturbs them so variants really differ.
+"""
+
+import math
+
+import pytest
+import torch
+
+import mc.runtime
+from mc.build import build_controller
+from mc.config import MCConfig, MCConfigError
+from mc.runtime import ARMS, truncation_map
+from mc.tree import build_tree
+from mc.working_context import materialize
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import build_optimizers
+
+B, T, VOCAB = 2, 256, 256
+SMALL = dict(block_size=8, wc_budget=64, recent=16, horizon=8, num_variants=3, gist_layers=1,
+             lens_layers=1, lens_width=32)
+
+
+def tiny_gpt(seq_len=T, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=2, n_embd=64))
+    model.init_weights()
+    with torch.no_grad():  # a "trained" GPT: positions see each other, so gists change the NLL
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(std=0.1)
+            block.mlp.c_proj.weight.normal_(std=0.1)
+    return model
+
+
+def make(seed=0, **overrides):
+    """(controller, x [B, T], y [B, T]) for the tiny model; data: a fixed random token stream."""
+    model = tiny_gpt(seed=seed)
+    controller = build_controller(model, MCConfig(**{**SMALL, **overrides}))
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, VOCAB, (B, T + 1), generator=g)
+    return controller, tokens[:, :-1], tokens[:, 1:]
+
+
+def params(module):
+    return dict(module.named_parameters())
+
+
+def nonzero_grads(loss, module):
+    """Names of module parameters that receive a non-zero gradient from loss (graph kept)."""
+    names, ps = zip(*params(module).items())
+    grads = torch.autograd.grad(loss, ps, retain_graph=True, allow_unused=True)
+    return {n for n, g in zip(names, grads) if g is not None and g.abs().sum() > 0}
+
+
+def test_process_batch_shapes_and_finite_loss():
+    controller, x, y = make()
+    N, W = controller.cfg.num_variants, controller.cfg.wc_budget
+    seen = {}
+
+    def forward_fn(**kw):  # the one batched GPT forward over all V working contexts
+        seen["embeds"], seen["cos"], seen["targets"] = kw["inputs_embeds"].shape, kw["rope"][0].shape, kw["targets"]
+        return controller.model(**kw)
+
+    out = controller.process_batch(x, y, step=0, forward_fn=forward_fn)
+    V = B * (1 + N)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert seen["embeds"] == (V, W, 64) and seen["cos"] == (V, W, 1, 32)
+    assert out.metrics["wc_batch"] == V and out.metrics["variants_per_sample"] == 1 + N
+    assert all(isinstance(v, (int, float)) and v == v for v in out.metrics.values())
+    assert out.metrics["wc_entries"] <= W
+    assert set(out.timings) >= {"tree", "lensnet", "allocator", "wc_build", "forward", "losses"}
+    # the last H targets are the same tokens (y[:, -H:]) for every variant of a sequence (sequence-major)
+    H = controller.cfg.horizon
+    for v, row in enumerate(seen["targets"]):
+        assert torch.equal(row[row >= 0][-H:], y[v // (1 + N), -H:])
+
+
+def test_lens_loss_trains_only_lensnet_and_lm_loss_reaches_tree(monkeypatch):
+    controller, x, y = make()
+    captured = {}
+    original = mc.runtime.pairwise_lens_loss
+
+    def capture(utility, nll):
+        loss, acc = original(utility, nll)
+        captured["lens"] = loss
+        return loss, acc
+
+    monkeypatch.setattr(mc.runtime, "pairwise_lens_loss", capture)
+    out = controller.process_batch(x, y, step=0)
+    lens = captured["lens"]
+    assert lens.item() > 0 and out.metrics["lens_loss"] == pytest.approx(lens.item())
+    assert out.metrics["dnll_abs"] > 0, "variants must differ in their last-H NLL"
+    # the LensNet loss reaches LensNet (its zero-initialised score vector first), never the GPT or GistNet
+    assert "score_w" in nonzero_grads(lens, controller.lensnet)
+    assert not nonzero_grads(lens, controller.model) and not nonzero_grads(lens, controller.gistnet)
+    # the LM loss reaches GistNet (through the gists in the WCs) and the token embedding, not LensNet
+    lm = out.loss - controller.cfg.lens_loss_weight * lens
+    assert lm.item() == pytest.approx(out.metrics["lm_loss"], rel=1e-5)
+    assert nonzero_grads(lm, controller.gistnet)
+    assert "transformer.wte.weight" in nonzero_grads(lm, controller.model)
+    assert not nonzero_grads(lm, controller.lensnet)
+
+
+def test_lens_gradient_reaches_the_body_of_lensnet_once_it_scores(monkeypatch):
+    controller, x, y = make()
+    with torch.no_grad():
+        controller.lensnet.score_w.normal_(std=0.5)  # a LensNet that already scores
+    captured = {}
+    original = mc.runtime.pairwise_lens_loss
+    monkeypatch.setattr(mc.runtime, "pairwise_lens_loss", lambda u, n: captured.setdefault("out", original(u, n)))
+    controller.process_batch(x, y, step=3)
+    reached = nonzero_grads(captured["out"][0], controller.lensnet)
+    # (the blocks' zero-initialised output projections still block their inner matrices)
+    assert {"in_proj.weight", "lod_emb.weight", "pos_fc.weight", "score_fc.weight", "score_w", "x_q.weight",
+            "x_v.weight", "c_proj.weight", "blocks.0.c_proj.weight", "blocks.0.mlp_proj.weight"} <= reached
+
+
+def test_one_optimizer_step_changes_gistnet_and_lensnet():
+    controller, x, y = make()
+    nets = controller.modules()
+    optimizers = build_optimizers(controller.model, list(nets.values()))
+    before = {name: {k: p.detach().clone() for k, p in params(net).items()} for name, net in nets.items()}
+    for step in range(2):
+        controller.process_batch(x, y, step=step).loss.backward()
+        for opt in optimizers:
+            opt.step()
+        for module in (controller.model, *nets.values()):
+            module.zero_grad(set_to_none=True)
+    for name, net in nets.items():
+        changed = [k for k, p in params(net).items() if not torch.equal(p, before[name][k])]
+        assert changed, f"{name} did not change"
+    # after the first steps LensNet scores are no longer all zero, so guided variants start to expand
+    out = controller.process_batch(x, y, step=2)
+    assert out.metrics["lens_score_std"] > 0 and torch.isfinite(out.loss)
+
+
+def test_deterministic_for_seed_and_step():
+    a, x, y = make()
+    b, _, _ = make()
+    out_a, out_b = a.process_batch(x, y, step=5), b.process_batch(x, y, step=5)
+    assert torch.equal(out_a.loss, out_b.loss) and out_a.metrics == out_b.metrics
+    again = a.process_batch(x, y, step=5)
+    assert torch.equal(again.loss, out_a.loss)
+    other_step = a.process_batch(x, y, step=6)
+    assert other_step.metrics != out_a.metrics, "variant sampling depends on the step"
+    seeded = build_controller(tiny_gpt(), MCConfig(**{**SMALL, "seed": 7})).process_batch(x, y, step=5)
+    assert seeded.metrics != out_a.metrics, "and on --mc_seed"
+
+
+@pytest.mark.parametrize("positional", ["gaussian", "index"])
+def test_truncation_baseline_is_the_model_on_the_last_w_tokens(positional):
+    controller, x, y = make(positional=positional)
+    cfg, model = controller.cfg, controller.model
+    W, H, n = cfg.wc_budget, cfg.horizon, T // cfg.block_size
+    with torch.no_grad():
+        levels = build_tree(model.transformer.wte(x), controller.gistnet, cfg)
+        wc = materialize(truncation_map(n, cfg).expand(B, n), levels, x, cfg, y[:, -1])
+        baseline = controller.forward_wc(wc)  # [B, W], what the training step's variant 0 computes
+        plain = model(x[:, -W:], y[:, -W:], loss_reduction="none")
+        arms = controller.evaluate_arms(x, y)
+        out = controller.process_batch(x, y, step=0)
+    torch.testing.assert_close(baseline, plain, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(arms["truncation"], plain[:, -H:], atol=1e-5, rtol=1e-5)
+    assert out.metrics["nll_h_truncation"] == pytest.approx(plain[:, -H:].mean().item(), rel=1e-4)
+
+
+def test_evaluate_arms():
+    controller, x, y = make()
+    H = controller.cfg.horizon
+    arms = controller.evaluate_arms(x, y)
+    assert set(arms) == set(ARMS)
+    assert all(arms[a].shape == (B, H) and torch.isfinite(arms[a]).all() for a in ARMS)
+    with torch.no_grad():
+        full = controller.model(x, y, loss_reduction="none")[:, -H:]
+    torch.testing.assert_close(arms["full"], full)
+    assert not torch.equal(arms["mc"], arms["truncation"]), "the MC arm reads gists of the older history"
+    # bits per byte over batches (every token 1 byte here): finite, one number per arm
+    token_bytes = torch.ones(VOCAB, dtype=torch.long)
+    bpb = controller.arms_bpb(iter([(x, y), (x, y)]), 2, token_bytes, torch.no_grad())
+    assert set(bpb) == set(ARMS) and all(v == v and v > 0 for v in bpb.values())
+    assert bpb["full"] == pytest.approx(full.mean().item() / math.log(2), rel=1e-5)
+
+
+BAD = [
+    ("W < R", dict(wc_budget=32, recent=48, horizon=8), T, "--mc_wc_budget=32 is smaller than --mc_recent=48"),
+    ("H > R", dict(horizon=32), T, "--mc_horizon=32"),
+    ("K does not divide T", dict(), 260, "--mc_block_size=8 does not divide"),
+    ("T <= W", dict(), 64, "--max_seq_len=64 must exceed --mc_wc_budget=64"),
+    ("K not a power of two", dict(block_size=6, recent=18, wc_budget=60), 240, "--mc_block_size=6 must be a power of two"),
+    ("unknown positional mode", dict(positional="spiral"), T, "--mc_positional"),
+    ("width-changing positional mode", dict(positional="2d"), T, "--mc_positional"),
+    ("history does not fit W", dict(block_size=4, max_lod=1, recent=8, wc_budget=40, horizon=4), T,
+     "does not fit --mc_wc_budget=40"),
+    ("W = R", dict(wc_budget=16), T, "--mc_wc_budget=16 equals --mc_recent"),
+]
+
+
+@pytest.mark.parametrize("name, overrides, seq_len, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_configs_name_the_flag(name, overrides, seq_len, message):
+    model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=1, n_embd=64))
+    with pytest.raises(MCConfigError, match=message.replace("(", r"\(")):
+        build_controller(model, MCConfig(**{**SMALL, **overrides}))
