@@ -88,8 +88,14 @@ class MCConfig:
                 fail(f"a history of {sequence_len} tokens does not fit --mc_wc_budget={self.wc_budget} even fully "
                      f"compressed ({self.min_entries(sequence_len)} entries with --mc_recent={self.recent}); "
                      "raise the budget or --mc_max_lod, or shorten --max_seq_len")
-        if head_dim is not None and head_dim % 2:
-            fail(f"positional mode {self.positional!r} needs an even head dim, got {head_dim}")
+        if self.num_variants < 2 and self.lens_loss_weight > 0:
+            fail(f"--mc_num_variants={self.num_variants} leaves LensNet no pair of variants to compare (its loss "
+                 "would always be 0): use >= 2, or --mc_lens_loss_weight=0")
+        from mc.positional import check_mode
+        try:
+            check_mode(self.positional, head_dim if head_dim is not None else 2)
+        except ValueError as e:
+            fail(f"--mc_positional={self.positional}: {e}")
 
     def min_entries(self, history_len: int) -> int:
         """Entries of the most compressed cover of `history_len` tokens that keeps R raw (history a multiple of K)."""

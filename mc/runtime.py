@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from mc.allocator import expanded_units, refocus, unit_scores
-from mc.config import MCConfig, MCConfigError
+from mc.config import MCConfig
 from mc.lensnet import tail_mask
-from mc.positional import check_mode, wc_rope
+from mc.positional import wc_rope
 from mc.telemetry import PhaseTimer
 from mc.tree import build_tree
 from mc.working_context import RAW, UNCOVERED, materialize, most_compressed_map, random_maps
@@ -73,10 +73,6 @@ class MCController:
 
     def __init__(self, model, gistnet, lensnet, cfg: MCConfig, rank: int = 0):
         cfg.validate(model.config.sequence_len, model.config.head_dim)
-        try:  # MCConfig.validate does not know the positional modes; fail here, not at the first forward
-            check_mode(cfg.positional, model.config.head_dim)
-        except ValueError as e:
-            raise MCConfigError(f"--mc_positional={cfg.positional}: {e}") from None
         self.model, self.gistnet, self.lensnet, self.cfg = model, gistnet, lensnet, cfg
         self.rank = rank
         self.timer = PhaseTimer(model.lm_head.weight.device)

@@ -178,9 +178,6 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
                              n_embd=cfg.width or 64 * cfg.depth, head_dim=cfg.head_dim)
     model = GPT(model_config).to(device)
     model.init_weights()
-    if mc_cfg and mc_cfg.num_variants < 2 and mc_cfg.lens_loss_weight > 0:
-        raise MCConfigError(f"--mc_num_variants={mc_cfg.num_variants} leaves LensNet no pair of variants to compare "
-                            "(its loss would always be 0): use >= 2, or --mc_lens_loss_weight=0")
     controller = build_controller(model, mc_cfg, rank) if mc_cfg else None
     mc_modules = controller.modules() if controller else {}
     batch_size = cfg.device_batch_size
