@@ -167,3 +167,15 @@ def load_model(stage: str, tag: str = "", step: int | None = None, device="cpu")
                               f"(or `python -m scripts.{STAGE_SCRIPTS.get(stage, stage)}`)") from None
     model, _, meta = build_model(directory, step, device)
     return model, meta, directory
+
+
+def load_model_and_tokenizer(stage: str, tag: str = "", step: int | None = None, device="cpu"):
+    """load_model plus the tokenizer it was trained with: (model, tokenizer, meta, directory).
+    A missing tokenizer is a FileNotFoundError, a different one a CheckpointError."""
+    from nanochat.tokenizer import get_tokenizer
+    model, meta, directory = load_model(stage, tag, step, device)
+    tokenizer = get_tokenizer()
+    if meta.get("tokenizer") != tokenizer.identity():
+        raise CheckpointError(f"checkpoint {directory} was trained with a different tokenizer than the one in "
+                              f"{get_base_dir() / 'tokenizer'}")
+    return model, tokenizer, meta, directory

@@ -18,10 +18,9 @@ history) can take its place without touching the loop.
 import argparse
 import sys
 
-from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import autocast_ctx, autocast_dtype, compute_init, get_base_dir
+from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer
+from nanochat.common import autocast_ctx, autocast_dtype, compute_init
 from nanochat.engine import Engine
-from nanochat.tokenizer import get_tokenizer
 
 COMMANDS = "/clear starts a new conversation, /quit leaves"
 
@@ -140,13 +139,9 @@ def main(argv=None):
 
     _, _, _, _, device = compute_init(args.device_type)
     try:
-        model, meta, ckpt_dir = load_model(args.source, args.tag, args.step, device)
-        tokenizer = get_tokenizer()
+        model, tokenizer, meta, ckpt_dir = load_model_and_tokenizer(args.source, args.tag, args.step, device)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    if meta.get("tokenizer") != tokenizer.identity():
-        sys.exit(f"error: checkpoint {ckpt_dir} was trained with a different tokenizer than the one in "
-                 f"{get_base_dir() / 'tokenizer'}")
     amp_dtype = autocast_dtype(device.type)
     engine = Engine(model, autocast=lambda: autocast_ctx(device.type, amp_dtype))
     context = model.config.sequence_len

@@ -23,12 +23,11 @@ import torch
 from nanochat import report
 from nanochat.chat_data import load_hub
 from nanochat.chat_train import longdoc_setup, pretraining_data
-from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import atomic_write_text, autocast_ctx, autocast_dtype, compute_init, get_base_dir, get_report_dir
+from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer
+from nanochat.common import atomic_write_text, autocast_ctx, autocast_dtype, compute_init, get_report_dir
 from nanochat.dataset import DataError
 from nanochat.engine import Engine
 from nanochat.longdoc_qa import longdoc_qa_eval
-from nanochat.tokenizer import get_tokenizer
 
 DEPTH_BINS = 5  # depth of the asked fact in its document: [0, 0.2), [0.2, 0.4), ... [0.8, 1]
 SAMPLE_PROMPTS = ["Who are you?", "What can you do?"]
@@ -106,13 +105,9 @@ def main(argv=None):
 
     _, _, _, _, device = compute_init(args.device_type)
     try:
-        model, meta, ckpt_dir = load_model(args.source, args.tag, args.step, device)
-        tokenizer = get_tokenizer()
+        model, tokenizer, meta, ckpt_dir = load_model_and_tokenizer(args.source, args.tag, args.step, device)
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    if meta.get("tokenizer") != tokenizer.identity():
-        sys.exit(f"error: checkpoint {ckpt_dir} was trained with a different tokenizer than the one in "
-                 f"{get_base_dir() / 'tokenizer'}")
     amp_dtype = autocast_dtype(device.type)
     amp = autocast_ctx(device.type, amp_dtype)
     engine = Engine(model, autocast=lambda: autocast_ctx(device.type, amp_dtype))
