@@ -130,6 +130,32 @@ def similarity_scores(wc, tail_len: int):
     return torch.where(wc.valid & (wc.lod > 0), sim, 0.0)
 
 
+def overlap_block_scores(tokens, K: int, tail_len: int):
+    """[B, n] per complete block of tokens [B, T]: how much of its text recurs in the last tail_len tokens,
+    each shared token weighted by 1 / (its count in the row), so rare words (names, numbers) dominate
+    and template words ("the", "is") barely count. The lexical-overlap teacher of training (runtime.py)."""
+    B, T = tokens.shape
+    vocab = int(tokens.max()) + 1
+    counts = torch.zeros(B, vocab, device=tokens.device).scatter_add_(1, tokens, torch.ones(B, T, device=tokens.device))
+    in_tail = torch.zeros(B, vocab, dtype=torch.bool, device=tokens.device).scatter_(1, tokens[:, -tail_len:], True)
+    weight = in_tail.gather(1, tokens).float() / counts.gather(1, tokens)  # [B, T]
+    n = T // K
+    return weight[:, :n * K].view(B, n, K).sum(-1)
+
+
+def block_entry_scores(block_scores, wc, K: int):
+    """Per-block scores [V, n] -> entry scores [V, W] that `refocus` reads: a LOD1 gist gets its block's
+    score, a LOD2 gist the best of its group's blocks, raw entries and padding 0."""
+    V, n = block_scores.shape
+    G = -(-n // K)
+    padded = torch.cat([block_scores, block_scores.new_full((V, G * K - n), float("-inf"))], 1)
+    group_best = padded.view(V, G, K).amax(-1)  # [V, G]
+    block = (wc.pos // K).clamp(max=n - 1)
+    group = (wc.pos // (K * K)).clamp(max=G - 1)
+    scores = torch.where(wc.lod == 1, block_scores.gather(1, block), group_best.gather(1, group))
+    return torch.where(wc.valid & (wc.lod > 0), scores, 0.0)
+
+
 def oracle_map(n_blocks: int, cfg: MCConfig, answer_blocks, tail_tokens: int = 0):
     """Most compressed maps [V, n] with the given blocks [V, n] bool (and their groups) expanded."""
     K = cfg.block_size

@@ -43,6 +43,17 @@ def load_controller(model, states: dict, meta: dict, rank: int = 0) -> MCControl
     return controller
 
 
+def load_mc_model(stage: str, tag: str = "", step: int | None = None, device="cpu"):
+    """(model, controller, tokenizer, meta, directory) of a checkpoint with MegaContext nets (trained with
+    --mc, or fine-tuned from one by mid/SFT, which carry the nets along); CheckpointError otherwise."""
+    from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer, load_module_states
+    model, tokenizer, meta, directory = load_model_and_tokenizer(stage, tag, step, device)
+    if "mc_config" not in meta:
+        raise CheckpointError(f"checkpoint {directory} has no MegaContext nets (it was not trained with --mc): "
+                              "train one with `bash run10.sh --mc`, or chat without --mc")
+    return model, load_controller(model, load_module_states(directory, meta["step"], device), meta), tokenizer, meta, directory
+
+
 def mc_meta(cfg: MCConfig) -> dict:
     return {"mc_config": asdict(cfg)}
 

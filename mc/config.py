@@ -25,6 +25,7 @@ class MCConfig:
     recent: int = field(default=128, metadata={"help": "R: most recent tokens always kept raw (LOD0)"})
     horizon: int = field(default=64, metadata={"help": "H: final targets shared by all variants, scored for LensNet"})
     num_variants: int = field(default=3, metadata={"help": "N: compressed working contexts per sequence (besides the truncation baseline)"})
+    teacher_variants: int = field(default=1, metadata={"help": "of the N variants, how many the lexical-overlap teacher focuses (training exploration; see mc/runtime.py)"})
     # GistNet
     gist_type: str = field(default="transformer", metadata={"help": "GistNet body", "choices": ["transformer", "mean"]})
     gist_layers: int = field(default=2, metadata={"help": "bidirectional transformer layers of GistNet"})
@@ -68,6 +69,8 @@ class MCConfig:
             fail(f"--mc_horizon={self.horizon} must lie in [1, --mc_recent={self.recent}]")
         if self.num_variants < 1:
             fail(f"--mc_num_variants={self.num_variants} must be >= 1")
+        if not 0 <= self.teacher_variants <= self.num_variants:
+            fail(f"--mc_teacher_variants={self.teacher_variants} must lie in [0, --mc_num_variants={self.num_variants}]")
         if self.gist_type == "transformer" and self.gist_layers < 1:
             fail(f"--mc_gist_layers={self.gist_layers} must be >= 1 for --mc_gist_type=transformer")
         if self.lens_layers < 1 or self.lens_width < 8:

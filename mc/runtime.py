@@ -4,9 +4,14 @@ Per micro-batch x, y [B, T] (history T > W):
  1. tree: LOD0 = wte(x), LOD1/LOD2 gists by one batched GistNet call per level (differentiable);
  2. base WC per sequence = the most compressed cover; LensNet scores its entries (with grad);
  3. V = B (1 + N) working contexts, sequence-major: per sequence the truncation baseline (last W
-    raw tokens) and N compressed variants that all start from the base and only expand: N//2 are
+    raw tokens) and N compressed variants that all start from the base and only expand:
+    `teacher_variants` focused by the lexical-overlap teacher (greedy on the blocks whose rare
+    tokens recur in the raw tail, mc.allocator.overlap_block_scores), half of the rest
     LensNet-guided (stochastic_greedy over the detached scores, `allocator_iterations` rounds,
-    re-scored in between), the rest random legal maps;
+    re-scored in between), the others random legal maps. The teacher is exploration, not a
+    shortcut: without it the block holding a needle is expanded in ~1 variant in n, so neither the
+    GPT (copying from an expanded block) nor LensNet (which block was worth it) sees the signal.
+    It is never used at inference, where LensNet alone decides;
  4. one batched GPT forward over [V, W] with inputs_embeds + per-row rope, per-position loss;
  5. LM loss = weighted mean over all LOD0 targets of all variants (baseline weight configurable);
  6. LensNet loss from measured counterfactuals: every variant of a sequence ends in the same raw
@@ -22,7 +27,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from mc.allocator import expanded_units, refocus, unit_scores
+from mc.allocator import block_entry_scores, expanded_units, overlap_block_scores, refocus, unit_scores
 from mc.config import MCConfig
 from mc.lensnet import tail_mask
 from mc.positional import wc_rope
@@ -90,13 +95,16 @@ class MCController:
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return self.lensnet(wc.embeds.detach(), wc.lod, rel_pos(wc), wc.valid, tail_len=self.cfg.recent)
 
-    def guided_maps(self, base_map, base_scores, levels, x, next_token, sample, policy, generator):
-        """Maps grown from base_map [V, n] by the allocator; LensNet re-scores between iterations."""
+    def guided_maps(self, base_map, base_scores, levels, x, next_token, sample, policy, generator, block_scores=None):
+        """Maps grown from base_map [V, n] by the allocator; LensNet re-scores between iterations, or, given
+        block_scores [V, n] (the teacher), every iteration reads those."""
         detached = [level.detach() for level in levels]
         maps, scores = base_map, base_scores.detach()
         for it in range(self.cfg.allocator_iterations):
             wc = materialize(maps, detached, x, self.cfg, next_token, sample)
-            if it > 0:
+            if block_scores is not None:
+                scores = block_entry_scores(block_scores, wc, self.cfg.block_size)
+            elif it > 0:
                 with torch.no_grad():
                     scores = self.score(wc, grad=False)
             maps = refocus(maps, scores, wc, self.cfg, policy, generator, allow_collapse=False)
@@ -123,13 +131,20 @@ class MCController:
             base_wc = materialize(base_map, [level.detach() for level in levels], x, cfg, next_token)
             base_scores = self.score(base_wc)  # [B, W], with grad into LensNet
         with timer.phase("allocator"):
-            n_guided = N // 2
+            n_teacher = cfg.teacher_variants
+            n_guided = (N - n_teacher) // 2
+            n_random = N - n_teacher - n_guided
             seq = torch.arange(B, device=device)
+            teacher = self.guided_maps(base_map.repeat_interleave(n_teacher, 0),
+                                       base_scores.repeat_interleave(n_teacher, 0), levels, x, next_token,
+                                       seq.repeat_interleave(n_teacher), "greedy", None,
+                                       overlap_block_scores(x, K, cfg.recent).repeat_interleave(n_teacher, 0))
             guided = self.guided_maps(base_map.repeat_interleave(n_guided, 0),
                                       base_scores.repeat_interleave(n_guided, 0), levels, x, next_token,
                                       seq.repeat_interleave(n_guided), cfg.allocator, generator)
-            randoms = random_maps(B * (N - n_guided), n, cfg, generator, device=device)
-            variants = torch.cat([guided.view(B, n_guided, n), randoms.view(B, N - n_guided, n)], 1)  # [B, N, n]
+            randoms = random_maps(B * n_random, n, cfg, generator, device=device)
+            variants = torch.cat([teacher.view(B, n_teacher, n), guided.view(B, n_guided, n),
+                                  randoms.view(B, n_random, n)], 1)  # [B, N, n]
             maps = torch.cat([truncation_map(n, cfg, device).expand(B, 1, n), variants], 1).view(-1, n)  # [V, n]
         with timer.phase("wc_build"):
             wc = materialize(maps, levels, x, cfg, next_token)  # sequence-major: sample = v // (1 + N)

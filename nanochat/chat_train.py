@@ -315,15 +315,22 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
     ckpt_dir = checkpoint_dir(stage, tag)
     if cfg.resume:
         start_step = find_last_step(ckpt_dir)
-        model, _, meta = build_model(ckpt_dir, start_step, device, phase="train")
+        model, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
         if changed := {k: (meta["train_config"][k], getattr(cfg, k)) for k in RESUME_KEYS
                        if meta["train_config"][k] != getattr(cfg, k)}:
             raise ConfigError(f"--resume: these flags differ from the run in {ckpt_dir} (saved, given): {changed}")
         source = meta["source"]
     else:
         start_step = 0
-        model, _, meta = build_model(source_dir, None if cfg.source_step < 0 else cfg.source_step, device, phase="train")
+        model, states, meta = build_model(source_dir, None if cfg.source_step < 0 else cfg.source_step, device, phase="train")
         source = {"stage": cfg.source, "dir": str(source_dir), "step": meta["step"]}
+    # a MegaContext checkpoint's GistNet and LensNet ride along unchanged (not fine-tuned here), so the
+    # chat model keeps its unbounded-history memory (scripts/chat_cli.py --mc)
+    mc_modules, mc_info = {}, {}
+    if "mc_config" in meta:
+        from mc.build import load_controller, mc_meta
+        controller = load_controller(model, states, meta)
+        mc_modules, mc_info = controller.modules(), mc_meta(controller.cfg)
     if meta.get("tokenizer") != tokenizer.identity():
         raise CheckpointError("the checkpoint was trained with a different tokenizer than the one in "
                               "$MC_BASE_DIR/tokenizer")
@@ -365,8 +372,8 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
 
     def save(step: int, val_loss: float):
         meta = model_meta(model, train_config=asdict(cfg), source=source, pretrain_data=pretrain_data,
-                          history=history, val_loss=val_loss, tokenizer=tokenizer.identity())
-        save_checkpoint(ckpt_dir, step, {"gpt": model}, optimizers, meta, rank, {"batcher": batcher.state_dict()})
+                          history=history, val_loss=val_loss, tokenizer=tokenizer.identity(), **mc_info)
+        save_checkpoint(ckpt_dir, step, {"gpt": model, **mc_modules}, optimizers, meta, rank, {"batcher": batcher.state_dict()})
 
     val_loss, train_time, smooth_loss, step = float("nan"), 0.0, 0.0, start_step
     progress = tqdm(total=cfg.num_iterations, initial=start_step, disable=not master, desc=stage, mininterval=1.0)

@@ -4,6 +4,10 @@ The prompt is prefilled once at batch size 1 and its cache is copied to `num_sam
 several samples of one prompt cost one prefill. Generation streams: `generate` yields the next
 token of every row as soon as it is sampled; rows that produced a stop token are finished and
 are padded with the stop token from then on.
+
+`generate_sessions` is the same loop over MegaContext sessions (mc/session.py), one history per row:
+sampling is batched, but every session runs its own forward, because rows differ in working
+context, focus and KV-reuse point (DESIGN.md section 9).
 """
 
 import torch
@@ -60,6 +64,29 @@ class Engine:
             if done.all():
                 return
             logits = self._forward(next_ids[:, None], kv_cache=cache)[:, -1]
+
+    @torch.no_grad()
+    def generate_sessions(self, sessions, max_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
+                          seed: int = 42, stop_tokens=()):
+        """Yield a list with the next token of every session per step, like `generate`; each sampled token
+        joins its session's history. Finished sessions are padded with the stop token and not advanced."""
+        if not sessions:
+            raise ValueError("generate_sessions needs at least one session")
+        device = self.model.lm_head.weight.device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        stop = list(stop_tokens) or [-1]
+        done = torch.zeros(len(sessions), dtype=torch.bool, device=device)
+        for _ in range(max_tokens):
+            logits = torch.stack([session.logits() for session in sessions])  # [S, vocab]
+            next_ids = torch.where(done, stop[0], sample_next_token(logits, generator, temperature, top_k))
+            column = next_ids.tolist()
+            yield column
+            for session, token, finished in zip(sessions, column, done.tolist()):
+                if not finished:
+                    session.append([token])
+            done |= torch.isin(next_ids, torch.tensor(stop, device=device))
+            if done.all():
+                return
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> list[list[int]]:
         """Prompt + completion of every sample, cut after its first stop token."""

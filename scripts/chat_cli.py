@@ -4,25 +4,33 @@
     uv run python -m scripts.chat_cli --prompt "Who are you?"  # one question, one streamed answer
     echo "Who are you?" | uv run python -m scripts.chat_cli --prompt -     # the prompt from stdin
     printf 'Hi\\nWho made you?\\n' | uv run python -m scripts.chat_cli  # piped: every line is a user turn
+    uv run python -m scripts.chat_cli --mc                     # MegaContext: the history never runs out
 
 Commands in a conversation: /clear starts a new one, /quit leaves (as does Ctrl-D). Replies stream to
-stdout token by token; everything else (loading, warnings) goes to stderr, so one-shot answers can
-be piped. The conversation must fit the model's context (`sequence_len`); when it no longer does,
-the CLI says so and waits for /clear.
+stdout token by token; everything else (loading, warnings, command output) goes to stderr, so
+one-shot answers can be piped. Without --mc the conversation must fit the model's context
+(`sequence_len`); when it no longer does, the CLI says so and waits for /clear.
 
-The conversation lives in a `Conversation` object with two methods, `clear()` and
-`reply(text) -> stream of text pieces`; another kind of session (e.g. one with an unbounded
-history) can take its place without touching the loop.
+With --mc (a checkpoint trained with `base_train --mc`, or mid/SFT from one) the conversation is an
+MCSession (mc/chat.py): every turn is appended to a history of any length, the model attends over
+a working context of at most W entries, and LensNet chooses which old turns it sees in full. Extra
+commands: /save FILE and /load FILE (the whole conversation, to continue later), /focus [FILE]
+(which spans of history are raw, LOD1, LOD2, plus a focus-map PNG), /stats (history tokens, WC
+size, refocus count, tokens/s).
+
+A conversation object has `clear()` and `reply(text) -> stream of text pieces` (and `cut`, a note when
+the last reply was cut short); the MC one adds the commands.
 """
 
 import argparse
 import sys
 
 from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer
-from nanochat.common import autocast_ctx, autocast_dtype, compute_init
+from nanochat.common import autocast_ctx, autocast_dtype, compute_init, get_report_dir
 from nanochat.engine import Engine
 
 COMMANDS = "/clear starts a new conversation, /quit leaves"
+MC_COMMANDS = "/save FILE, /load FILE, /focus [FILE], /stats"
 
 
 class ContextFull(Exception):
@@ -43,10 +51,10 @@ class Conversation:
         self.assistant_end = tokenizer.encode_special("<|assistant_end|>")
         self.stop_tokens = [self.assistant_end, tokenizer.bos_token_id]
         self.messages = []  # [{"role", "content"}], alternating user/assistant
-        self.cut = False  # the last reply stopped at the context limit
+        self.cut = ""  # why the last reply stopped early, if it did
 
     def clear(self):
-        self.messages, self.cut = [], False
+        self.messages, self.cut = [], ""
 
     def reply(self, text: str):
         """Add a user turn; return a stream of the reply's text pieces as they are generated. Raises
@@ -73,7 +81,8 @@ class Conversation:
         text = self.tokenizer.decode(reply_ids)
         if len(text) > shown:
             yield text[shown:]
-        self.cut = len(reply_ids) == room
+        self.cut = (f"(the reply stopped at the model's context of {self.context} tokens; /clear to start over)"
+                    if len(reply_ids) == room else "")
         self.messages.append({"role": "assistant", "content": text.strip() or "..."})
 
 
@@ -89,13 +98,34 @@ def say(conversation, text: str, label: str = "") -> bool:
         print(piece, end="", flush=True)
     print(flush=True)
     if conversation.cut:
-        print(f"(the reply stopped at the model's context of {conversation.context} tokens; /clear to start over)",
-              file=sys.stderr, flush=True)
+        print(conversation.cut, file=sys.stderr, flush=True)
     return True
 
 
+def run_command(conversation, text: str) -> str:
+    """Run an MC command line (/save, /load, /focus, /stats); returns what to show."""
+    name, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if name not in ("/save", "/load", "/focus", "/stats"):
+        return f"unknown command {name}: {COMMANDS}" + (f"; {MC_COMMANDS}" if hasattr(conversation, "stats") else "")
+    if not hasattr(conversation, "stats"):
+        return f"{name} needs MegaContext: start the chat with --mc"
+    if name in ("/save", "/load") and not arg:
+        return f"usage: {name} FILE"
+    try:
+        if name == "/save":
+            return conversation.save(arg)
+        if name == "/load":
+            return conversation.load(arg)
+        if name == "/focus":
+            return conversation.focus(arg or get_report_dir() / "chat_focus.png")
+        return conversation.stats()
+    except (ValueError, OSError) as e:  # a foreign/corrupt/missing file: say so, keep the conversation
+        return f"{name} failed: {e}"
+
+
 def chat_loop(conversation, lines, interactive: bool):
-    """One user turn per line of input; /clear and /quit are commands."""
+    """One user turn per line of input; lines starting with / are commands."""
     for line in lines:
         text = line.strip()
         if not text:
@@ -107,7 +137,7 @@ def chat_loop(conversation, lines, interactive: bool):
             print("(new conversation)", file=sys.stderr, flush=True)
             continue
         if text.startswith("/"):
-            print(f"unknown command {text.split()[0]}: {COMMANDS}", file=sys.stderr, flush=True)
+            print(run_command(conversation, text), file=sys.stderr, flush=True)
             continue
         say(conversation, text, "Assistant: " if interactive else "")
         if interactive:
@@ -135,20 +165,37 @@ def main(argv=None):
     parser.add_argument("--max_tokens", type=int, default=256, help="longest reply, in tokens")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
+    parser.add_argument("--mc", action="store_true", help="MegaContext: an unbounded history (needs a checkpoint with MC nets)")
+    parser.add_argument("--refocus_interval", type=int, default=32, help="with --mc: tokens between LensNet refocuses")
+    parser.add_argument("--load", default=None, help="with --mc: start from a conversation saved by /save")
     args = parser.parse_args(argv)
+    if (args.refocus_interval != 32 or args.load) and not args.mc:
+        parser.error("--refocus_interval and --load need --mc")
+    if args.refocus_interval < 1:
+        parser.error(f"--refocus_interval={args.refocus_interval} must be >= 1")
 
     _, _, _, _, device = compute_init(args.device_type)
-    try:
-        model, tokenizer, meta, ckpt_dir = load_model_and_tokenizer(args.source, args.tag, args.step, device)
-    except (CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
     amp_dtype = autocast_dtype(device.type)
-    engine = Engine(model, autocast=lambda: autocast_ctx(device.type, amp_dtype))
-    context = model.config.sequence_len
-    conversation = Conversation(engine, tokenizer, context, args.temperature, args.top_k or None, args.max_tokens,
-                                args.seed)
-    print(f"{args.source} checkpoint {ckpt_dir} step {meta['step']}, context {context} tokens, device {device}",
-          file=sys.stderr, flush=True)
+    autocast = lambda: autocast_ctx(device.type, amp_dtype)  # noqa: E731
+    try:
+        if args.mc:
+            from mc.build import load_mc_model
+            from mc.chat import MCConversation
+            model, controller, tokenizer, meta, ckpt_dir = load_mc_model(args.source, args.tag, args.step, device)
+            conversation = MCConversation(controller, tokenizer, args.temperature, args.top_k or None, args.max_tokens,
+                                          args.seed, autocast, args.refocus_interval)
+            if args.load:
+                print(conversation.load(args.load), file=sys.stderr, flush=True)
+            cfg = controller.cfg
+            context = f"MegaContext: unbounded history, working context W={cfg.wc_budget} entries (K={cfg.block_size})"
+        else:
+            model, tokenizer, meta, ckpt_dir = load_model_and_tokenizer(args.source, args.tag, args.step, device)
+            conversation = Conversation(Engine(model, autocast=autocast), tokenizer, model.config.sequence_len,
+                                        args.temperature, args.top_k or None, args.max_tokens, args.seed)
+            context = f"context {model.config.sequence_len} tokens"
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.source} checkpoint {ckpt_dir} step {meta['step']}, {context}, device {device}", file=sys.stderr, flush=True)
 
     try:
         if args.prompt is not None:
@@ -159,7 +206,8 @@ def main(argv=None):
                 sys.exit(1)
         elif sys.stdin.isatty():
             import readline  # noqa: F401  (line editing and history for input())
-            print(f"Chatting with MegaContext-nano. {COMMANDS}.", file=sys.stderr, flush=True)
+            extra = f"; {MC_COMMANDS}" if args.mc else ""
+            print(f"Chatting with MegaContext-nano. {COMMANDS}{extra}.", file=sys.stderr, flush=True)
             chat_loop(conversation, input_lines(), interactive=True)
         else:
             chat_loop(conversation, sys.stdin, interactive=False)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nanochat.common import get_report_dir
 from scripts import base_train, chat_eval, chat_sft
@@ -75,3 +76,77 @@ def test_chat_eval_end_to_end(tiny_sft):
     assert "Long-document QA" in section and "ARC-Easy" in section
     with pytest.raises(SystemExit, match="no sft checkpoint found"):
         chat_eval.main(["--tag=never_trained"])
+
+
+# ---- --mc: an unbounded conversation over an MCSession --------------------------------------------
+
+MC = ["--mc", "--mc_block_size=8", "--mc_wc_budget=32", "--mc_recent=16", "--mc_horizon=8", "--mc_num_variants=3",
+      "--mc_gist_layers=1", "--mc_lens_layers=1", "--mc_lens_width=32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_mc_sft(tiny_env):
+    base_train.main([f"--data={tiny_env['data']}", "--depth=1", "--width=64", f"--max_seq_len={SEQ}",
+                     "--device_batch_size=2", f"--total_batch_size={2 * SEQ}", f"--eval_tokens={2 * SEQ}",
+                     "--num_iterations=2", "--sample_every=-1", "--tag=climc", *MC])
+    chat_sft.main(["--source=base", "--source_tag=climc", "--tag=climcsft", "--data=identity", "--num_conversations=16",
+                   "--val_conversations=4", "--num_iterations=2", "--device_batch_size=2", "--rows_per_step=2",
+                   "--longdoc_filler=synthetic"])
+    return tiny_env
+
+
+def test_sft_carries_the_mc_nets(tiny_mc_sft):
+    from nanochat.checkpoint import checkpoint_dir, load_meta, load_module_states
+    base_states = load_module_states(checkpoint_dir("base", "climc"), 2)
+    sft_dir = checkpoint_dir("sft", "climcsft")
+    states, meta = load_module_states(sft_dir, 2), load_meta(sft_dir, 2)
+    assert meta["mc_config"]["wc_budget"] == 32
+    for name in ("mc_gist", "mc_lens"):
+        assert all(torch.equal(states[name][k], base_states[name][k]) for k in base_states[name])
+    assert not all(torch.equal(states["gpt"][k], base_states["gpt"][k]) for k in base_states["gpt"])  # the GPT was fine-tuned
+
+
+def test_mc_chat_goes_past_the_context_and_saves_loads(tiny_mc_sft, tmp_path):
+    # the plain CLI refuses this prompt (test_context_full_is_said_plainly); with --mc it is just history
+    long_prompt = "tell me more about this " * 40
+    session_file, focus_png = tmp_path / "chat.mcs", tmp_path / "focus.png"
+    stdin = f"{long_prompt}\nHi\n/stats\n/focus {focus_png}\n/save {session_file}\n/bogus\n"
+    result = cli("--mc", "--tag=climcsft", "--max_tokens=6", "--temperature=0", stdin=stdin)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MegaContext: unbounded history, working context W=32" in result.stderr
+    assert result.stdout.count("\n") == 2 and "no longer fits" not in result.stderr
+    stats = next(line for line in result.stderr.splitlines() if line.startswith("history "))
+    history = int(stats.split()[1].replace(",", ""))
+    assert history > SEQ and "working context" in stats and "refocuses" in stats
+    assert "LOD1 gists" in result.stderr and "raw tokens" in result.stderr
+    assert focus_png.read_bytes()[:4] == b"\x89PNG" and session_file.exists()
+    assert f"saved the conversation ({history:,} tokens of history)" in result.stderr
+    assert "unknown command /bogus" in result.stderr
+
+    # quit, load and continue: the loaded conversation goes on from the same history
+    result = cli("--mc", "--tag=climcsft", "--max_tokens=6", f"--load={session_file}", stdin="Who are you?\n/stats\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"loaded {session_file}: {history:,} tokens of history" in result.stderr
+    after = next(line for line in result.stderr.splitlines() if line.startswith("history "))
+    assert int(after.split()[1].replace(",", "")) > history
+
+    # a foreign file is refused with a clear message, and the conversation goes on
+    foreign = tmp_path / "foreign.mcs"
+    foreign.write_bytes(b"not a session")
+    result = cli("--mc", "--tag=climcsft", "--max_tokens=4", stdin=f"/load {foreign}\nHi\n")
+    assert result.returncode == 0 and "/load failed" in result.stderr and "not a readable MegaContext session" in result.stderr
+    assert result.stdout.count("\n") == 1
+
+
+def test_mc_answers_a_piped_prompt_and_plain_refuses_mc_commands(tiny_mc_sft):
+    result = cli("--mc", "--prompt", "-", "--tag=climcsft", "--temperature=0", "--max_tokens=8", stdin="Who are you?\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.endswith("\n")
+    result = cli("--tag=climcsft", "--max_tokens=4", stdin="/stats\n")
+    assert result.returncode == 0 and "/stats needs MegaContext: start the chat with --mc" in result.stderr
+
+
+def test_mc_needs_mc_nets(tiny_sft):
+    result = cli("--mc", "--prompt", "hi", "--tag=clisft")
+    assert result.returncode != 0 and "has no MegaContext nets" in result.stderr and "run10.sh --mc" in result.stderr
+    assert "Traceback" not in result.stderr

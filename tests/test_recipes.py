@@ -29,3 +29,14 @@ def test_run10_dry_run_cpu_preset():
 def test_run10_rejects_unknown_option():
     result = subprocess.run(["bash", "run10.sh", "--bogus"], capture_output=True, text=True)
     assert result.returncode == 2 and "unknown option" in result.stderr
+
+
+def test_run10_mc_dry_run():
+    out = subprocess.run(["bash", "run10.sh", "--cpu", "--mc", "--dry-run"], check=True, capture_output=True, text=True).stdout
+    lines = out.splitlines()
+    mc_train = next(line for line in lines if "scripts.base_train" in line and "--tag=mc" in line)
+    plain_train = next(line for line in lines if "scripts.base_train" in line and "--tag=plain" in line)
+    assert "--mc " in mc_train and "--data_mix=" in mc_train and "--mc" not in plain_train.replace("--tag=plain", "")
+    assert mc_train.replace(" --mc --mc_wc_budget=128 --mc_recent=64 --mc_horizon=32", "").replace("--tag=mc", "--tag=plain") == plain_train
+    assert any("scripts.mc_eval --mc_tag=mc --plain_tag=plain" in line for line in lines)
+    assert any("scripts.mid_train --source_tag=mc" in line for line in lines) and "chat_cli --mc" in out

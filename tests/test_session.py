@@ -297,3 +297,22 @@ def test_focus_map_png(controller, tmp_path):
     for target, name in ((s, "from_session.png"), (MCSession.begin(controller, tokens(3)).state(), "tiny.png")):
         path = plot_focus(target, tmp_path / name)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+def test_engine_generates_a_batch_of_sessions(controller):
+    """Engine.generate_sessions: greedy tokens of each row = that session decoding alone; stop tokens pad."""
+    from nanochat.engine import Engine
+    prompts = [tokens(150, seed=3), tokens(97, seed=4)]
+    alone = []
+    for prompt in prompts:
+        session = MCSession.begin(controller, prompt)
+        alone.append(list(session.generate(12, temperature=0.0)))
+    sessions = [MCSession.begin(controller, prompt) for prompt in prompts]
+    columns = list(Engine(controller.model).generate_sessions(sessions, max_tokens=12, temperature=0.0))
+    assert [list(row) for row in zip(*columns)] == alone
+    assert [s.num_tokens for s in sessions] == [150 + 12, 97 + 12]
+    stop = alone[0][2]  # row 0 stops after its third token; row 1 goes on, row 0 is padded
+    sessions = [MCSession.begin(controller, prompt) for prompt in prompts]
+    columns = list(Engine(controller.model).generate_sessions(sessions, max_tokens=12, temperature=0.0, stop_tokens=[stop]))
+    assert [c[0] for c in columns][:3] == alone[0][:3] and all(c[0] == stop for c in columns[3:])
+    assert sessions[0].num_tokens == 150 + 3

@@ -1,0 +1,104 @@
+"""MCConversation: a chat whose history is one MCSession, so it never runs out (DESIGN.md section 11).
+
+Every turn is appended to the session's token stream in the chat format of
+`Tokenizer.render_conversation` (<|bos|> once, then <|user_start|>..<|user_end|><|assistant_start|>
+per user turn; the reply is sampled into the stream and closed by <|assistant_end|>). Nothing is
+re-read: the tree grows by the new tokens, the working context stays within W and LensNet decides
+which old turns are shown in full. The CLI (scripts/chat_cli.py --mc) drives it through `clear`,
+`reply`, `save`, `load`, `focus` and `stats`, the same loop as a plain conversation.
+"""
+
+from pathlib import Path
+
+from mc.focus_map import plot_focus, runs
+from mc.session import MCSession
+from mc.working_context import GIST, GROUP, RAW, UNCOVERED
+
+SPAN_NAMES = {RAW: "raw tokens", GIST: "LOD1 gists", GROUP: "LOD2 gists", UNCOVERED: "uncovered (dropped)"}
+
+
+class MCConversation:
+    """An unbounded chat: one MCSession holds every turn; `reply(text)` streams the answer's text pieces."""
+
+    def __init__(self, controller, tokenizer, temperature: float, top_k: int | None, max_tokens: int, seed: int = 42,
+                 autocast=None, refocus_interval: int = 32):
+        self.controller, self.tokenizer = controller, tokenizer
+        self.temperature, self.top_k, self.max_tokens, self.seed = temperature, top_k, max_tokens, seed
+        self.autocast, self.refocus_interval = autocast, refocus_interval
+        special = {name: tokenizer.encode_special(f"<|{name}|>")
+                   for name in ("user_start", "user_end", "assistant_start", "assistant_end")}
+        self.user_start, self.user_end = special["user_start"], special["user_end"]
+        self.assistant_start, self.assistant_end = special["assistant_start"], special["assistant_end"]
+        self.stop_tokens = [self.assistant_end, tokenizer.bos_token_id]
+        self.clear()
+
+    def _new_session(self) -> MCSession:
+        return MCSession(self.controller, refocus_interval=self.refocus_interval, autocast=self.autocast,
+                         tokenizer_id=self.tokenizer.identity())
+
+    def clear(self):
+        self.session = self._new_session()
+        self.session.append([self.tokenizer.bos_token_id])
+        self.turns, self.cut = 0, ""
+
+    def reply(self, text: str):
+        """Append a user turn; return a stream of the reply's text pieces as they are generated."""
+        self.session.append([self.user_start, *self.tokenizer.encode(text), self.user_end, self.assistant_start])
+        self.turns += 1
+        return self._stream()
+
+    def _stream(self):
+        reply_ids, shown, ended = [], 0, False
+        for token in self.session.generate(self.max_tokens, self.temperature, self.top_k, seed=self.seed + self.turns,
+                                           stop_tokens=self.stop_tokens):
+            if token in self.stop_tokens:
+                ended = token == self.assistant_end
+                break
+            reply_ids.append(token)
+            text = self.tokenizer.decode(reply_ids)
+            if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
+                yield text[shown:]
+                shown = len(text)
+        text = self.tokenizer.decode(reply_ids)
+        if len(text) > shown:
+            yield text[shown:]
+        if not ended:  # a reply cut at --max_tokens (or ended by BOS) still closes its turn
+            self.session.append([self.assistant_end])
+        self.cut = "" if ended else f"(the reply stopped at --max_tokens={self.max_tokens})"
+
+    # ---- commands ------------------------------------------------------------------------------
+
+    def save(self, path) -> str:
+        self.session.save(path)
+        return f"saved the conversation ({self.session.num_tokens:,} tokens of history) to {path}"
+
+    def load(self, path) -> str:
+        """Continue a saved conversation; the current one is kept when the file cannot be used."""
+        self.session = MCSession.load(path, self.controller, tokenizer_id=self.tokenizer.identity(),
+                                      refocus_interval=self.refocus_interval, autocast=self.autocast)
+        self.cut = ""
+        return f"loaded {path}: {self.session.num_tokens:,} tokens of history"
+
+    def focus(self, path) -> str:
+        """The working context as spans of history (text) and a focus-map PNG at `path`."""
+        state = self.session.state()
+        K, T, mix = state["block_size"], state["history_tokens"], state["lod_mix"]
+        lines = [f"history {T:,} tokens; working context {state['wc_entries']}/{state['wc_budget']} entries "
+                 f"(raw {mix['raw']}, LOD1 {mix['lod1']}, LOD2 {mix['lod2']})"]
+        starts, lengths, values = runs(state["lod_map"])
+        spans = [(int(s) * K, int(s + n) * K, int(v)) for s, n, v in zip(starts, lengths, values)]
+        if T % K:
+            spans.append((T - T % K, T, RAW))
+        for begin, end, level in spans:
+            entries = {RAW: end - begin, GIST: (end - begin) // K, GROUP: (end - begin) // K ** 2, UNCOVERED: 0}[level]
+            lines.append(f"  tokens {begin:>8,} - {end:>8,}  {SPAN_NAMES[level]:<20} {entries:>5} entries")
+        written = plot_focus(state, Path(path))
+        lines.append(f"focus map: {written}")
+        return "\n".join(lines)
+
+    def stats(self) -> str:
+        s = self.session.state()
+        return (f"history {s['history_tokens']:,} tokens | working context {s['wc_entries']}/{s['wc_budget']} entries | "
+                f"refocuses {s['refocus_count']} (budget fits {s['budget_fits']}, map changes {s['map_changes']}) | "
+                f"decode {s['decode_tokens_per_s']:.1f} tok/s | append {s['append_tokens_per_s']:.0f} tok/s | "
+                f"KV reuse {s['kv']['reuse_fraction']:.0%}")
