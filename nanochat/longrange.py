@@ -398,7 +398,8 @@ class MixedLoader:
     Row i of this rank picks its source by np.random.default_rng([seed, rank, i]) and the weights of
     `mix` (from parse_mix); a synthetic row is drawn from the same RNG with filler from a second loader
     over the same corpus (seed + 1, so it does not repeat the natural rows). Natural rows come one at a
-    time from a batch-1 DataLoader in stream order. state = row counter + both loaders' states.
+    time from a batch-1 DataLoader that rotates over batch_size packing lanes (train), so a batch's
+    rows are different documents. state = row counter + both loaders' states.
     """
 
     def __init__(self, tokenizer, batch_size: int, seq_len: int, data_dir, mix: dict, split: str = "train",
@@ -413,7 +414,9 @@ class MixedLoader:
             if name in SYNTHETIC and seq_len + 1 < self.gen.min_row_len(name):
                 raise DataMixError(f"--max_seq_len={seq_len} is too short for '{name}' rows of --data_mix "
                                    f"(needs >= {self.gen.min_row_len(name) - 1} with this tokenizer)")
-        loader = lambda s: DataLoader(tokenizer, 1, seq_len, data_dir, split, s, rank, world_size)  # noqa: E731
+        # one row at a time, from batch_size lanes in turn (so a batch's rows are different documents)
+        loader = lambda s: DataLoader(tokenizer, 1, seq_len, data_dir, split, s, rank, world_size,  # noqa: E731
+                                      lanes=batch_size if split == "train" else 1)
         self.natural = loader(seed) if NATURAL_ALIAS in self.mix else None
         self.filler = loader(seed + 1) if set(self.names) & set(SYNTHETIC) else None
         self.device = torch.device(device)

@@ -212,6 +212,8 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
 
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
+    # MFU counts the GPT's work: with --mc it runs over (1+N) working contexts of W entries per T-token history
+    entries_per_token = (1 + mc_cfg.num_variants) * mc_cfg.wc_budget / cfg.max_seq_len if mc_cfg else 1.0
     if cfg.num_iterations > 0:
         num_iterations = cfg.num_iterations
     else:
@@ -348,7 +350,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
         tokens_per_sec = cfg.total_batch_size / dt
-        mfu = flops_per_token * tokens_per_sec / peak_flops
+        mfu = flops_per_token * entries_per_token * tokens_per_sec / peak_flops
         history["step"].append(step)
         history["loss"].append(train_loss)
         progress.update(1)

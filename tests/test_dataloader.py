@@ -58,20 +58,47 @@ def test_shift_and_bos(data_dir):
         assert (x[:, 0] == 0).all()
 
 
+def markers_in_fill_order(rows):
+    """Document ids in the order the lanes took their documents. Rows [N, B, T+1] are filled batch by batch,
+    row by row; a document starts at its BOS, which may be the last token of a row (then the next row of the
+    lane opens with a re-inserted BOS and the marker)."""
+    starts = []
+    N, B, L = rows.shape
+    for b in range(B):
+        flat = rows[:, b].reshape(-1)
+        for p in np.flatnonzero(flat == ord("<") + 1):
+            start = p - 1  # the document's BOS
+            if start % L == 0 and start > 0 and flat[start - 1] == 0:
+                start -= 1  # it ended the previous row; this row's BOS is the re-inserted one
+            marker = flat[p:p + 16]
+            marker = marker[marker != 0][:7]  # "<docNN>", skipping a BOS re-inserted inside it
+            if len(marker) == 7:  # (not cut off by the end of the rows)
+                starts.append((start // L, b, start % L, decode(marker[4:6])))
+    return [doc for *_, doc in sorted(starts)]
+
+
 def test_nothing_lost_and_long_document_continues(data_dir):
-    """With BOS tokens removed, the rows spell out the documents in order: cut documents resume on the next row."""
+    """With BOS tokens removed, the rows spell out the documents: val in order (one lane); train in B lanes
+    (row b of every batch), each lane spelling whole documents in turn, taken from the stream in order."""
     loader = DataLoader(ByteTokenizer(), 3, 64, data_dir, split="val")
     rows = np.stack([loader.next_rows() for _ in range(10)])  # [10, B, T+1]
     val = "".join(docs_of(data_dir, "val"))
     assert stream_text(rows).startswith(val * 3)  # val is not shuffled: every epoch in file order
-    loader = DataLoader(ByteTokenizer(), 4, 128, data_dir, seed=3)
-    rows = np.concatenate([loader.next_rows() for _ in range(40)])  # [160, T+1]
-    epoch0 = "".join(docs_of(data_dir, shuffle_seed=(3, 0)))
-    epoch1 = "".join(docs_of(data_dir, shuffle_seed=(3, 1)))
-    assert stream_text(rows).startswith(epoch0 + epoch1)
-    long_doc = [i for i, row in enumerate(rows) if "<doc07>" in decode(row[row != 0])][0]
-    continuation = rows[long_doc + 1]
-    assert continuation[0] == 0 and (continuation[1:] != 0).all()  # a row of the long document's middle: one BOS
+    B = 4
+    loader = DataLoader(ByteTokenizer(), B, 128, data_dir, seed=3)
+    rows = np.stack([loader.next_rows() for _ in range(60)])  # [60, B, T+1]
+    stream = [doc for epoch in range(8) for doc in docs_of(data_dir, shuffle_seed=(3, epoch))]
+    started = markers_in_fill_order(rows)
+    assert len(started) > 80  # two epochs or more
+    assert started == [re.match(r"<doc(\d\d)>", doc).group(1) for doc in stream[:len(started)]]
+    for b in range(B):  # every lane spells whole documents back to back (the last one still being read)
+        pieces = re.split(r"(?=<)", stream_text(rows[:, b]))[1:]  # "<" only opens a document
+        assert all(piece in stream for piece in pieces[:-1]) and any(doc.startswith(pieces[-1]) for doc in stream)
+    firsts = [re.findall(r"<doc(\d\d)>", decode(rows[0, b][rows[0, b] != 0]))[0] for b in range(B)]
+    assert len(set(firsts)) == B  # the rows of a batch are different documents
+    b, i = next((b, i) for i in range(59) for b in range(B) if "<doc07>" in decode(rows[i, b][rows[i, b] != 0]))
+    continuation = rows[i + 1, b]
+    assert continuation[0] == 0 and (continuation[1:] != 0).all()  # the long document's middle: one BOS
 
 
 def test_deterministic_for_a_seed(data_dir):
@@ -87,11 +114,11 @@ def test_exact_resume(data_dir, world_size, rank):
     """A loader restored from state_dict() at any point yields what the uninterrupted one yields next."""
     loader = DataLoader(ByteTokenizer(), 3, 40, data_dir, seed=1, rank=rank, world_size=world_size)
     states, batches = [], []
-    for _ in range(100):  # several epochs of this rank's share
+    for _ in range(200):  # several epochs of this rank's share
         states.append(loader.state_dict())
         batches.append(next(loader))
-    assert states[-1]["epoch"] >= 2 and any(s["token_offset"] > 0 for s in states)
-    for i in (0, 1, 17, 50, 99):
+    assert states[-1]["epoch"] >= 2 and any(offset > 0 for s in states for _, offset in s["lanes"])
+    for i in (0, 1, 17, 50, 199):
         resumed = DataLoader(ByteTokenizer(), 3, 40, data_dir, seed=1, rank=rank, world_size=world_size)
         resumed.load_state_dict(states[i])
         for x, y in batches[i:i + 3]:
@@ -109,10 +136,15 @@ def test_ranks_read_disjoint_documents(data_dir):
     seen = []
     for rank in (0, 1):
         loader = DataLoader(ByteTokenizer(), 4, 64, data_dir, seed=2, rank=rank, world_size=2)
-        rows = np.concatenate([loader.next_rows() for _ in range(20)])
-        ids = re.findall(r"<doc(\d\d)>", stream_text(rows))
-        seen.append(set(ids[:20]))  # this rank's 20 documents of epoch 0
+        rows = np.stack([loader.next_rows() for _ in range(40)])
+        seen.append(set(markers_in_fill_order(rows)[:20]))  # this rank's 20 documents of epoch 0
     assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 40
+
+
+def test_old_state_is_refused(data_dir):
+    old = {"split": "train", "seed": 0, "rank": 0, "world_size": 1, "epoch": 0, "doc_cursor": 3, "token_offset": 5}
+    with pytest.raises(ValueError, match="older single-lane loader"):
+        DataLoader(ByteTokenizer(), 2, 16, data_dir).load_state_dict(old)
 
 
 def test_fewer_documents_than_ranks(data_dir):

@@ -195,6 +195,7 @@ BAD = [
     ("history does not fit W", dict(block_size=4, max_lod=1, recent=8, wc_budget=40, horizon=4), T,
      "does not fit --mc_wc_budget=40"),
     ("W = R", dict(wc_budget=16), T, "--mc_wc_budget=16 equals --mc_recent"),
+    ("more teacher variants than variants", dict(teacher_variants=4), T, "--mc_teacher_variants=4 must lie in"),
 ]
 
 
@@ -203,3 +204,28 @@ def test_bad_configs_name_the_flag(name, overrides, seq_len, message):
     model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=1, n_embd=64))
     with pytest.raises(MCConfigError, match=message.replace("(", r"\(")):
         build_controller(model, MCConfig(**{**SMALL, **overrides}))
+
+
+def test_teacher_variant_expands_the_block_whose_rare_tokens_recur_in_the_tail():
+    """A key planted once in an old block and repeated in the raw tail: the teacher variant (the first of each
+    sequence's N) expands exactly that block."""
+    from mc.allocator import overlap_block_scores
+    from mc.working_context import RAW
+    controller, x, y = make(max_edits=1, allocator_iterations=2)
+    K, n, R = 8, T // 8, 16
+    x = x % 200  # ids >= 200 are "rare": they appear only where planted
+    key = torch.tensor([201, 202, 203, 204])
+    planted = torch.tensor([5, 11])  # the key's block in each sequence
+    for b in range(B):
+        x[b, planted[b] * K + 2:planted[b] * K + 6] = key
+        x[b, T - 6:T - 2] = key  # the query, inside the raw tail
+    scores = overlap_block_scores(x, K, R)
+    assert torch.equal(scores[:, :n - R // K].argmax(1), planted)
+    calls = []  # guided_maps is called for the teacher variants first, then for the LensNet-guided ones
+    original = controller.guided_maps
+    controller.guided_maps = lambda *args, **kwargs: calls.append(original(*args, **kwargs)) or calls[-1]
+    controller.process_batch(x, y, step=0)
+    teacher = calls[0]  # [B * teacher_variants, n]
+    for b in range(B):
+        expanded = ((teacher[b] == RAW) & (torch.arange(n) < n - R // K)).nonzero()[:, 0].tolist()
+        assert expanded == [int(planted[b])], expanded
