@@ -69,8 +69,8 @@ else
     CHAT_EVAL=(--num_longdoc=200 --num_arc=0)
     # --mc: histories of 1024 tokens through a working context of W=128 entries (K=32, raw tail R=64)
     MC_TRAIN=(--data_mix=books:0.4,needle:0.3,recall:0.2,facts:0.1 --depth=4 --max_seq_len=1024
-              --device_batch_size=8 --total_batch_size=8192 --num_iterations=350 --warmup_ratio=0.03
-              --warmdown_ratio=0.3 --eval_every=50 --eval_tokens=32768 --sample_every=-1 --log_every=25)
+              --device_batch_size=8 --total_batch_size=8192 --num_iterations=300 --warmup_ratio=0.03
+              --warmdown_ratio=0.3 --eval_every=100 --eval_tokens=32768 --sample_every=-1 --log_every=25)
     MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=64 --mc_horizon=32)
     MC_EVAL=(--needle_examples=300 --recall_examples=60 --loss_examples=24 --batch_size=16)
     MC_MID=(--data=identity,longdoc_qa:2 --num_conversations=2000 --val_conversations=64 --num_iterations=40

@@ -27,7 +27,7 @@ from mc.build import build_controller, load_controller, mc_meta, mc_micro_batch
 from mc.config import MCConfig, MCConfigError
 from nanochat import report
 from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, find_last_step, load_state_strict,
-                                 load_training_state, model_meta, restore_rng, save_checkpoint)
+                                 load_training_state, model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint)
 from nanochat.common import (autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir,
                              measure_matmul_flops, print0, seed_everything, synchronize)
 from nanochat.configurator import add_dataclass_args, dataclass_from_args
@@ -76,6 +76,7 @@ class TrainConfig:
     save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only at the end)"})
     log_every: int = field(default=10, metadata={"help": "print a log line every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --tag"})
+    init_from: str = field(default="", metadata={"help": "start the GPT from the last checkpoint of checkpoints/base/<this tag> (weights only: fresh optimizer, data order and MC nets; --max_seq_len may differ), e.g. --mc training of a plain-pretrained model"})
     tag: str = field(default="", metadata={"help": "checkpoint directory name (default d<depth>)"})
     wandb_run: str = field(default="", metadata={"help": "wandb run name; empty = wandb off"})
     # runtime
@@ -107,6 +108,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"--eval_tokens={cfg.eval_tokens} is less than one validation batch ({tokens_per_fwd} tokens)")
     if cfg.data_mix:
         parse_mix(cfg.data_mix, cfg.data)  # raises DataMixError naming --data_mix
+    if cfg.init_from and cfg.resume:
+        raise ConfigError("--init_from starts a new run and --resume continues one: give one of them")
     return cfg.total_batch_size // tokens_per_fwd
 
 
@@ -187,6 +190,17 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     optimizers = build_optimizers(model, list(mc_modules.values()), matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay)
     start_step, loader_state, history = 0, None, {"step": [], "loss": [], "val_step": [], "val_bpb": []}
+    if cfg.init_from:
+        init_dir = resolve_checkpoint_dir("base", cfg.init_from)
+        _, states, meta = build_model(init_dir, None, "cpu")
+        ours = {k: v for k, v in asdict(model_config).items() if k != "sequence_len"}
+        if {k: v for k, v in meta["model_config"].items() if k != "sequence_len"} != ours:
+            raise ConfigError(f"--init_from={cfg.init_from}: the checkpoint in {init_dir} has model config "
+                              f"{meta['model_config']}, but the flags give {asdict(model_config)} (only --max_seq_len may differ)")
+        if meta.get("tokenizer") != tokenizer.identity():
+            raise ConfigError(f"--init_from={cfg.init_from}: {init_dir} was trained with a different tokenizer")
+        load_state_strict(model, states["gpt"], f"--init_from={cfg.init_from} ({init_dir})")
+        print0(f"initialised the GPT from {init_dir} step {meta['step']}")
     if cfg.resume:
         start_step = find_last_step(ckpt_dir)
         saved, states, meta = build_model(ckpt_dir, start_step, device, phase="train")

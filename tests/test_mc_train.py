@@ -93,3 +93,19 @@ def test_mc_torchrun_two_gloo_ranks(tiny_env):
     model, states, meta = build_model(ckpt, None, "cpu")
     assert meta["step"] == 2 and {"mc_gist", "mc_lens"} <= set(states)
     load_controller(model, states, meta)
+
+
+def test_init_from_a_plain_checkpoint(tiny_env, capsys):
+    """--init_from: an --mc run (here with a longer --max_seq_len) starts from a plain model's GPT weights."""
+    base_train.main([f"--data={tiny_env['data']}", *TINY[:2], "--max_seq_len=32", "--device_batch_size=2",
+                     "--total_batch_size=64", "--eval_tokens=64", "--sample_every=-1", "--num_iterations=2",
+                     "--tag=plain_init"])
+    frozen = ["--matrix_lr=0", "--embedding_lr=0", "--unembedding_lr=0"]  # the GPT stays as loaded; the MC nets train
+    run_train(tiny_env, "--num_iterations=1", "--init_from=plain_init", "--tag=mc_init", *frozen)
+    assert "initialised the GPT from" in capsys.readouterr().out
+    source, started = (load_module_states(checkpoint_dir("base", t), s) for t, s in (("plain_init", 2), ("mc_init", 1)))
+    assert states_equal(source["gpt"], started["gpt"])
+    with pytest.raises(SystemExit, match="only --max_seq_len may differ"):
+        run_train(tiny_env, "--num_iterations=1", "--init_from=plain_init", "--tag=mc_init2", "--width=128")
+    with pytest.raises(SystemExit, match="give one of them"):
+        run_train(tiny_env, "--num_iterations=1", "--init_from=plain_init", "--resume", "--tag=mc_init")
