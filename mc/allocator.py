@@ -130,12 +130,12 @@ def similarity_scores(wc, tail_len: int):
     return torch.where(wc.valid & (wc.lod > 0), sim, 0.0)
 
 
-def overlap_block_scores(tokens, K: int, tail_len: int):
-    """[B, n] per complete block of tokens [B, T]: how much of its text recurs in the last tail_len tokens,
-    each shared token weighted by 1 / (its count in the row), so rare words (names, numbers) dominate
-    and template words ("the", "is") barely count. The lexical-overlap teacher of training (runtime.py)."""
+def overlap_block_scores(tokens, K: int, tail_len: int, vocab: int):
+    """[B, n] per complete block of tokens [B, T] (ids < vocab): how much of its text recurs in the last
+    tail_len tokens, each shared token weighted by 1 / (its count in the row), so rare words (names,
+    numbers) dominate and template words ("the", "is") barely count. The lexical-overlap teacher of
+    training (runtime.py)."""
     B, T = tokens.shape
-    vocab = int(tokens.max()) + 1
     counts = torch.zeros(B, vocab, device=tokens.device).scatter_add_(1, tokens, torch.ones(B, T, device=tokens.device))
     in_tail = torch.zeros(B, vocab, dtype=torch.bool, device=tokens.device).scatter_(1, tokens[:, -tail_len:], True)
     weight = in_tail.gather(1, tokens).float() / counts.gather(1, tokens)  # [B, T]

@@ -13,6 +13,7 @@ from pathlib import Path
 from mc.focus_map import plot_focus, runs
 from mc.session import MCSession
 from mc.working_context import GIST, GROUP, RAW, UNCOVERED
+from nanochat.engine import stream_text
 
 SPAN_NAMES = {RAW: "raw tokens", GIST: "LOD1 gists", GROUP: "LOD2 gists", UNCOVERED: "uncovered (dropped)"}
 
@@ -48,20 +49,10 @@ class MCConversation:
         return self._stream()
 
     def _stream(self):
-        reply_ids, shown, ended = [], 0, False
-        for token in self.session.generate(self.max_tokens, self.temperature, self.top_k, seed=self.seed + self.turns,
-                                           stop_tokens=self.stop_tokens):
-            if token in self.stop_tokens:
-                ended = token == self.assistant_end
-                break
-            reply_ids.append(token)
-            text = self.tokenizer.decode(reply_ids)
-            if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
-                yield text[shown:]
-                shown = len(text)
-        text = self.tokenizer.decode(reply_ids)
-        if len(text) > shown:
-            yield text[shown:]
+        tokens = self.session.generate(self.max_tokens, self.temperature, self.top_k, seed=self.seed + self.turns,
+                                       stop_tokens=self.stop_tokens)
+        stop = yield from stream_text(self.tokenizer, tokens, self.stop_tokens, [])
+        ended = stop == self.assistant_end
         if not ended:  # a reply cut at --max_tokens (or ended by BOS) still closes its turn
             self.session.append([self.assistant_end])
         self.cut = "" if ended else f"(the reply stopped at --max_tokens={self.max_tokens})"

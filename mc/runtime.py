@@ -135,10 +135,11 @@ class MCController:
             n_guided = (N - n_teacher) // 2
             n_random = N - n_teacher - n_guided
             seq = torch.arange(B, device=device)
+            overlap = overlap_block_scores(x, K, cfg.recent, self.model.config.vocab_size)  # [B, n]
             teacher = self.guided_maps(base_map.repeat_interleave(n_teacher, 0),
                                        base_scores.repeat_interleave(n_teacher, 0), levels, x, next_token,
                                        seq.repeat_interleave(n_teacher), "greedy", None,
-                                       overlap_block_scores(x, K, cfg.recent).repeat_interleave(n_teacher, 0))
+                                       overlap.repeat_interleave(n_teacher, 0))
             guided = self.guided_maps(base_map.repeat_interleave(n_guided, 0),
                                       base_scores.repeat_interleave(n_guided, 0), levels, x, next_token,
                                       seq.repeat_interleave(n_guided), cfg.allocator, generator)

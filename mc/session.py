@@ -19,8 +19,11 @@ A token's way (`append`; `generate` appends each sampled token):
     W, `mc.allocator.fit_budget` collapses the oldest detail first (raw blocks outside the recent
     tail -> gists, all-gist groups -> LOD2, then the oldest entries -> UNCOVERED) down to
     W - headroom; then LensNet scores the WC and the greedy allocator (allow_collapse) edits the map,
-    expanding only within W - headroom. The headroom (min(refocus_interval, K)) keeps the WC off the
-    brim, where every new token would force another fit and a recompute;
+    expanding only within W - headroom. The headroom (min(refocus_interval, K, a quarter of the room
+    left by the raw tail)) keeps the WC off the brim, where every new token would force another fit
+    and a recompute. Capacity: history is dropped (oldest first) only when the raw tail, the gists of
+    the newest incomplete LOD2 group and the LOD2 gists no longer fit W - headroom; with a small W
+    (e.g. W=128, R=64, K=32) that is after ~1k tokens, since a LOD2 gist needs all K gists of its group;
  3. KV reuse: a map change rebuilds the table, compares it with the old one (pos, lod: one vector
     compare), and the cache is kept up to the first changed entry; the next `logits()` recomputes
     only the entries from there on (one chunk prefill, the GPT's explicit-mask path).
@@ -114,9 +117,9 @@ class MCSession:
         self.controller, self.model, self.cfg = controller, controller.model, cfg
         self.refocus_interval, self.refocus_rounds, self.tokenizer_id = refocus_interval, refocus_rounds, tokenizer_id
         self.append_chunk = append_chunk or W
-        # entries a refocus leaves free for the tokens until the next one: at most one block, and the
-        # raw tail (R + up to K-1 tokens) must still fit in W - headroom
-        self.headroom = max(0, min(refocus_interval, K, W - (R + K - 1)))
+        # entries a refocus leaves free for the tokens until the next one: at most one block, and at most a
+        # quarter of the room the raw tail (R + up to K-1 tokens) leaves, so a small W keeps its gists
+        self.headroom = max(0, min(refocus_interval, K, (W - (R + K - 1)) // 4))
         self.autocast = autocast  # context-manager factory (e.g. bf16 autocast), or None
         self.device = self.model.lm_head.weight.device
         self.head_dim = self.model.config.head_dim

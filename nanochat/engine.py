@@ -26,6 +26,25 @@ def sample_next_token(logits, generator, temperature: float = 1.0, top_k: int | 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def stream_text(tokenizer, token_ids, stop_tokens, reply_ids: list):
+    """Yield the text of `token_ids` (an iterator) piece by piece as it grows, holding back a multi-byte
+    character until it is complete, up to the first stop token. The ids before it are appended to
+    `reply_ids`; returns the stop token, or None when the ids ran out (use with `yield from`)."""
+    shown = 0
+    for token in token_ids:
+        if token in stop_tokens:
+            return token
+        reply_ids.append(token)
+        text = tokenizer.decode(reply_ids)
+        if not text.endswith("\ufffd"):
+            yield text[shown:]
+            shown = len(text)
+    text = tokenizer.decode(reply_ids)
+    if len(text) > shown:
+        yield text[shown:]
+    return None
+
+
 class Engine:
     def __init__(self, model, autocast=None):
         self.model = model

@@ -14,8 +14,8 @@ import sys
 
 from nanochat.common import atomic_write_text, get_report_dir
 
-STAGE_ORDER = ["tokenizer", "tokenizer-eval", "base-train", "base-eval", "mid-train", "chat-sft", "chat-eval",
-               "mc-eval", "bench"]
+STAGE_ORDER = ["tokenizer", "tokenizer-eval", "base-train", "base-mc-train", "base-eval", "mid-train", "chat-sft",
+               "chat-eval", "mc-eval", "bench"]
 
 
 def _git(*args) -> str:

@@ -382,13 +382,15 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     if master:
         steps_timed = max(1, step - start_step - 1)
         report_dir = get_report_dir()
-        report.plot_curves(report_dir / "base_loss.png", {"train loss (nats/token)": (history["step"], history["loss"])},
-                           "step", "loss", "Base training loss")
+        # an --mc run has its own section and plots, so a recipe can report it next to a plain run
+        name, title = ("base_mc", " with MegaContext") if controller else ("base", "")
+        report.plot_curves(report_dir / f"{name}_loss.png", {"train loss (nats/token)": (history["step"], history["loss"])},
+                           "step", "loss", f"Base training loss{title}")
         val_series = {"val bpb": (history["val_step"], history["val_bpb"])}
         val_series.update({f"last-H bpb, {arm}": (history["val_step"], history[f"val_{arm}"]) for arm in arms})
-        report.plot_curves(report_dir / "base_val_bpb.png", val_series, "step", "bits per byte",
-                           "Base validation bits per byte")
-        report.log_section("base-train", "Base model training", [
+        report.plot_curves(report_dir / f"{name}_val_bpb.png", val_series, "step", "bits per byte",
+                           f"Base validation bits per byte{title}")
+        report.log_section(name.replace("_", "-") + "-train", f"Base model training{title}", [
             {"data": cfg.data + (f" (mix {cfg.data_mix})" if cfg.data_mix else ""), "parameters": f"{num_params:,}", "FLOPs per token": f"{flops_per_token:.3g}",
              "steps": num_iterations, "tokens per step": cfg.total_batch_size, "micro-batches": grad_accum,
              "ranks": world_size, "device": str(device), "autocast": str(amp_dtype)},
@@ -397,7 +399,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
              "MFU (last step)": f"{mfu:.3f}", "checkpoint": str(ckpt_dir)},
             *([{f"final last-H bpb ({arm}, W={mc_cfg.wc_budget})": v for arm, v in arms.items()},
                "MegaContext config: `" + json.dumps(asdict(mc_cfg)) + "`"] if controller else []),
-            ("img", "base_loss.png"), ("img", "base_val_bpb.png"),
+            ("img", f"{name}_loss.png"), ("img", f"{name}_val_bpb.png"),
             "Samples (greedy):", *[f"    {t!r}" for t in sample_texts],
             "Config: `" + json.dumps(asdict(cfg)) + "`",
         ])

@@ -27,7 +27,7 @@ import sys
 
 from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer
 from nanochat.common import autocast_ctx, autocast_dtype, compute_init, get_report_dir
-from nanochat.engine import Engine
+from nanochat.engine import Engine, stream_text
 
 COMMANDS = "/clear starts a new conversation, /quit leaves"
 MC_COMMANDS = "/save FILE, /load FILE, /focus [FILE], /stats"
@@ -68,19 +68,11 @@ class Conversation:
         return self._stream(prompt, room)
 
     def _stream(self, prompt: list[int], room: int):
-        reply_ids, shown = [], 0
-        for column in self.engine.generate(prompt, max_tokens=min(self.max_tokens, room), temperature=self.temperature,
-                                           top_k=self.top_k, seed=self.seed + len(self.messages)):
-            if column[0] in self.stop_tokens:
-                break
-            reply_ids.append(column[0])
-            text = self.tokenizer.decode(reply_ids)
-            if not text.endswith("\ufffd"):  # hold back a multi-byte character until it is complete
-                yield text[shown:]
-                shown = len(text)
+        columns = self.engine.generate(prompt, max_tokens=min(self.max_tokens, room), temperature=self.temperature,
+                                       top_k=self.top_k, seed=self.seed + len(self.messages))
+        reply_ids = []
+        yield from stream_text(self.tokenizer, (column[0] for column in columns), self.stop_tokens, reply_ids)
         text = self.tokenizer.decode(reply_ids)
-        if len(text) > shown:
-            yield text[shown:]
         self.cut = (f"(the reply stopped at the model's context of {self.context} tokens; /clear to start over)"
                     if len(reply_ids) == room else "")
         self.messages.append({"role": "assistant", "content": text.strip() or "..."})

@@ -15,6 +15,7 @@ import torch
 
 from mc.build import load_controller
 from nanochat.checkpoint import build_model, checkpoint_dir, load_module_states
+from nanochat.common import get_report_dir
 from scripts import base_train
 
 TINY = ["--depth=1", "--width=64", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128",
@@ -36,6 +37,9 @@ def test_mc_trains_and_checkpoint_restores_the_nets(tiny_env, capsys):
     out = capsys.readouterr().out
     assert "MegaContext: micro-batch 1 sequences x 4 variants = 4 working contexts of W=32" in out
     assert "last-H bpb: | truncation" in out and "mc | lm " in out  # validation arms and MC telemetry
+    section = (get_report_dir() / "section-base-mc-train.md").read_text()  # its own section: a plain run keeps its own
+    assert "Base model training with MegaContext" in section and "final last-H bpb (mc, W=32)" in section
+    assert (get_report_dir() / "base_mc_val_bpb.png").exists()
     ckpt = checkpoint_dir("base", "mc_smoke")
     model, states, meta = build_model(ckpt, None, "cpu")
     assert meta["step"] == 2 and {"gpt", "mc_gist", "mc_lens"} <= set(states)

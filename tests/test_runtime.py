@@ -219,7 +219,7 @@ def test_teacher_variant_expands_the_block_whose_rare_tokens_recur_in_the_tail()
     for b in range(B):
         x[b, planted[b] * K + 2:planted[b] * K + 6] = key
         x[b, T - 6:T - 2] = key  # the query, inside the raw tail
-    scores = overlap_block_scores(x, K, R)
+    scores = overlap_block_scores(x, K, R, VOCAB)
     assert torch.equal(scores[:, :n - R // K].argmax(1), planted)
     calls = []  # guided_maps is called for the teacher variants first, then for the LensNet-guided ones
     original = controller.guided_maps
