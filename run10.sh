@@ -5,7 +5,7 @@
 #   bash run10.sh              GPU if one is present (d12-class run), else the CPU preset (~25 min on 2 cores)
 #   bash run10.sh --mc         with MegaContext: pretrain with --mc on a long-range data mix, train a plain
 #                              model on the same data and steps, compare them with mc_eval (needle, recall,
-#                              loss vs history), then mid/SFT the MC model (chat_cli --mc); CPU ~40 min
+#                              loss vs history), then mid/SFT the MC model (chat_cli --mc); CPU ~50 min
 #   bash run10.sh --cpu        force the CPU preset
 #   bash run10.sh --dry-run    print every command without running it
 #
