@@ -31,6 +31,14 @@ TOKENIZE_DOCS = 64  # documents per batched tokenizer call ...
 TOKENIZE_CHARS = 2**22  # ... or fewer, once they hold this many characters (a few novels)
 
 
+def rows_to_batch(rows: np.ndarray, device: torch.device):
+    """Token rows [B, T+1] -> (x, y) [B, T] on `device` (pinned host memory first for CUDA)."""
+    x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+    if device.type == "cuda":
+        x, y = x.pin_memory(), y.pin_memory()
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
 class DataLoader:
     """Endless iterator of (x, y) token batches [B, T] for one rank; resumable via state_dict()."""
 
@@ -116,11 +124,7 @@ class DataLoader:
         return self
 
     def __next__(self):
-        rows = self.next_rows()
-        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())  # [B, T] each
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return rows_to_batch(self.next_rows(), self.device)
 
     def state_dict(self) -> dict:
         """Where the loader stands (JSON-able); load_state_dict of it continues with the same next batch."""

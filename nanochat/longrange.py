@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nanochat.dataloader import DataLoader, rows_to_batch
 from nanochat.longdoc_qa import (ADJECTIVES, CREATURES, FILLER_ENDINGS, FILLER_SUBJECTS, FILLER_VERBS, FIRST_NAMES,
                                  LAST_NAMES, PLACE_HEADS, PLACE_TAILS, TITLES)
 
@@ -404,7 +405,6 @@ class MixedLoader:
 
     def __init__(self, tokenizer, batch_size: int, seq_len: int, data_dir, mix: dict, split: str = "train",
                  seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu", block_size: int = 32):
-        from nanochat.dataloader import DataLoader
         self.batch_size, self.seq_len, self.seed, self.rank = batch_size, seq_len, seed, rank
         self.mix = dict(mix)
         self.names = list(self.mix)
@@ -443,11 +443,7 @@ class MixedLoader:
         return self
 
     def __next__(self):
-        rows = self.next_rows()
-        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())  # [B, T] each
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return rows_to_batch(self.next_rows(), self.device)
 
     def state_dict(self) -> dict:
         return {"kind": "mixed", "mix": self.mix, "seed": self.seed, "rank": self.rank, "row": self.row,
