@@ -11,7 +11,7 @@ which old turns are shown in full. The CLI (scripts/chat_cli.py --mc) drives it 
 from pathlib import Path
 
 from mc.focus_map import plot_focus, runs
-from mc.session import MCSession
+from mc.session import DEFAULT_REFOCUS_INTERVAL, MCSession
 from mc.working_context import GIST, GROUP, RAW, UNCOVERED
 from nanochat.engine import stream_text
 
@@ -22,23 +22,18 @@ class MCConversation:
     """An unbounded chat: one MCSession holds every turn; `reply(text)` streams the answer's text pieces."""
 
     def __init__(self, controller, tokenizer, temperature: float, top_k: int | None, max_tokens: int, seed: int = 42,
-                 autocast=None, refocus_interval: int = 32):
+                 autocast=None, refocus_interval: int = DEFAULT_REFOCUS_INTERVAL):
         self.controller, self.tokenizer = controller, tokenizer
         self.temperature, self.top_k, self.max_tokens, self.seed = temperature, top_k, max_tokens, seed
         self.autocast, self.refocus_interval = autocast, refocus_interval
-        special = {name: tokenizer.encode_special(f"<|{name}|>")
-                   for name in ("user_start", "user_end", "assistant_start", "assistant_end")}
-        self.user_start, self.user_end = special["user_start"], special["user_end"]
-        self.assistant_start, self.assistant_end = special["assistant_start"], special["assistant_end"]
+        self.user_start, self.user_end, self.assistant_start, self.assistant_end = (
+            tokenizer.encode_special(f"<|{name}|>") for name in ("user_start", "user_end", "assistant_start", "assistant_end"))
         self.stop_tokens = [self.assistant_end, tokenizer.bos_token_id]
         self.clear()
 
-    def _new_session(self) -> MCSession:
-        return MCSession(self.controller, refocus_interval=self.refocus_interval, autocast=self.autocast,
-                         tokenizer_id=self.tokenizer.identity())
-
     def clear(self):
-        self.session = self._new_session()
+        self.session = MCSession(self.controller, refocus_interval=self.refocus_interval, autocast=self.autocast,
+                                 tokenizer_id=self.tokenizer.identity())
         self.session.append([self.tokenizer.bos_token_id])
         self.turns, self.cut = 0, ""
 

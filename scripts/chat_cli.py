@@ -25,6 +25,7 @@ the last reply was cut short); the MC one adds the commands.
 import argparse
 import sys
 
+from mc.session import DEFAULT_REFOCUS_INTERVAL
 from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer
 from nanochat.common import autocast_ctx, autocast_dtype, compute_init, get_report_dir
 from nanochat.engine import Engine, stream_text
@@ -158,10 +159,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     parser.add_argument("--mc", action="store_true", help="MegaContext: an unbounded history (needs a checkpoint with MC nets)")
-    parser.add_argument("--refocus_interval", type=int, default=32, help="with --mc: tokens between LensNet refocuses")
+    parser.add_argument("--refocus_interval", type=int, default=DEFAULT_REFOCUS_INTERVAL, help="with --mc: tokens between LensNet refocuses")
     parser.add_argument("--load", default=None, help="with --mc: start from a conversation saved by /save")
     args = parser.parse_args(argv)
-    if (args.refocus_interval != 32 or args.load) and not args.mc:
+    if (args.refocus_interval != DEFAULT_REFOCUS_INTERVAL or args.load) and not args.mc:
         parser.error("--refocus_interval and --load need --mc")
     if args.refocus_interval < 1:
         parser.error(f"--refocus_interval={args.refocus_interval} must be >= 1")
