@@ -93,7 +93,7 @@ class Engine:
             raise ValueError("generate_sessions needs at least one session")
         device = self.model.lm_head.weight.device
         generator = torch.Generator(device=device).manual_seed(seed)
-        stop = list(stop_tokens) or [-1]
+        stop = torch.tensor(list(stop_tokens) or [-1], device=device)
         done = torch.zeros(len(sessions), dtype=torch.bool, device=device)
         for _ in range(max_tokens):
             logits = torch.stack([session.logits() for session in sessions])  # [S, vocab]
@@ -103,7 +103,7 @@ class Engine:
             for session, token, finished in zip(sessions, column, done.tolist()):
                 if not finished:
                     session.append([token])
-            done |= torch.isin(next_ids, torch.tensor(stop, device=device))
+            done |= torch.isin(next_ids, stop)
             if done.all():
                 return
 
