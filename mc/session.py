@@ -49,9 +49,7 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import time
-import zipfile
 from collections import deque
 from dataclasses import asdict, replace
 
@@ -60,7 +58,7 @@ import torch
 from mc.allocator import fit_budget, refocus as allocate
 from mc.config import MCConfig
 from mc.positional import wc_rope
-from mc.tree import MCTree
+from mc.tree import MCTree, read_state_file
 from mc.working_context import GIST, GROUP, RAW, UNCOVERED, WorkingContext, entry_counts, is_legal, materialize
 from nanochat.common import atomic_write_bytes
 from nanochat.engine import sample_next_token
@@ -435,13 +433,7 @@ class MCSession:
              check_weights: bool = True, **kwargs) -> "MCSession":
         """Continue a saved session with `controller` (same model, MCConfig and tokenizer); ValueError if incompatible."""
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"MegaContext session file {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-            raise ValueError(f"{path} is not a readable MegaContext session: corrupt or truncated "
-                             f"({type(e).__name__}: {str(e)[:200]})") from None
+        state = read_state_file(path, "session")
         fmt = state.get("format") if isinstance(state, dict) else None
         if fmt != FORMAT:
             what = "a MegaContext tree file" if fmt == "megacontext-tree" else "a model checkpoint or other file"

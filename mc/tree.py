@@ -52,6 +52,18 @@ def build_tree(embeds, gistnet, cfg: MCConfig):
     return levels
 
 
+def read_state_file(path: str, what: str):
+    """The object torch saved at `path` (weights only), or a clear error for a missing, corrupt or truncated
+    MegaContext `what` file (tree, session)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"MegaContext {what} file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} is not a readable MegaContext {what}: corrupt or truncated "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+
+
 class MCTree:
     """A growing tree of B lockstep streams.
 
@@ -204,13 +216,7 @@ class MCTree:
     def load(cls, path, embedding: nn.Embedding | None = None, gistnet: nn.Module | None = None, device=None):
         """Read a tree saved by `save`; tensors go to the embedding's device (or `device`, default CPU)."""
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"MegaContext tree file {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-            raise ValueError(f"{path} is not a readable MegaContext tree: corrupt or truncated "
-                             f"({type(e).__name__}: {e})") from None
+        state = read_state_file(path, "tree")
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"{path} is not a MegaContext tree file (no '{FORMAT}' format marker)")
         if state.get("version") != FORMAT_VERSION:

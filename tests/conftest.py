@@ -24,6 +24,16 @@ def tiny_corpus(n_docs: int = 12) -> list[str]:
     return [text[i * size:(i + 1) * size] for i in range(n_docs)]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: intra-op threads only add synchronisation (and stall
+    when the CPU is shared). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_env():
     """A trained 512-token tokenizer in $MC_BASE_DIR/tokenizer and a small text data directory."""

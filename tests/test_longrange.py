@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from nanochat.dataset import prepare
 from nanochat.longrange import DataMixError, LongRange, MixedLoader, _count, parse_mix
@@ -11,13 +10,7 @@ from scripts import base_train
 K = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models built here are tiny: one thread beats two (and does not stall when the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

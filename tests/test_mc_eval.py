@@ -25,13 +25,7 @@ EVAL = ["--mc_tag=mceval_mc", "--lengths=1,4", "--needle_examples=3", "--batch_s
         "--recall_examples=2", "--recall_length=2", "--loss_examples=2", "--depth_bins=2", "--full_max_len=128"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two (and does not stall when the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
