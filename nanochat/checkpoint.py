@@ -21,6 +21,7 @@ from nanochat.common import atomic_write_bytes, atomic_write_text, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
 
 FORMAT_VERSION = 1
+LEGACY_MODEL_CONFIG = {"smear": "none"}  # fields a checkpoint written before they existed was trained without
 
 
 class CheckpointError(Exception):
@@ -136,7 +137,7 @@ def build_model(directory, step: int | None, device, phase: str = "eval"):
     step = find_last_step(directory) if step is None else step
     meta = load_meta(directory, step)
     try:
-        config = GPTConfig(**meta["model_config"])
+        config = GPTConfig(**{**LEGACY_MODEL_CONFIG, **meta["model_config"]})
     except TypeError as e:
         raise CheckpointError(f"model config in {directory}/meta_{step:06d}.json is incompatible ({e})") from None
     states = load_module_states(directory, step, device)

@@ -7,7 +7,7 @@ are padded with the stop token from then on.
 
 `generate_sessions` is the same loop over MegaContext sessions (mc/session.py), one history per row:
 sampling is batched, but every session runs its own forward, because rows differ in working
-context, focus and KV-reuse point (DESIGN.md section 9).
+context, focus and KV-reuse point (docs/architecture.md §9).
 """
 
 import torch
@@ -69,9 +69,7 @@ class Engine:
         prefill_cache = model.new_kv_cache(1, capacity)
         logits = self._forward(torch.tensor([tokens], device=device), kv_cache=prefill_cache)[:, -1]
         cache = model.new_kv_cache(num_samples, capacity)
-        cache.k[:, :, :, :len(tokens)] = prefill_cache.k[:, :, :, :len(tokens)]
-        cache.v[:, :, :, :len(tokens)] = prefill_cache.v[:, :, :, :len(tokens)]
-        cache.pos = len(tokens)
+        cache.copy_prefix_from(prefill_cache)
         logits = logits.expand(num_samples, -1)
         stop = torch.tensor(list(stop_tokens) or [-1], device=device)
         done = torch.zeros(num_samples, dtype=torch.bool, device=device)

@@ -1,20 +1,27 @@
-"""The base GPT and its MegaContext hooks (DESIGN.md section 2)."""
+"""The base GPT and its MegaContext hooks (docs/architecture.md §2)."""
 
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, rotary_tables
+from nanochat.gpt import GPT, SMEAR_MODES, GPTConfig, rotary_tables
 
 
-@pytest.fixture(scope="module")
-def model():
+def perturbed_model(smear: str = "both", taps: int = 1):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_embd=128))
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_embd=128, smear=smear, smear_taps=taps))
     m.init_weights()
     with torch.no_grad():  # output projections start at zero; perturb them so every layer matters
         for p in m.parameters():
             p.add_(0.02 * torch.randn_like(p))
+        for name, p in m.named_parameters():  # previous-token mixing at a clearly non-trivial strength
+            if "smear" in name:
+                p.add_(0.5 + torch.randn_like(p))
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return perturbed_model()
 
 
 def test_forward_backward_shapes(model):
@@ -39,7 +46,12 @@ def test_ignored_targets(model):
     assert torch.allclose(model(idx, targets), per_position[:, 6:].mean(), atol=1e-5)
 
 
-def test_kv_cache_matches_full_forward(model):
+@pytest.mark.parametrize("smear,taps", [(mode, 1) for mode in SMEAR_MODES] + [("both", 3)])
+def test_kv_cache_matches_full_forward(smear, taps):
+    """Prefill, chunk after a cached prefix, single-token decode and a truncated cache all equal one full
+    forward, with every kind of previous-token mixing (the predecessor of a chunk's first position comes
+    from the cache)."""
+    model = perturbed_model(smear, taps)
     idx = torch.randint(0, 97, (2, 20))
     full = model(idx)
     cache = model.new_kv_cache(2, 32)
@@ -48,6 +60,26 @@ def test_kv_cache_matches_full_forward(model):
     assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-4)
     cache.truncate(9)  # reuse a prefix, recompute the rest
     assert torch.allclose(model(idx[:, 9:20], kv_cache=cache), full[:, 9:], atol=1e-4)
+    cache.truncate(1)
+    assert torch.allclose(model(idx[:, 1:20], kv_cache=cache), full[:, 1:], atol=1e-4)
+
+
+def test_previous_token_mixing_is_causal_and_active():
+    """Mixing reads only earlier positions, and it changes what a position sees (the parameters are live)."""
+    model = perturbed_model("both")
+    idx = torch.randint(0, 97, (1, 12))
+    changed = idx.clone()
+    changed[0, 6] = (idx[0, 6] + 1) % 97
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[0, :6], b[0, :6], atol=1e-6) and not torch.allclose(a[0, 7], b[0, 7], atol=1e-4)
+    plain = perturbed_model("none")
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "smear" not in k})
+    assert not torch.allclose(plain(idx)[0, 1:], a[0, 1:], atol=1e-3)
+    loss = model(idx, idx)
+    loss.backward()
+    grads = [p.grad for name, p in model.named_parameters() if "smear" in name]
+    assert len(grads) == model.config.n_layer + 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
 
 
 def test_inputs_embeds_equals_token_path(model):
@@ -85,4 +117,6 @@ def test_flops_and_params(model):
 def test_bad_config():
     with pytest.raises(ValueError, match="head_dim"):
         GPT(GPTConfig(n_embd=96, head_dim=64))
+    with pytest.raises(ValueError, match="smear"):
+        GPT(GPTConfig(smear="sometimes"))
     assert GPTConfig.from_depth(4).n_embd == 256 and GPTConfig.from_depth(4).n_head == 4
