@@ -33,7 +33,7 @@ from nanochat import report
 from nanochat.chat_data import load_conversations
 from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, find_last_step, load_training_state,
                                  model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint)
-from nanochat.common import (autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir, print0,
+from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir, print0,
                              synchronize)
 from nanochat.dataset import DataError, iter_documents, prepare
 from nanochat.longdoc_qa import LongDocQAConfig, longdoc_qa
@@ -266,7 +266,7 @@ class ChatTrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --tag"})
     tag: str = field(default="", metadata={"help": "checkpoint directory name (default: the source's tag)"})
     device_type: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
-    cpu_bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CPU"})
+    cpu_bf16: str = field(default="auto", metadata={"help": "bf16 autocast on CPU: auto = where this CPU's bf16 matmuls are faster than fp32", "choices": CPU_BF16_CHOICES})
     compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA, packed rows only)"})
     seed: int = field(default=42, metadata={"help": "seed of the data mix and order"})
 

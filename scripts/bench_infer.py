@@ -1,6 +1,6 @@
 """Benchmark: MegaContext inference (mc.session.MCSession) vs plain KV-cache decoding, measured in one run.
 
-Reports, as ratios measured on the same machine in the same process (DESIGN.md section 11):
+Reports, as ratios measured on the same machine in the same process (docs/architecture.md §12):
 - decode tokens/s of an MC session with history h (4W, 16W, 64W) vs plain decoding at context W
   (target >= 0.8x) and vs plain decoding over the full history h (MC should win, more so as h grows);
 - append throughput (tokens/s into the session, one token per call, budget fits and refocuses
@@ -35,7 +35,7 @@ import torch
 from mc.build import build_controller, load_controller
 from mc.config import MCConfig
 from mc.session import MCSession
-from nanochat.common import autocast_ctx, autocast_dtype, compute_init, synchronize
+from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, synchronize
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -171,7 +171,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (median reported), after one warm-up round")
     parser.add_argument("--refocus_interval", type=int, default=32, help="session refocus interval")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    parser.add_argument("--cpu_bf16", action="store_true", help="bf16 autocast on CPU")
+    parser.add_argument("--cpu_bf16", default="auto", choices=CPU_BF16_CHOICES, help="bf16 autocast on CPU (auto: where faster than fp32)")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

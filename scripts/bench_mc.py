@@ -1,4 +1,4 @@
-"""Benchmark: a MegaContext training step vs a plain one over the same number of GPT entries (DESIGN.md 11).
+"""Benchmark: a MegaContext training step vs a plain one over the same number of GPT entries (docs/architecture.md §12).
 
 The plain step trains B sequences of T tokens (B*T entries). The MC step trains B_mc sequences of the
 same length T, each as 1 + N working contexts of W entries, with B_mc (1 + N) W = B T: the batched
@@ -33,7 +33,7 @@ from mc.config import MCConfig
 from mc.runtime import MCController
 from mc.tree import build_tree
 from mc.working_context import materialize, most_compressed_map
-from nanochat.common import autocast_ctx, autocast_dtype, compute_init, synchronize
+from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, synchronize
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps of each kind")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
-    parser.add_argument("--cpu_bf16", action="store_true", help="bf16 autocast on CPU")
+    parser.add_argument("--cpu_bf16", default="auto", choices=CPU_BF16_CHOICES, help="bf16 autocast on CPU (auto: where faster than fp32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the GPT (both modes)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",

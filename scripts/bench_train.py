@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from nanochat.common import autocast_ctx, autocast_dtype, compute_init, measure_matmul_flops, synchronize
+from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, measure_matmul_flops, synchronize
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 
@@ -37,7 +37,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--decode_tokens", type=int, default=64, help="tokens decoded in the decode benchmark")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training model (CUDA)")
-    parser.add_argument("--cpu_bf16", action="store_true", help="bf16 autocast on CPU")
+    parser.add_argument("--cpu_bf16", default="auto", choices=CPU_BF16_CHOICES, help="bf16 autocast on CPU (auto: where faster than fp32)")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     args = parser.parse_args(argv)
 
