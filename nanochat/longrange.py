@@ -3,7 +3,7 @@
 Every example is a row of exactly `n` token ids (the caller's T+1 for training), built at the token
 level so history lengths, depths and in-block offsets are exact: natural filler tokens with planted
 content, and answer tokens within the final tokens of the row (so they fall inside MegaContext's
-shared horizon H). Three generators, methods of `LongRange`:
+shared horizon H). Four generators, methods of `LongRange`:
 
 - `needle`: a key -> value needle (" The secret number of the silver falcon is 48213.") at a chosen or
   random depth and offset inside its K-token block, 0-15 decoy needles (other keys, other values) at
@@ -16,6 +16,9 @@ shared horizon H). Three generators, methods of `LongRange`:
   first quarter of the row) and mentioned again later, once each (" Recall that Captain Mira Holt was
   born in Velmere."), the last mention ending the row: the mentioned values are predictable only from
   far history, and `mask` marks them.
+- `copy`: a span of the filler repeated at the end of the row (the repeat is predictable only by
+  looking back): the dense copy signal that makes a small GPT form its induction circuit within a
+  few hundred steps, which retrieval of needles and recall pairs then builds on.
 
 Keys and values come from word lists (nanochat.longdoc_qa) and random digits. All text pieces are
 tokenized once in `LongRange.__init__`; an example is assembled by concatenating pre-tokenized
@@ -44,7 +47,7 @@ from nanochat.dataloader import DataLoader, rows_to_batch
 from nanochat.longdoc_qa import (ADJECTIVES, CREATURES, FILLER_ENDINGS, FILLER_SUBJECTS, FILLER_VERBS, FIRST_NAMES,
                                  LAST_NAMES, PLACE_HEADS, PLACE_TAILS, TITLES)
 
-SYNTHETIC = ("needle", "recall", "facts")  # source names of the generators in a --data_mix spec
+SYNTHETIC = ("needle", "recall", "facts", "copy")  # source names of the generators in a --data_mix spec
 NATURAL_ALIAS = "text"  # --data_mix may name the natural text by this alias instead of the --data value
 NEEDLE_ATTRIBUTES = ["secret number", "code word", "password", "lucky number", "hiding place", "favourite thing"]
 FACT_RELATIONS = [(" was born in", "word"), (" lives in", "word"), (" keeps the number", "number"),
@@ -52,6 +55,7 @@ FACT_RELATIONS = [(" was born in", "word"), (" lives in", "word"), (" keeps the 
 MENTION_PREFIXES = [" Recall that", " As we know,", " Later on,", " Of course,"]
 N_DIGITS = 5  # digits of a number value (the first non-zero)
 N_SYNTHETIC_SENTENCES = 1024  # pool of pre-tokenized bland filler sentences
+COPY_MIN_SPAN = 8  # shortest repeated span of a copy row (tokens)
 PLACE_TRIES = 8  # candidate positions per decoy before it is dropped
 REDRAWS = 20  # draws of keys/values before giving up on an example whose filler holds them
 
@@ -98,7 +102,7 @@ def _fit_count(lengths, space: int) -> int:
 
 
 class LongRange:
-    """Pre-tokenized pieces and the three generators. One instance per tokenizer; cheap to call."""
+    """Pre-tokenized pieces and the generators. One instance per tokenizer; cheap to call."""
 
     def __init__(self, tokenizer, block_size: int = 32, max_decoys: int = 15):
         self.bos = tokenizer.bos_token_id
@@ -141,7 +145,7 @@ class LongRange:
     def min_row_len(self, source: str) -> int:
         """Shortest row a generator accepts (BOS + one planted item + its query)."""
         need = {"needle": 2 * self.max_needle + len(self.newline), "recall": 2 * self.max_pair + len(self.newline),  # one pair + one query
-                "facts": 4 * (self.max_fact + 1)}[source]
+                "facts": 4 * (self.max_fact + 1), "copy": 2 * COPY_MIN_SPAN}[source]
         return need + 2
 
     # ---- pieces --------------------------------------------------------------------------------
@@ -352,6 +356,20 @@ class LongRange:
                 "values": [value_texts[i] for i in facts]}
         return Example(row, "facts", answers, evidence, mask, meta)
 
+    def copy(self, rng, n: int, filler=None) -> Example:
+        """A span of L tokens (L uniform in [n/8, n/4], at least COPY_MIN_SPAN) repeated at the end of the row,
+        its source at a uniformly random earlier place. mask = the repeated tokens after the first (the
+        first only says that a repeat begins)."""
+        row = self._row(rng, n, filler)
+        L = int(rng.integers(max(COPY_MIN_SPAN, n // 8), max(COPY_MIN_SPAN, n // 4) + 1))
+        if 2 * L + 1 > n:
+            raise DataMixError(f"a row of {n} tokens is too short for a copy example (needs >= {self.min_row_len('copy')})")
+        start = int(rng.integers(1, n - 2 * L + 1))
+        row[n - L:] = row[start:start + L]
+        mask = np.zeros(n, dtype=bool)
+        mask[n - L + 1:] = True
+        return Example(row, "copy", [(n - L + 1, n)], [(start, start + L)], mask, {"source_pos": start, "span": L})
+
     def generate(self, source: str, rng, n: int, filler=None) -> Example:
         """A training example of `source` with randomised settings (decoys, pairs, facts)."""
         if source == "needle":
@@ -362,53 +380,69 @@ class LongRange:
             return self.recall(rng, n, filler, n_pairs=n_pairs, n_queries=int(rng.integers(1, 5)))
         if source == "facts":
             return self.facts(rng, n, filler, n_facts=int(rng.integers(2, 9)))
+        if source == "copy":
+            return self.copy(rng, n, filler)
         raise ValueError(f"unknown long-range source {source!r}; known: {SYNTHETIC}")
 
 
 # ---------------------------------------------------------------------------------------------
 # training mix
 
-def parse_mix(spec: str, natural: str) -> dict:
+def target_weights(answers, answer_weight: float = 1.0, filler_weight: float = 1.0):
+    """Loss weights [B, T] of the targets of a MixedLoader batch (answers [B, T] bool): answer targets count
+    answer_weight, the other targets of a long-range row (its filler) filler_weight, natural-text rows 1.
+    None when every weight is 1 (the plain mean)."""
+    if answer_weight == 1.0 and filler_weight == 1.0:
+        return None
+    synthetic = answers.any(1, keepdim=True)  # [B, 1]: every long-range row has answers
+    other = torch.where(synthetic, filler_weight, 1.0)
+    return torch.where(answers, answer_weight, other).float()
+
+
+def parse_mix(spec: str, natural: str, flag: str = "--data_mix") -> dict:
     """'books:0.6,needle:0.2,...' -> {source: weight} normalised to sum 1. The natural text is named by
     `natural` (the --data value) or the alias 'text' (stored as 'text'). Raises DataMixError."""
     mix = {}
     for item in spec.split(","):
         name, sep, weight = item.strip().rpartition(":")
         if not sep or not name:
-            raise DataMixError(f"--data_mix={spec!r}: item {item.strip()!r} is not SOURCE:WEIGHT")
+            raise DataMixError(f"{flag}={spec!r}: item {item.strip()!r} is not SOURCE:WEIGHT")
         name = NATURAL_ALIAS if name == natural else name
         if name not in (NATURAL_ALIAS, *SYNTHETIC):
-            raise DataMixError(f"--data_mix={spec!r}: unknown source {name!r}; use {natural!r} (the --data) or "
+            raise DataMixError(f"{flag}={spec!r}: unknown source {name!r}; use {natural!r} (the --data) or "
                                f"'{NATURAL_ALIAS}' for natural text, or one of {', '.join(SYNTHETIC)}")
         try:
             w = float(weight)
         except ValueError:
-            raise DataMixError(f"--data_mix={spec!r}: weight {weight!r} of {name!r} is not a number") from None
+            raise DataMixError(f"{flag}={spec!r}: weight {weight!r} of {name!r} is not a number") from None
         if not w > 0 or not np.isfinite(w):
-            raise DataMixError(f"--data_mix={spec!r}: weight of {name!r} must be positive, got {weight}")
+            raise DataMixError(f"{flag}={spec!r}: weight of {name!r} must be positive, got {weight}")
         if name in mix:
-            raise DataMixError(f"--data_mix={spec!r}: source {name!r} is listed twice")
+            raise DataMixError(f"{flag}={spec!r}: source {name!r} is listed twice")
         mix[name] = w
     total = sum(mix.values())
     return {k: v / total for k, v in mix.items()}
 
 
 class MixedLoader:
-    """DataLoader-compatible (x, y) batches [B, T] whose rows come from natural text or the generators.
+    """Batches (x, y, answers) [B, T] whose rows come from natural text or the generators: x, y as from a
+    DataLoader, answers [B, T] bool marks the targets that are answers (`Example.mask`; none in natural rows).
 
     Row i of this rank picks its source by np.random.default_rng([seed, rank, i]) and the weights of
-    `mix` (from parse_mix); a synthetic row is drawn from the same RNG with filler from a second loader
+    `mix` (from parse_mix), or of `warmup_mix` for the first `warmup_rows` rows (a curriculum: e.g. copy
+    rows only, until the induction circuit has formed); a synthetic row is drawn from the same RNG with filler from a second loader
     over the same corpus (seed + 1, so it does not repeat the natural rows). Natural rows come one at a
     time from a batch-1 DataLoader that rotates over batch_size packing lanes (train), so a batch's
     rows are different documents. state = row counter + both loaders' states.
     """
 
     def __init__(self, tokenizer, batch_size: int, seq_len: int, data_dir, mix: dict, split: str = "train",
-                 seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu", block_size: int = 32):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu", block_size: int = 32,
+                 warmup_mix: dict | None = None, warmup_rows: int = 0):
         self.batch_size, self.seq_len, self.seed, self.rank = batch_size, seq_len, seed, rank
-        self.mix = dict(mix)
-        self.names = list(self.mix)
-        self.cum = np.cumsum([self.mix[k] for k in self.names])
+        self.mix, self.warmup_mix, self.warmup_rows = dict(mix), dict(warmup_mix or {}), warmup_rows if warmup_mix else 0
+        self.tables = [(list(m), np.cumsum(list(m.values()))) for m in (self.mix, self.warmup_mix or self.mix)]
+        self.names = list(dict.fromkeys([*self.mix, *self.warmup_mix]))  # every source either mix uses
         self.gen = LongRange(tokenizer, block_size)
         for name in self.names:
             if name in SYNTHETIC and seq_len + 1 < self.gen.min_row_len(name):
@@ -417,7 +451,7 @@ class MixedLoader:
         # one row at a time, from batch_size lanes in turn (so a batch's rows are different documents)
         loader = lambda s: DataLoader(tokenizer, 1, seq_len, data_dir, split, s, rank, world_size,  # noqa: E731
                                       lanes=batch_size if split == "train" else 1)
-        self.natural = loader(seed) if NATURAL_ALIAS in self.mix else None
+        self.natural = loader(seed) if NATURAL_ALIAS in self.names else None
         self.filler = loader(seed + 1) if set(self.names) & set(SYNTHETIC) else None
         self.device = torch.device(device)
         self.row = 0
@@ -425,37 +459,47 @@ class MixedLoader:
     def source_of(self, i: int):
         """(source name, rng positioned after the draw) of row i."""
         rng = np.random.default_rng([self.seed, self.rank, i])
-        k = min(int(np.searchsorted(self.cum, rng.random() * self.cum[-1], side="right")), len(self.names) - 1)
-        return self.names[k], rng
+        names, cum = self.tables[int(i < self.warmup_rows)]
+        k = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(names) - 1)
+        return names[k], rng
 
-    def next_row(self) -> np.ndarray:
+    def next_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [T+1], answer mask [T+1] bool) of the next row."""
         source, rng = self.source_of(self.row)
         self.row += 1
         if source == NATURAL_ALIAS:
-            return self.natural.next_rows()[0]
-        return self.gen.generate(source, rng, self.seq_len + 1, self.filler.next_rows()[0]).tokens
+            return self.natural.next_rows()[0], np.zeros(self.seq_len + 1, dtype=bool)
+        example = self.gen.generate(source, rng, self.seq_len + 1, self.filler.next_rows()[0])
+        return example.tokens, example.mask
 
-    def next_rows(self) -> np.ndarray:
-        """The next batch as a [B, T+1] array."""
-        return np.stack([self.next_row() for _ in range(self.batch_size)])
+    def next_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next batch: tokens [B, T+1] and answer masks [B, T+1]."""
+        tokens, masks = zip(*(self.next_row() for _ in range(self.batch_size)))
+        return np.stack(tokens), np.stack(masks)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return rows_to_batch(self.next_rows(), self.device)
+        tokens, masks = self.next_rows()
+        x, y = rows_to_batch(tokens, self.device)
+        return x, y, torch.from_numpy(masks[:, 1:]).to(self.device)
 
     def state_dict(self) -> dict:
-        return {"kind": "mixed", "mix": self.mix, "seed": self.seed, "rank": self.rank, "row": self.row,
+        return {"kind": "mixed", "mix": self.mix, "warmup_mix": self.warmup_mix, "warmup_rows": self.warmup_rows,
+                "seed": self.seed, "rank": self.rank, "row": self.row,
                 "natural": self.natural.state_dict() if self.natural else None,
                 "filler": self.filler.state_dict() if self.filler else None}
 
     def load_state_dict(self, state: dict):
         if state.get("kind") != "mixed":
             raise DataMixError("the saved loader state is of a run without --data_mix; resume with the same flags")
-        if state["mix"] != self.mix or state["seed"] != self.seed or state["rank"] != self.rank:
-            raise DataMixError(f"the saved loader state has --data_mix {state['mix']}, seed {state['seed']}, rank "
-                               f"{state['rank']}; this run has {self.mix}, {self.seed}, {self.rank}")
+        saved = (state["mix"], state.get("warmup_mix", {}), state.get("warmup_rows", 0), state["seed"], state["rank"])
+        if saved != (self.mix, self.warmup_mix, self.warmup_rows, self.seed, self.rank):
+            raise DataMixError(f"the saved loader state has --data_mix {state['mix']}, --warmup_mix "
+                               f"{state.get('warmup_mix', {})} for {state.get('warmup_rows', 0)} rows, seed {state['seed']}, "
+                               f"rank {state['rank']}; this run has {self.mix}, {self.warmup_mix} for {self.warmup_rows} "
+                               f"rows, {self.seed}, {self.rank}")
         self.row = state["row"]
         for loader, key in ((self.natural, "natural"), (self.filler, "filler")):
             if loader is not None:

@@ -28,14 +28,14 @@ from mc.config import MCConfig, MCConfigError
 from nanochat import report
 from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, find_last_step, load_state_strict,
                                  load_training_state, model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint)
-from nanochat.common import (autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir,
+from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir,
                              measure_matmul_flops, print0, seed_everything, synchronize)
 from nanochat.configurator import add_dataclass_args, dataclass_from_args
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, prepare
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.longrange import DataMixError, MixedLoader, parse_mix
+from nanochat.gpt import GPT, SMEAR_MODES, GPTConfig
+from nanochat.longrange import DataMixError, MixedLoader, parse_mix, target_weights
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import allreduce_grads, build_optimizers
 from nanochat.tokenizer import get_tokenizer
@@ -51,10 +51,14 @@ class TrainConfig:
     data: str = field(default="fineweb-edu", metadata={"help": "training data: fineweb-edu[:N shards], books, or a directory of .txt/.jsonl/.parquet"})
     data_mix: str = field(default="", metadata={"help": "mix long-range synthetic rows into training, e.g. books:0.6,needle:0.2,recall:0.1,facts:0.1 "
                                                         "(natural text = the --data value or 'text'; see nanochat/longrange.py); empty = --data only"})
+    warmup_mix: str = field(default="", metadata={"help": "a --data_mix spec for the first --warmup_mix_steps steps (a curriculum), e.g. copy:1 until the copy circuit forms"})
+    warmup_mix_steps: int = field(default=0, metadata={"help": "steps that draw their rows from --warmup_mix"})
     depth: int = field(default=12, metadata={"help": "number of transformer layers; width = 64 * depth"})
     width: int = field(default=0, metadata={"help": "model width override (0 = 64 * depth)"})
     head_dim: int = field(default=64, metadata={"help": "attention head dimension", "choices": [64, 128]})
     max_seq_len: int = field(default=2048, metadata={"help": "tokens per training sequence"})
+    smear: str = field(default=GPTConfig.smear, metadata={"help": "previous-token mixing in the GPT: smeared keys, embedding smear, both or none (see nanochat/gpt.py)", "choices": list(SMEAR_MODES)})
+    smear_taps: int = field(default=GPTConfig.smear_taps, metadata={"help": "previous tokens the embedding smear mixes in"})
     # horizon and batch
     num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1 = derive from --target_param_data_ratio"})
     target_param_data_ratio: float = field(default=20.0, metadata={"help": "training tokens per parameter when --num_iterations=-1"})
@@ -69,6 +73,8 @@ class TrainConfig:
     warmdown_ratio: float = field(default=0.2, metadata={"help": "fraction of final steps of linear LR decay"})
     final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end, as a fraction of the peak"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0 = off)"})
+    answer_weight: float = field(default=1.0, metadata={"help": "loss weight of the answer tokens of --data_mix's long-range rows (natural text: 1)"})
+    filler_weight: float = field(default=1.0, metadata={"help": "loss weight of the other tokens of those rows (their filler text); 0 = loss on the answers only"})
     # evaluation, sampling, checkpoints, logging
     eval_every: int = field(default=250, metadata={"help": "validate every N steps (and at the end)"})
     eval_tokens: int = field(default=10 * 524288, metadata={"help": "validation tokens per evaluation"})
@@ -76,12 +82,13 @@ class TrainConfig:
     save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only at the end)"})
     log_every: int = field(default=10, metadata={"help": "print a log line every N steps"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --tag"})
-    init_from: str = field(default="", metadata={"help": "start the GPT from the last checkpoint of checkpoints/base/<this tag> (weights only: fresh optimizer, data order and MC nets; --max_seq_len may differ), e.g. --mc training of a plain-pretrained model"})
+    init_from: str = field(default="", metadata={"help": "start the GPT from the last checkpoint of checkpoints/base/<this tag> (weights only: fresh optimizer and data order; --max_seq_len may differ), e.g. --mc training of a plain-pretrained model; GistNet and LensNet too when it was trained with the same --mc_* flags"})
+    freeze: str = field(default="", metadata={"help": "modules kept fixed, a comma list of gpt, mc_gist, mc_lens; e.g. gpt,mc_gist trains only LensNet (a focus phase after --mc training, with --init_from)"})
     tag: str = field(default="", metadata={"help": "checkpoint directory name (default d<depth>)"})
     wandb_run: str = field(default="", metadata={"help": "wandb run name; empty = wandb off"})
     # runtime
     device_type: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
-    cpu_bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CPU (off by default: usually slower)"})
+    cpu_bf16: str = field(default="auto", metadata={"help": "bf16 autocast on CPU: auto = where this CPU's bf16 matmuls are faster than fp32", "choices": CPU_BF16_CHOICES})
     compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA only)"})
     seed: int = field(default=42, metadata={"help": "seed of model init and data order"})
     mc: bool = field(default=False, metadata={"help": "train with MegaContext (see the --mc_* flags)"})
@@ -108,6 +115,20 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"--eval_tokens={cfg.eval_tokens} is less than one validation batch ({tokens_per_fwd} tokens)")
     if cfg.data_mix:
         parse_mix(cfg.data_mix, cfg.data)  # raises DataMixError naming --data_mix
+    if cfg.warmup_mix:
+        if not cfg.data_mix:
+            raise ConfigError("--warmup_mix needs a --data_mix to continue with")
+        parse_mix(cfg.warmup_mix, cfg.data, "--warmup_mix")
+    if cfg.warmup_mix_steps < 0 or bool(cfg.warmup_mix) != (cfg.warmup_mix_steps > 0):
+        raise ConfigError("give --warmup_mix and --warmup_mix_steps > 0 together (or neither)")
+    if not (cfg.answer_weight > 0 and cfg.filler_weight >= 0):
+        raise ConfigError(f"--answer_weight must be > 0 and --filler_weight >= 0, got {cfg.answer_weight} and {cfg.filler_weight}")
+    frozen = [name for name in cfg.freeze.split(",") if name]
+    modules = ["gpt", *(["mc_gist", "mc_lens"] if cfg.mc else [])]
+    if any(name not in modules for name in frozen):
+        raise ConfigError(f"--freeze={cfg.freeze}: can freeze only {', '.join(modules)}" + ("" if cfg.mc else " (mc_* need --mc)"))
+    if set(modules) <= set(frozen):
+        raise ConfigError(f"--freeze={cfg.freeze} leaves nothing to train")
     if cfg.init_from and cfg.resume:
         raise ConfigError("--init_from starts a new run and --resume continues one: give one of them")
     return cfg.total_batch_size // tokens_per_fwd
@@ -117,10 +138,17 @@ def format_mc_log(metrics: dict, times: dict, step_seconds: float) -> str:
     """One console line of MegaContext telemetry: losses, counterfactual NLLs, LOD mix, phase shares."""
     lod = "/".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.startswith("lod"))
     phases = " ".join(f"{k} {100 * v / step_seconds:.0f}%" for k, v in times.items())
-    return (f"      mc | lm {metrics['lm_loss']:.3f} | lens {metrics['lens_loss']:.3f} acc {metrics['lens_pair_acc']:.2f} | "
+    return (f"      mc | lm {metrics['lm_loss']:.3f} | lens {metrics['lens_loss']:.3f} hit {metrics['lens_hit']:.2f} | "
             f"last-H nll trunc {metrics['nll_h_truncation']:.3f} var {metrics['nll_h_variants']:.3f} "
             f"best {metrics['nll_h_best']:.3f} |dnll| {metrics['dnll_abs']:.4f} | expansions {metrics['expansions']:.1f} | "
             f"lod mix {lod} | {phases}")
+
+
+def weighted_loss(model, x, y, weights):
+    """Next-token loss: the plain mean, or the mean under target weights [B, T] (nanochat.longrange.target_weights)."""
+    if weights is None:
+        return model(x, y)
+    return (model(x, y, loss_reduction="none") * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
 def lr_multiplier(step: int, num_iterations: int, cfg: TrainConfig) -> float:
@@ -178,11 +206,14 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     # model, optimizers, and (on --resume) their saved states
     seed_everything(cfg.seed)
     model_config = GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=tokenizer.vocab_size, n_layer=cfg.depth,
-                             n_embd=cfg.width or 64 * cfg.depth, head_dim=cfg.head_dim)
+                             n_embd=cfg.width or 64 * cfg.depth, head_dim=cfg.head_dim, smear=cfg.smear,
+                             smear_taps=cfg.smear_taps)
     model = GPT(model_config).to(device)
     model.init_weights()
     controller = build_controller(model, mc_cfg, rank) if mc_cfg else None
     mc_modules = controller.modules() if controller else {}
+    for name in filter(None, cfg.freeze.split(",")):
+        {"gpt": model, **mc_modules}[name].requires_grad_(False)  # no gradients, not in the optimizers
     batch_size = cfg.device_batch_size
     if controller:  # fewer sequences per micro-batch, more micro-batches: same data per step, same memory
         batch_size = mc_micro_batch(cfg.device_batch_size, cfg.max_seq_len, mc_cfg)
@@ -201,6 +232,10 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
             raise ConfigError(f"--init_from={cfg.init_from}: {init_dir} was trained with a different tokenizer")
         load_state_strict(model, states["gpt"], f"--init_from={cfg.init_from} ({init_dir})")
         print0(f"initialised the GPT from {init_dir} step {meta['step']}")
+        if controller and meta.get("mc_config") == asdict(mc_cfg):  # an MC checkpoint with these --mc_* flags
+            for name, module in mc_modules.items():
+                load_state_strict(module, states[name], f"--init_from={cfg.init_from} ({init_dir}, {name})")
+            print0(f"initialised GistNet and LensNet from {init_dir} too")
     if cfg.resume:
         start_step = find_last_step(ckpt_dir)
         saved, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
@@ -246,7 +281,9 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     if cfg.data_mix:
         loader = MixedLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, parse_mix(cfg.data_mix, cfg.data),
                              seed=cfg.seed, rank=rank, world_size=world_size, device=device,
-                             block_size=mc_cfg.block_size if mc_cfg else 32)
+                             block_size=mc_cfg.block_size if mc_cfg else 32,
+                             warmup_mix=parse_mix(cfg.warmup_mix, cfg.data, "--warmup_mix") if cfg.warmup_mix else None,
+                             warmup_rows=cfg.warmup_mix_steps * batch_size * grad_accum)
     else:
         loader = DataLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, split="train", seed=cfg.seed,
                             rank=rank, world_size=world_size, device=device)
@@ -326,10 +363,13 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         loss_sum = torch.zeros((), device=device)
         mc_metrics, mc_times = {}, {}
         for micro in range(grad_accum):
-            x, y = next(batches)
+            x, y, *answers = next(batches)  # a --data_mix loader also marks the answer targets
+            answers = answers[0] if answers else None
+            weights = target_weights(answers, cfg.answer_weight, cfg.filler_weight) if answers is not None else None
             if controller:
                 with amp:
-                    out = controller.process_batch(x, y, step * grad_accum + micro, forward_fn=train_model)
+                    out = controller.process_batch(x, y, step * grad_accum + micro, forward_fn=train_model,
+                                                   answers=answers, weights=weights)
                 with controller.timer.phase("backward"):
                     (out.loss / grad_accum).backward()
                 loss_sum += out.metrics["lm_loss"]
@@ -339,7 +379,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
                     mc_times[key] = mc_times.get(key, 0.0) + value
             else:
                 with amp:
-                    loss = train_model(x, y)
+                    loss = weighted_loss(train_model, x, y, weights)
                 (loss / grad_accum).backward()
                 loss_sum += loss.detach()
         t_opt = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Long-range generators (needle, recall, facts), the MixedLoader and the --data_mix flag."""
+"""Long-range generators (needle, recall, facts, copy), the MixedLoader and the --data_mix / --warmup_mix flags."""
 
 import numpy as np
 import pytest
@@ -33,7 +33,7 @@ def decode(tiny_env, ids):
 
 def test_generators_are_deterministic_and_exact_length(gen):
     filler = rng(9).integers(300, 500, size=600)
-    for source in ("needle", "recall", "facts"):
+    for source in ("needle", "recall", "facts", "copy"):
         for f in (None, filler):
             a, b = gen.generate(source, rng(1, 2), 400, f), gen.generate(source, rng(1, 2), 400, f)
             assert np.array_equal(a.tokens, b.tokens) and a.meta == b.meta and a.answers == b.answers
@@ -93,6 +93,20 @@ def test_recall_and_facts(gen, tiny_env):
         gen.needle(rng(0), 40)
 
 
+def test_copy_repeats_an_earlier_span_at_the_end(gen):
+    filler = rng(4).integers(300, 500, size=600)
+    for i in range(20):
+        ex = gen.copy(rng(i), 400, filler)
+        (s, e), (p0, p1) = ex.answers[0], ex.evidence[0]
+        L = p1 - p0
+        assert e == 400 and s == 400 - L + 1 and 400 // 8 <= L <= 400 // 4 and 1 <= p0 and p1 <= 400 - L
+        assert np.array_equal(ex.tokens[400 - L:], ex.tokens[p0:p1])  # the repeat
+        assert np.array_equal(ex.tokens[:400 - L], filler[:400 - L])  # everything else is filler
+        assert ex.mask.sum() == L - 1 and ex.mask[s:].all()
+    with pytest.raises(DataMixError, match="too short"):
+        gen.copy(rng(0), 12)
+
+
 def test_synthetic_filler_is_text(gen, tiny_env):
     row = gen.filler(rng(5), 300)
     assert row.shape == (300,) and row[0] == gen.bos and (row[1:] != gen.bos).all()
@@ -116,13 +130,21 @@ def test_mixed_loader_resume_and_proportions(tiny_env, data_dir):
     make = lambda: MixedLoader(tiny_env["tokenizer"], 3, 255, data_dir, mix, seed=5, block_size=K)  # noqa: E731
     loader = make()
     for _ in range(3):
-        x, y = next(loader)
-    assert x.shape == (3, 255) and (x[:, 1:] == y[:, :-1]).all()
+        x, y, answers = next(loader)
+    assert x.shape == (3, 255) and (x[:, 1:] == y[:, :-1]).all() and answers.shape == (3, 255)
     state = loader.state_dict()
     expected = [next(loader) for _ in range(3)]
     resumed = make().load_state_dict(state)
-    for (x1, y1), (x2, y2) in zip(expected, (next(resumed) for _ in range(3))):
-        assert (x1 == x2).all() and (y1 == y2).all()
+    for (x1, y1, a1), (x2, y2, a2) in zip(expected, (next(resumed) for _ in range(3))):
+        assert (x1 == x2).all() and (y1 == y2).all() and (a1 == a2).all()
+    # answers mark the generators' answer targets (row token j + 1 is target j); natural rows have none
+    for i in range(12):
+        source, r = loader.source_of(loader.row)
+        tokens, mask = loader.next_row()
+        assert (mask.sum() > 0) == (source != "text")
+        if source == "needle":  # one run of answer tokens: the value, just before the final "."
+            at = np.flatnonzero(mask)
+            assert at[-1] == 254 and (np.diff(at) == 1).all()
     counts = {}
     for i in range(2000):
         name = loader.source_of(i)[0]
@@ -135,6 +157,20 @@ def test_mixed_loader_resume_and_proportions(tiny_env, data_dir):
         MixedLoader(tiny_env["tokenizer"], 1, 64, data_dir, {"facts": 1.0}, block_size=K)
 
 
+def test_warmup_mix_is_a_curriculum(tiny_env, data_dir):
+    mix = parse_mix(f"{tiny_env['data']}:0.5,needle:0.5", tiny_env["data"])
+    loader = MixedLoader(tiny_env["tokenizer"], 2, 255, data_dir, mix, seed=1, block_size=K, warmup_mix={"copy": 1.0},
+                         warmup_rows=10)
+    assert [loader.source_of(i)[0] for i in range(10)] == ["copy"] * 10
+    later = {loader.source_of(i)[0] for i in range(10, 200)}
+    assert later == {"text", "needle"}
+    for _ in range(7):
+        next(loader)
+    state = loader.state_dict()
+    with pytest.raises(DataMixError, match="warmup_mix"):
+        MixedLoader(tiny_env["tokenizer"], 2, 255, data_dir, mix, seed=1, block_size=K).load_state_dict(state)
+
+
 def test_base_train_data_mix_flag(tiny_env):
     common = [f"--data={tiny_env['data']}", "--depth=1", "--width=64", "--max_seq_len=256", "--device_batch_size=1",
               "--total_batch_size=256", "--eval_tokens=256", "--sample_every=-1", "--num_iterations=1"]
@@ -144,3 +180,9 @@ def test_base_train_data_mix_flag(tiny_env):
         base_train.main(common + ["--data_mix=needle:0"])
     with pytest.raises(SystemExit, match="--max_seq_len=64 is too short"):
         base_train.main(common[:3] + ["--max_seq_len=64"] + common[4:] + ["--data_mix=facts:1"])
+    with pytest.raises(SystemExit, match="--warmup_mix.*unknown source 'nope'"):
+        base_train.main(common + ["--data_mix=needle:1", "--warmup_mix=nope:1", "--warmup_mix_steps=2"])
+    with pytest.raises(SystemExit, match="together"):
+        base_train.main(common + ["--data_mix=needle:1", "--warmup_mix=copy:1"])
+    with pytest.raises(SystemExit, match="needs a --data_mix"):
+        base_train.main(common + ["--warmup_mix=copy:1", "--warmup_mix_steps=2"])
