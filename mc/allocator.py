@@ -1,4 +1,4 @@
-"""The focus allocator: LensNet scores -> legal, budgeted, block-aligned edits of LOD maps (DESIGN.md section 6).
+"""The focus allocator: LensNet scores -> legal, budgeted, block-aligned edits of LOD maps (docs/architecture.md §5).
 
 Scores live on working-context entries; edits live on units of the map:
     expand a LOD1 gist  (block GIST -> RAW)        +K-1 entries, scored by the gist's entry
@@ -15,9 +15,6 @@ samples without replacement among the top-k with probabilities softmax(score / t
 Evaluation baselines build maps directly: `recency` (the most compressed map: gists only),
 `random` (working_context.random_maps), `similarity` (scores = cosine of each gist with the mean of
 the tail, then greedy) and `oracle` (expands the blocks it is told hold the answer).
-
-`fit_budget` is the budget policy of inference sessions: when a growing history pushes a map over
-its budget, it collapses the oldest detail first (raw blocks -> gists -> LOD2 groups -> uncovered).
 """
 
 import torch
@@ -121,10 +118,11 @@ def expanded_units(lod_map, base_map, K: int):
     return blocks, groups
 
 
-def similarity_scores(wc, tail_len: int):
-    """Cosine of every entry with the mean of the last tail_len valid entries (the query): [V, W]."""
+def similarity_scores(wc, tail_len: int, visible=None):
+    """Cosine of every entry with the mean of the last tail_len visible entries (the query; visible [V, W], default
+    the valid ones): [V, W]."""
     from mc.lensnet import tail_mask
-    tail = tail_mask(wc.valid, tail_len).unsqueeze(-1)  # [V, W, 1]
+    tail = tail_mask(wc.valid if visible is None else visible, tail_len).unsqueeze(-1)  # [V, W, 1]
     query = (wc.embeds.float() * tail).sum(1) / tail.sum(1).clamp(min=1)  # [V, D]
     sim = F.cosine_similarity(wc.embeds.float(), query[:, None, :], dim=-1)
     return torch.where(wc.valid & (wc.lod > 0), sim, 0.0)
@@ -169,49 +167,3 @@ def oracle_map(n_blocks: int, cfg: MCConfig, answer_blocks, tail_tokens: int = 0
     if over.any():
         raise ValueError(f"oracle: expanding the answer blocks exceeds --mc_wc_budget={cfg.wc_budget}")
     return lod_map
-
-
-def _ceil_div(a, b: int):
-    return torch.div(a + (b - 1), b, rounding_mode="floor")
-
-
-def fit_budget(lod_map, cfg: MCConfig, tail_tokens: int, budget: int | None = None):
-    """Map [n] int8 of one stream -> a legal map of at most `budget` entries (default W), collapsing the
-    oldest detail first (the budget policy of inference sessions, mc/session.py).
-
-    1. raw blocks outside the recent tail -> gists, oldest first, just as many as needed;
-    2. then (max_lod 2) complete all-gist groups -> LOD2 gists, oldest first;
-    3. then the oldest entries (whole groups, single gists) -> UNCOVERED.
-    Each stage is a few vector ops over blocks; one host sync checks that the result fits.
-    """
-    K, W = cfg.block_size, budget or cfg.wc_budget
-    cost = edit_cost(K)
-    lod = lod_map.to(torch.int8)
-    n = lod.numel()
-    b = torch.arange(n, device=lod.device)  # [n]
-    recent = min(cfg.recent // K, n)
-    over = entry_counts(lod[None], K, tail_tokens)[0] - W  # 0-d: entries to free
-    cand = (lod == RAW) & (b < n - recent)
-    chosen = cand & (cand.long().cumsum(0) <= _ceil_div(over, cost))
-    lod = torch.where(chosen, GIST, lod).to(torch.int8)
-    over = over - chosen.sum() * cost
-    G = n // K
-    if cfg.max_lod >= 2 and G:
-        whole = (lod[:G * K] == GIST).view(G, K).all(1)  # [G] complete groups of gists
-        pick = whole & (whole.long().cumsum(0) <= _ceil_div(over, cost))
-        blocks = torch.cat([pick.repeat_interleave(K), pick.new_zeros(n - G * K)])  # [n]
-        lod = torch.where(blocks, GROUP, lod).to(torch.int8)
-        over = over - pick.sum() * cost
-    # entries freed by uncovering blocks [0, b]; a group's entry counts at its last block, and a
-    # cut may not split a group
-    units = torch.where(lod == RAW, K, torch.where(lod == GIST, 1, 0))
-    units = units + ((lod == GROUP) & (b % K == K - 1)).long()
-    can_cut = (lod != GROUP) | (b % K == K - 1)
-    ok = can_cut & (units.cumsum(0) >= over) & (over > 0)
-    cut = torch.where(ok.any(), ok.long().argmax(), -1)
-    lod = torch.where(b <= cut, UNCOVERED, lod).to(torch.int8)
-    bad = (entry_counts(lod[None], K, tail_tokens)[0] > W) | (cut >= n - recent)
-    if bool(bad):
-        raise ValueError(f"cannot fit the history into {W} entries (--mc_wc_budget={cfg.wc_budget}): the raw tail "
-                         f"of --mc_recent={cfg.recent} tokens + {tail_tokens} partial-block tokens leaves no room")
-    return lod

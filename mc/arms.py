@@ -1,10 +1,11 @@
-"""Evaluation arms at a fixed working-context budget W (DESIGN.md section 10), for scripts/mc_eval.py.
+"""Evaluation arms at a fixed working-context budget W (docs/architecture.md §10), for scripts/mc_eval.py.
 
 An arm reads a batch of histories x [B, L] (L a multiple of K; y [B, L] the next tokens) and
 predicts the final E = `tail` targets y[:, L-E:], E <= R, so every arm shows those tokens raw and
 all arms score exactly the same positions. `ArmEvaluator.run` returns per arm the NLL [B, E] and
-the greedy prediction [B, E] of those positions (teacher-forced), or a string saying why the arm
-was skipped for this batch. Arms:
+the greedy prediction [B, E] of those positions (teacher-forced), plus, for the arms that read the
+tree, the LOD maps [B, L // K] they used (which blocks were expanded), or a string saying why the
+arm was skipped for this batch. Arms:
 
   truncation     the GPT on the last W tokens (standard rotary; RoPE is relative, so this equals a
                  working context of W raw tokens)
@@ -19,11 +20,16 @@ was skipped for this batch. Arms:
                  expanded, as allocator.oracle_map; `evidence` [B, n] counts the evidence tokens of each
                  block, and when not all of a row's evidence blocks fit W, the row keeps the most of
                  them that fit, blocks holding more evidence first (none fitting: the most compressed map)
-  shuffled       the mc maps with the gist embeddings permuted across the gist entries of the same
-                 LOD in each row (positions and spans stay): do gists carry content or only "something is here"?
+  shuffled       the mc arm on a tree whose gists are permuted across the nodes of their level in each row
+                 (positions and spans stay), before LensNet reads them: does MegaContext use what gists
+                 say, or only that something is there?
   mean_gist      the mc arm of a second checkpoint trained with --mc_gist_type=mean
   plain_truncation, plain_full   truncation / full of a plain (no --mc) checkpoint, when given
 MC arms are skipped for histories that do not fit W even fully compressed (cfg.min_entries(L) > W).
+The focus of the LensNet-driven arms (mc, shuffled, mean_gist, similarity) is decided from the history up
+to `focus_end` (tokens per row; default L - E + 1, the input of the first scored target; mc_eval passes
+the start of the answer): what a session would know when the question has been asked, never the
+answer itself (see mc.runtime.focus_ends; training decides its focus the same way).
 `run_maps` scores arbitrary LOD maps (substitutability: all raw vs gists vs nothing).
 """
 
@@ -35,6 +41,7 @@ import torch.nn.functional as F
 from mc.allocator import refocus, similarity_scores
 from mc.lensnet import tail_mask
 from mc.positional import wc_rope
+from mc.runtime import visible_entries
 from mc.tree import build_tree
 from mc.working_context import (RAW, UNCOVERED, entry_counts, expand_blocks, expand_groups, materialize,
                                 most_compressed_map, random_maps)
@@ -43,17 +50,15 @@ MC_ARMS = ("mc", "gists_only", "random", "similarity", "oracle", "shuffled")  # 
 ARMS = ("truncation", "full", *MC_ARMS, "mean_gist", "plain_truncation", "plain_full")
 
 
-def shuffle_gists(wc, generator=None):
-    """The same working contexts with gist embeddings permuted among the gist entries of equal LOD in each row."""
-    V, W, D = wc.embeds.shape
-    gist = wc.valid & (wc.lod > 0)
-    slot = torch.arange(W, device=wc.embeds.device).expand(V, W).float()
-    noise = torch.rand(V, W, generator=generator, device=wc.embeds.device) * W
-    inf = torch.tensor(float("inf"), device=wc.embeds.device)
-    dst = torch.where(gist, wc.lod * 2 * W + slot, inf).sort(dim=1, stable=True).indices  # gist slots by LOD, in order; others after
-    src = torch.where(gist, wc.lod * 2 * W + noise, inf).sort(dim=1, stable=True).indices  # gist slots by LOD, shuffled; others after
-    perm = torch.empty_like(dst).scatter_(1, dst, src)  # slot dst[i] shows the embedding of slot src[i]
-    return dataclasses.replace(wc, embeds=wc.embeds.gather(1, perm.unsqueeze(-1).expand(V, W, D)))
+def shuffle_gists(levels, generator=None):
+    """The tree with the gists of every level permuted across its nodes, per row (tokens unchanged):
+    levels [lod0 [B, T, D], lod1 [B, n1, D], ...] -> the same shapes."""
+    out = [levels[0]]
+    for level in levels[1:]:
+        B, m, D = level.shape
+        perm = torch.rand(B, m, generator=generator, device=level.device).argsort(1)  # [B, m]
+        out.append(level.gather(1, perm.unsqueeze(-1).expand(B, m, D)))
+    return out
 
 
 def none_map(n_blocks: int, cfg, device=None):
@@ -138,33 +143,36 @@ class ArmEvaluator:
         return levels, base, y[:, -1]
 
     @staticmethod
-    def _mc_maps(controller, levels, base, x, next_token):
+    def _mc_maps(controller, levels, base, x, next_token, focus_end):
         base_wc = materialize(base, levels, x, controller.cfg, next_token)
-        return controller.guided_maps(base, controller.score(base_wc, grad=False), levels, x, next_token, None,
-                                      "greedy", None)
+        return controller.guided_maps(base, controller.score(base_wc, grad=False, focus_end=focus_end), levels, x,
+                                      next_token, None, "greedy", None, focus_end=focus_end)
 
-    def _similarity_maps(self, levels, base, x, next_token):
+    def _similarity_maps(self, levels, base, x, next_token, focus_end):
         cfg, maps = self.cfg, base
         for _ in range(cfg.allocator_iterations):
             wc = materialize(maps, levels, x, cfg, next_token)
             # cosine in [-1, 1], shifted positive so the whole budget is spent on the most similar gists
-            scores = similarity_scores(wc, cfg.recent) + 2.0 * (wc.valid & (wc.lod > 0))
+            scores = similarity_scores(wc, cfg.recent, visible_entries(wc, focus_end)) + 2.0 * (wc.valid & (wc.lod > 0))
             maps = refocus(maps, scores, wc, cfg, "greedy", allow_collapse=False)
         return maps
 
     # ---- running ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, x, y, arms, evidence=None, batch_index: int = 0) -> dict:
-        """{arm: (nll [B, E], pred [B, E]) or a skip reason}. x, y [B, L] with L a multiple of K;
-        evidence [B, L // K] bool: blocks holding the answer (needed by `oracle`)."""
+    def run(self, x, y, arms, evidence=None, batch_index: int = 0, focus_end=None) -> dict:
+        """{arm: (nll [B, E], pred [B, E][, maps [B, L // K]]) or a skip reason}. x, y [B, L] with L a multiple of K;
+        evidence [B, L // K] bool: blocks holding the answer (needed by `oracle`); focus_end [B]: history
+        tokens the focus may be decided from (default L - E + 1)."""
         cfg, ctl = self.cfg, self.controller
         B, L = x.shape
         W, E = cfg.wc_budget, self.tail
+        if focus_end is None:
+            focus_end = torch.full((B,), L - E + 1, device=x.device)
         target = y[:, -E:]
         out = {}
         gen = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + batch_index)
-        tree = mc_maps = None
+        tree = None
         for arm in arms:
             if arm in ("truncation", "plain_truncation"):
                 model = ctl.model if arm == "truncation" else self.plain
@@ -182,31 +190,30 @@ class ArmEvaluator:
                 continue
             if arm == "mean_gist":
                 m_levels, m_base, nt = self._tree(self.mean, x, y)
-                maps = self._mc_maps(self.mean, m_levels, m_base, x, nt)
-                out[arm] = _score(self._wc_tail(self.mean, materialize(maps, m_levels, x, self.mean.cfg, nt)), target)
+                maps = self._mc_maps(self.mean, m_levels, m_base, x, nt, focus_end)
+                out[arm] = (*_score(self._wc_tail(self.mean, materialize(maps, m_levels, x, self.mean.cfg, nt)), target), maps)
                 continue
             if tree is None:
                 tree = self._tree(ctl, x, y)
             levels, base, nt = tree
             n = base.size(1)
-            if arm in ("mc", "shuffled"):
-                mc_maps = self._mc_maps(ctl, levels, base, x, nt) if mc_maps is None else mc_maps
-                maps = mc_maps
+            if arm == "shuffled":
+                levels = shuffle_gists(levels, gen)
+                maps = self._mc_maps(ctl, levels, base, x, nt, focus_end)
+            elif arm == "mc":
+                maps = self._mc_maps(ctl, levels, base, x, nt, focus_end)
             elif arm == "gists_only":
                 maps = base
             elif arm == "random":
                 maps = random_maps(B, n, cfg, gen, device=x.device)
             elif arm == "similarity":
-                maps = self._similarity_maps(levels, base, x, nt)
+                maps = self._similarity_maps(levels, base, x, nt, focus_end)
             else:  # oracle
                 if evidence is None:
                     out[arm] = "no answer blocks known for this task"
                     continue
                 maps = fitting_oracle_maps(n, cfg, evidence.to(x.device))
-            wc = materialize(maps, levels, x, cfg, nt)
-            if arm == "shuffled":
-                wc = shuffle_gists(wc, gen)
-            out[arm] = _score(self._wc_tail(ctl, wc), target)
+            out[arm] = (*_score(self._wc_tail(ctl, materialize(maps, levels, x, cfg, nt)), target), maps)
         return out
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""MCConversation: a chat whose history is one MCSession, so it never runs out (DESIGN.md section 11).
+"""MCConversation: a chat whose history is one MCSession, so it never runs out (docs/architecture.md §9).
 
 Every turn is appended to the session's token stream in the chat format of
 `Tokenizer.render_conversation` (<|bos|> once, then <|user_start|>..<|user_end|><|assistant_start|>
@@ -38,8 +38,10 @@ class MCConversation:
         self.turns, self.cut = 0, ""
 
     def reply(self, text: str):
-        """Append a user turn; return a stream of the reply's text pieces as they are generated."""
+        """Append a user turn; return a stream of the reply's text pieces as they are generated. The focus is
+        decided again once the question is in (LensNet reads it and expands what it asks about)."""
         self.session.append([self.user_start, *self.tokenizer.encode(text), self.user_end, self.assistant_start])
+        self.session.refocus()
         self.turns += 1
         return self._stream()
 

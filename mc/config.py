@@ -36,7 +36,7 @@ class MCConfig:
     lens_width: int = field(default=128, metadata={"help": "LensNet hidden width"})
     # focus allocator
     allocator: str = field(default="stochastic_greedy", metadata={"help": "training-time allocator policy", "choices": ["greedy", "stochastic_greedy"]})
-    expand_threshold: float = field(default=0.0, metadata={"help": "expand a gist only if its score exceeds this"})
+    expand_threshold: float = field(default=float("-inf"), metadata={"help": "expand a gist only if its score exceeds this (-inf: spend the budget on the best-scored gists; LensNet's scores are relative, it is trained with a softmax over them)"})
     collapse_threshold: float = field(default=0.0, metadata={"help": "collapse a group only if its score is below minus this"})
     max_edits: int = field(default=8, metadata={"help": "most expansions/collapses per refocus iteration"})
     allocator_iterations: int = field(default=2, metadata={"help": "refocus iterations (LensNet re-scores in between)"})

@@ -1,6 +1,6 @@
 """GistNet: one block of K entries -> one gist in the base model's input-embedding space.
 
-A gist stands in for a whole aligned block of history inside a working context (DESIGN.md 3, 5):
+A gist stands in for a whole aligned block of history inside a working context (docs/architecture.md §3):
 LOD1 gists summarise K token embeddings, LOD2 gists summarise K LOD1 gists, and one net serves
 both levels through a learned level embedding.
 

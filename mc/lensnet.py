@@ -1,9 +1,12 @@
-"""LensNet: signed focus scores for the entries of working contexts (DESIGN.md 6).
+"""LensNet: focus scores for the entries of working contexts (docs/architecture.md §5).
 
-Input: V working contexts of up to W entries, right-padded (`valid` may in fact be any mask):
+Input: V working contexts of up to W entries, right-padded (`valid` may in fact be any mask, e.g. only
+the entries before the point where the focus is decided, mc.runtime.visible_entries):
     embeds [V, W, D] (detached by the caller), lod [V, W] long (0 = token, 1, 2 = gists),
     rel_pos [V, W] float (tokens between the entry and the end of the history), valid [V, W] bool.
-Output: scores [V, W] fp32; > 0 = "expand this gist", < 0 = "collapse this group"; 0 where invalid.
+Output: scores [V, W] fp32, 0 where invalid; higher = more worth showing in full. The scores are
+relative: LensNet is trained with a softmax over the units it could expand (mc.runtime), and the
+allocator spends the budget on the best of them.
 
 Architecture (C = cfg.lens_width):
     h = in_proj(norm(embeds)) + lod_emb[lod] + pos_mlp(fourier(log1p(rel_pos)))       [V, W, C]

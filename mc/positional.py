@@ -1,4 +1,4 @@
-"""Rotary positions of working-context entries (DESIGN.md section 7).
+"""Rotary positions of working-context entries (docs/architecture.md §6).
 
 Every WC entry has a global start position `pos` and a span (1 token, K tokens, K**2 tokens).
 `wc_rope` turns them into per-row rotary tables `(cos, sin)`, each `[V, W, 1, hd/2]` in fp32, the

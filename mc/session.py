@@ -1,4 +1,4 @@
-"""MCSession: MegaContext inference over one growing token stream (DESIGN.md sections 9 and 11).
+"""MCSession: MegaContext inference over one growing token stream (docs/architecture.md §9, §12).
 
 One session = one stream (B = 1): streams decoded together would differ in LOD maps, refocus
 points and KV-reuse points, so a batch would degrade to per-row work. Many streams = many sessions.
@@ -15,15 +15,14 @@ A token's way (`append`; `generate` appends each sampled token):
  1. the tree appends it (a gist when its block completes); a completed block enters the map RAW, so
     earlier entries never change: the token is one new raw row of the table and the cache only
     grows (decode = a 1-entry forward; no per-token work depends on the history length);
- 2. every `refocus_interval` tokens, and whenever the WC exceeds W, `refocus` runs: first, if over
-    W, `mc.allocator.fit_budget` collapses the oldest detail first (raw blocks outside the recent
-    tail -> gists, all-gist groups -> LOD2, then the oldest entries -> UNCOVERED) down to
-    W - headroom; then LensNet scores the WC and the greedy allocator (allow_collapse) edits the map,
-    expanding only within W - headroom. The headroom (min(refocus_interval, K, a quarter of the room
-    left by the raw tail)) keeps the WC off the brim, where every new token would force another fit
-    and a recompute. Capacity: history is dropped (oldest first) only when the raw tail, the gists of
-    the newest incomplete LOD2 group and the LOD2 gists no longer fit W - headroom; with a small W
-    (e.g. W=128, R=64, K=32) that is after ~1k tokens, since a LOD2 gist needs all K gists of its group;
+ 2. every `refocus_interval` tokens, and whenever the WC exceeds W, `refocus` decides the focus
+    afresh, exactly as training and evaluation do (mc.runtime): from the most compressed map of the
+    history (raw tail, LOD1 gists, LOD2 gists; the oldest entries UNCOVERED only when even that does not
+    fit W), LensNet scores the WC and the greedy allocator expands the best units within W,
+    `refocus_rounds` rounds, re-scored in between. So the focus is a function of the history (what
+    LensNet was trained to choose from), not of earlier focus decisions, and a question can pull any
+    old block back in full. Capacity: history is dropped (oldest first) only when the raw tail, the
+    gists of the newest incomplete LOD2 group and the LOD2 gists no longer fit W;
  3. KV reuse: a map change rebuilds the table, compares it with the old one (pos, lod: one vector
     compare), and the cache is kept up to the first changed entry; the next `logits()` recomputes
     only the entries from there on (one chunk prefill, the GPT's explicit-mask path).
@@ -33,11 +32,12 @@ chunk when due) runs no GPT forward; the first `logits()` prefills at most W ent
 
 Choices recorded here:
 - `refocus_interval` (default 32 = the default K) and `refocus_rounds` (LensNet rounds per refocus,
-  default 1: the focus is refined across refocuses) are session arguments, not MCConfig fields.
+  default the config's `allocator_iterations`, as in training) are session arguments, not MCConfig fields.
 - Rotary tables come from `mc.positional.wc_rope`; appended raw tokens take rows of a standard-RoPE
   table computed ahead (span-1 `gaussian` = standard RoPE at the position, `index` = standard RoPE
   at the entry index), so a decode step computes no tables.
-- The UNCOVERED prefix only grows: nothing re-covers history once dropped.
+- Dropped (UNCOVERED) history is not lost: the tree keeps its gists, and a refocus shows them again as
+  soon as they fit (e.g. when a LOD2 group completes and compresses its K gists into one).
 - `save` stores ids, gists, the map and counters, not LOD0 (re-embedded exactly on load) nor the
   KV cache (one prefill). It records the MCConfig, the GPT config hash, a fingerprint of the weights
   that made the stored gists (embedding + GistNet) and the tokenizer identity; `load` refuses any
@@ -54,12 +54,14 @@ from collections import deque
 from dataclasses import asdict, replace
 
 import torch
+import torch.nn.functional as F
 
-from mc.allocator import fit_budget, refocus as allocate
+from mc.allocator import refocus as allocate
 from mc.config import MCConfig
 from mc.positional import wc_rope
 from mc.tree import MCTree, read_state_file
-from mc.working_context import GIST, GROUP, RAW, UNCOVERED, WorkingContext, entry_counts, is_legal, materialize
+from mc.working_context import (GIST, GROUP, RAW, UNCOVERED, WorkingContext, entry_counts, is_legal, materialize,
+                                most_compressed_map)
 from nanochat.common import atomic_write_bytes
 from nanochat.engine import sample_next_token
 
@@ -103,21 +105,19 @@ def weights_fingerprint(controller) -> str:
 class MCSession:
     """One growing stream decoded through a working context of at most W entries (see module docstring)."""
 
-    def __init__(self, controller, *, refocus_interval: int = DEFAULT_REFOCUS_INTERVAL, refocus_rounds: int = 1,
+    def __init__(self, controller, *, refocus_interval: int = DEFAULT_REFOCUS_INTERVAL, refocus_rounds: int | None = None,
                  tokenizer_id: str | None = None, append_chunk: int | None = None, autocast=None, capacity: int = 1024):
         cfg: MCConfig = controller.cfg
         K, W, R = cfg.block_size, cfg.wc_budget, cfg.recent
         if R + K - 1 > W:
             raise ValueError(f"an MC session keeps the last --mc_recent={R} tokens plus up to K-1={K - 1} tokens of the "
                              f"current block raw: it needs --mc_wc_budget >= {R + K - 1}, got {W}")
+        refocus_rounds = cfg.allocator_iterations if refocus_rounds is None else refocus_rounds
         if refocus_interval < 1 or refocus_rounds < 1:
             raise ValueError(f"refocus_interval ({refocus_interval}) and refocus_rounds ({refocus_rounds}) must be >= 1")
         self.controller, self.model, self.cfg = controller, controller.model, cfg
         self.refocus_interval, self.refocus_rounds, self.tokenizer_id = refocus_interval, refocus_rounds, tokenizer_id
         self.append_chunk = append_chunk or W
-        # entries a refocus leaves free for the tokens until the next one: at most one block, and at most a
-        # quarter of the room the raw tail (R + up to K-1 tokens) leaves, so a small W keeps its gists
-        self.headroom = max(0, min(refocus_interval, K, (W - (R + K - 1)) // 4))
         self.autocast = autocast  # context-manager factory (e.g. bf16 autocast), or None
         self.device = self.model.lm_head.weight.device
         self.head_dim = self.model.config.head_dim
@@ -174,18 +174,22 @@ class MCSession:
         return out
 
     @torch.no_grad()
-    def working_context(self) -> WorkingContext:
-        """The current WC as a right-padded batch of one ([1, W] tensors), like `materialize` builds it."""
+    def working_context(self, lod_map=None) -> WorkingContext:
+        """The WC of `lod_map` [n_blocks] (default: the current map) as a right-padded batch of one ([1, W]
+        tensors, wider if the map holds more entries), like `materialize` builds it."""
         K, W, T = self.cfg.block_size, self.cfg.wc_budget, self.tree.T
-        valid = torch.arange(W, device=self.device) < self.n_entries  # [W]
-        pos = torch.where(valid, self._pos, 0)
-        lod = torch.where(valid, self._lod, 0)
+        lod_map = self.lod_map if lod_map is None else lod_map
+        pos, lod = entry_table(lod_map, T, K)  # [E]
+        E = pos.numel()
+        pad = max(W, E) - E
+        valid = torch.arange(E + pad, device=self.device) < E
+        pos, lod = F.pad(pos, (0, pad)), F.pad(lod, (0, pad))
         embeds = torch.where(valid[:, None], self._entry_embeds(pos, lod), 0.0)  # [W, D]
         after = self.tree.ids[0, (pos + 1).clamp(max=max(T - 1, 0))]
         targets = torch.where(valid & (lod == RAW) & (pos + 1 < T), after, -1)
         span = torch.pow(K, lod)
         return WorkingContext(embeds[None], pos[None], span[None], lod[None], targets[None], valid[None],
-                              torch.zeros(1, dtype=torch.long, device=self.device), self.lod_map[None], T)
+                              torch.zeros(1, dtype=torch.long, device=self.device), lod_map[None], T)
 
     # ---- growing -------------------------------------------------------------------------------
 
@@ -266,7 +270,10 @@ class MCSession:
 
     def _maintain(self):
         """After growth: refocus when due or when the WC exceeds W."""
-        if self.n_entries > self.cfg.wc_budget or self._since_refocus >= self.refocus_interval:
+        if self.n_entries > self.cfg.wc_budget:
+            self.stats["budget_fits"] += 1
+            self.refocus()
+        elif self._since_refocus >= self.refocus_interval:
             self.refocus()
 
     def _append(self, ids):
@@ -291,30 +298,24 @@ class MCSession:
 
     @torch.no_grad()
     def refocus(self, rounds: int | None = None) -> bool:
-        """Fit the budget if the WC exceeds W (oldest detail first, down to W - headroom), then LensNet +
-        the greedy allocator edit the map within W - headroom, `rounds` rounds (default
-        `refocus_rounds`), re-scored in between. Returns whether the map changed."""
+        """Decide the focus afresh: the most compressed map of the history, then LensNet + the greedy allocator
+        expand the best units within W, `rounds` rounds (default `refocus_rounds`), re-scored in between.
+        Returns whether the map changed."""
         self._since_refocus = 0
-        K, cfg = self.cfg.block_size, self.cfg
-        budget, t = cfg.wc_budget - self.headroom, self.tree.T % K
-        changed = False
+        cfg, K = self.cfg, self.cfg.block_size
+        t = self.tree.T % K
+        maps = most_compressed_map(self.n_blocks, cfg, tail_tokens=t, device=self.device)  # [n]
         with self._amp():
-            if self.n_entries > cfg.wc_budget:
-                self.stats["budget_fits"] += 1
-                changed = self._set_map(fit_budget(self.lod_map, cfg, t, budget), "budget")
-            if self.n_blocks <= cfg.recent // K:
-                return changed  # nothing outside the raw tail to focus on
-            self.stats["refocus"] += 1
-            focus_cfg = replace(cfg, wc_budget=budget)
-            for _ in range(rounds or self.refocus_rounds):
-                wc = self.working_context()
-                scores = self.controller.score(wc, grad=False)  # [1, W]
-                new_map = allocate(self.lod_map[None], scores, wc, focus_cfg, "greedy", None,
-                                   tail_tokens=t, allow_collapse=True)[0]
-                if not self._set_map(new_map, "refocus"):
-                    break
-                changed = True
-        return changed
+            if self.n_blocks > cfg.recent // K:  # something outside the raw tail to focus on
+                self.stats["refocus"] += 1
+                for _ in range(rounds or self.refocus_rounds):
+                    wc = self.working_context(maps)
+                    scores = self.controller.score(wc, grad=False)  # [1, W]
+                    expanded = allocate(maps[None], scores, wc, cfg, "greedy", None, tail_tokens=t, allow_collapse=False)[0]
+                    if torch.equal(expanded, maps):
+                        break
+                    maps = expanded
+            return self._set_map(maps, "refocus")
 
     # ---- decoding ------------------------------------------------------------------------------
 

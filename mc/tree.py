@@ -1,4 +1,4 @@
-"""The MegaContext tree: token embeddings (LOD0) and the gists above them (DESIGN.md 3).
+"""The MegaContext tree: token embeddings (LOD0) and the gists above them (docs/architecture.md §3).
 
 Notation: K = block size, T = history length in tokens, D = model width. Level l holds one node
 per complete aligned block of K nodes of level l-1; node n of level l covers tokens

@@ -1,4 +1,4 @@
-"""Working contexts: cuts through the MegaContext tree, kept as per-block LOD maps (DESIGN.md section 4).
+"""Working contexts: cuts through the MegaContext tree, kept as per-block LOD maps (docs/architecture.md §4).
 
 A history of `T` tokens has `n_blocks = T // K` complete LOD1 blocks and `t = T % K` tokens of a
 partial block after them. A working context (WC) over that history is described by its LOD map
@@ -281,7 +281,7 @@ def materialize(lod_map, levels, tokens, cfg: MCConfig, next_token=None, sample=
 # validation (tests and the --mc debug flag)
 
 class WorkingContextError(ValueError):
-    """A materialised working context breaks one of the invariants of DESIGN.md section 4."""
+    """A materialised working context breaks one of the invariants of docs/architecture.md §4."""
 
 
 def _check(bad, invariant: str, describe):

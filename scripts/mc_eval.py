@@ -1,4 +1,4 @@
-"""Evaluate a MegaContext checkpoint against its baselines at its working-context budget W (DESIGN.md 10).
+"""Evaluate a MegaContext checkpoint against its baselines at its working-context budget W (docs/architecture.md §10).
 
     python -m scripts.mc_eval --mc_tag=d4_mc [--plain_tag=d4] [--mean_gist_tag=d4_mean] [--tasks_file=qa.jsonl]
 
@@ -127,9 +127,11 @@ class Runner:
             self.fillers[n] = DataLoader(self.tokenizer, 1, n - 1, self.data_dir, split="val")
         return self.fillers[n].next_rows()[0]
 
-    def run(self, rows, evidence_spans=None):
+    def run(self, rows, evidence_spans=None, focus_end=None):
         """Arms on rows [B, L+1] (np): x = rows[:, :-1]; evidence_spans: per row [(start, end)] -> {arm: result}.
-        Without evidence (natural text, tasks file) the oracle arm has nothing to expand and is left out."""
+        Without evidence (natural text, tasks file) the oracle arm has nothing to expand and is left out.
+        focus_end: per row, the tokens of history the focus is decided from (the answer's start; default: all
+        but the scored tail)."""
         rows = torch.from_numpy(np.ascontiguousarray(rows))
         x, y = rows[:, :-1].to(self.device), rows[:, 1:].to(self.device)
         evidence = None  # [B, L // K] evidence tokens per block
@@ -142,7 +144,8 @@ class Runner:
                     evidence[b] += covered.view(-1, self.K).sum(1)
         with self.amp:
             arms = self.arms if evidence is not None else [a for a in self.arms if a != "oracle"]
-            out = self.ev.run(x, y, arms, evidence, batch_index=self.batches)
+            ends = None if focus_end is None else torch.tensor(focus_end, device=self.device)
+            out = self.ev.run(x, y, arms, evidence, batch_index=self.batches, focus_end=ends)
         self.batches += 1
         self.bar.update(1)
         return out, y[:, -self.E:]
@@ -159,6 +162,23 @@ class Runner:
         return m.to(self.device)
 
 
+def answer_starts(examples) -> list:
+    """Per example, where its first answer starts: the focus is decided from the history before it."""
+    return [min(start for start, _ in ex.answers) for ex in examples]
+
+
+def needle_expanded(maps, examples, K: int, R: int) -> list:
+    """Per example: were all blocks of its needle shown raw by the arm's map (maps [B, n])? None when the needle
+    lies in the raw tail (the last R tokens), which every arm shows raw anyway."""
+    out = []
+    for b, ex in enumerate(examples):
+        start, end = ex.evidence[0]
+        blocks = range(start // K, (end - 1) // K + 1)
+        n = maps.size(1)
+        out.append(None if blocks[-1] >= n - R // K else bool((maps[b, blocks[0]:blocks[-1] + 1] == RAW).all()))
+    return out
+
+
 def exact(pred, target, span_mask):
     """[B, A] bool (answer correct) and [B, A] bool (answer present) from [B, E] predictions."""
     hit = (pred == target)[:, None, :] | ~span_mask  # [B, A, E]
@@ -167,7 +187,7 @@ def exact(pred, target, span_mask):
 
 def needle_task(r: Runner, lengths) -> dict:
     cfg, K = r.cfg, r.K
-    rec = {arm: {"L": [], "depth": [], "offset": [], "correct": []} for arm in r.arms}
+    rec = {arm: {"L": [], "depth": [], "offset": [], "correct": [], "expanded": []} for arm in r.arms}
     for L in lengths:
         n = L + 1
         if n < r.gen.min_row_len("needle"):
@@ -183,7 +203,7 @@ def needle_task(r: Runner, lengths) -> dict:
             exs = [r.gen.needle(np.random.default_rng([cfg.seed, 2, L, i]), n, r.filler(n),
                                 None if cfg.needle_decoys < 0 else cfg.needle_decoys, depths[i], int(offsets[i]))
                    for i in idx]
-            out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs])
+            out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs], answer_starts(exs))
             mask = r.span_mask(exs, L)
             for arm, res in out.items():
                 if isinstance(res, str):
@@ -194,6 +214,7 @@ def needle_task(r: Runner, lengths) -> dict:
                 rec[arm]["depth"] += [e.meta["depth"] for e in exs]
                 rec[arm]["offset"] += [e.meta["offset"] for e in exs]
                 rec[arm]["correct"] += correct[:, 0].tolist()
+                rec[arm]["expanded"] += needle_expanded(res[2], exs, r.K, r.ev.cfg.recent) if len(res) > 2 else [None] * len(exs)
     return rec
 
 
@@ -212,7 +233,7 @@ def recall_task(r: Runner, pairs) -> dict:
                 r.skip(f"recall N={N}: {e}")
                 r.bar.update(-(-(cfg.recall_examples - start) // cfg.batch_size))
                 break
-            out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs])
+            out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs], answer_starts(exs))
             mask = r.span_mask(exs, L)
             for arm, res in out.items():
                 if isinstance(res, str):

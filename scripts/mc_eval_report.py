@@ -24,11 +24,15 @@ def summarize_needle(rec: dict, lengths, depth_bins: int, offset_bins: int, K: i
     offset_bins = min(offset_bins, K)
     out = {"depth_bins": [i / depth_bins for i in range(depth_bins + 1)],
            "offset_bins": [[i * K // offset_bins, (i + 1) * K // offset_bins - 1] for i in range(offset_bins)],
-           "examples": {}, "accuracy": {}, "by_depth": {}, "by_offset": {}}
+           "examples": {}, "accuracy": {}, "by_depth": {}, "by_offset": {}, "hit_rate": {}}
     for arm, r in rec.items():
         L, depth, offset, correct = (np.asarray(r[k]) for k in ("L", "depth", "offset", "correct"))
         if not len(L):
             continue
+        expanded = np.asarray([np.nan if e is None else float(e) for e in r.get("expanded", [None] * len(L))])
+        if np.isfinite(expanded).any():  # arms with maps: the needle's blocks shown raw, among needles outside the tail
+            out["hit_rate"][arm] = {int(l): _mean(expanded[(L == l) & np.isfinite(expanded)]) for l in lengths
+                                    if ((L == l) & np.isfinite(expanded)).any()}
         d_bin = np.minimum((depth * depth_bins).astype(int), depth_bins - 1)
         o_bin = offset * offset_bins // K
         out["accuracy"][arm] = {int(l): _mean(correct[L == l]) for l in lengths if (L == l).any()}
@@ -81,6 +85,10 @@ def write_outputs(results: dict, report_dir) -> dict:
                   f"(examples per length: {nd['examples']}):", _arm_table(nd["accuracy"], cols, "arm")]
         items += _lines(report_dir / "mc_eval_needle_length.png", nd["accuracy"], "history length (tokens)",
                         "needle accuracy", f"Needle accuracy vs history length (W={W})")
+        if nd["hit_rate"]:
+            items += ["**Focus hit rate**: share of needles (outside the raw tail) whose blocks the arm shows raw "
+                      "(for mc: LensNet expanded them; for oracle: they fit W):",
+                      _arm_table(nd["hit_rate"], [c for c in cols if any(c in v for v in nd["hit_rate"].values())], "arm")]
         bins = [f"{a}-{b}" for a, b in nd["offset_bins"]]
         by_off = {arm: dict(zip(bins, v)) for arm, v in nd["by_offset"].items()}
         items += ["Needle accuracy by the needle's offset inside its block (all lengths):", _arm_table(by_off, bins, "arm")]

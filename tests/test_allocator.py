@@ -1,4 +1,4 @@
-"""Focus allocator (DESIGN.md section 6): legal budgeted edits from scores, policies and baselines.
+"""Focus allocator (docs/architecture.md §5): legal budgeted edits from scores, policies and baselines.
 
 A seeded loop over random configs, maps and scores checks the properties every refocus must keep
 (legal maps, budget W, at most max_edits edits of each kind, greedy = the best candidates);
@@ -140,8 +140,11 @@ def test_greedy_picks_highest_scores_within_budget_and_max_edits():
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 6]
     new = refocus(maps, gist_scores(wc, s), wc, line_cfg(max_edits=1), "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1]
-    # non-positive scores are not expanded (threshold 0), even with budget to spare
-    new = refocus(maps, gist_scores(wc, [0.0] * 9 + [0.2]), wc, cfg, "greedy")
+    # the default threshold (-inf) spends the budget whatever the sign of the scores; threshold 0 keeps
+    # non-positive scores unexpanded, even with budget to spare
+    new = refocus(maps, gist_scores(wc, [-0.5] * 9 + [-0.2]), wc, cfg, "greedy")
+    assert (new[0, :10] == RAW).sum() == 3 and new[0, 9] == RAW
+    new = refocus(maps, gist_scores(wc, [0.0] * 9 + [0.2]), wc, line_cfg(expand_threshold=0.0), "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [9]
 
 
@@ -162,7 +165,7 @@ def test_thresholds():
     new = refocus(maps, gist_scores(wc, [0.4, 0.6, 0.5, 0.9] + [0.0] * 6), wc, cfg, "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 3]
     # collapse only below -collapse_threshold
-    cfg = line_cfg(collapse_threshold=0.5, max_edits=8, wc_budget=44)
+    cfg = line_cfg(collapse_threshold=0.5, expand_threshold=0.0, max_edits=8, wc_budget=44)
     maps = torch.tensor([[RAW] * 6 + [GIST] * 4 + [RAW]], dtype=torch.int8)
     wc = wc_of(maps, cfg)
     block_score = torch.tensor([-0.4, -0.6, -0.5, -0.9, 0.0, -2.0] + [0.0] * 5)
@@ -173,7 +176,7 @@ def test_thresholds():
 
 def test_negative_scores_collapse_raw_blocks_and_all_gist_groups():
     K = 4
-    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=200, horizon=1, max_edits=8)
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=200, horizon=1, max_edits=8, expand_threshold=0.0)
     # group 0 all gists, group 1 raw, then 2 loose gists and the 2-block raw tail
     maps = torch.tensor([[GIST] * 4 + [RAW] * 4 + [GIST, GIST, RAW, RAW]], dtype=torch.int8)
     assert is_legal(maps, K, 2).all()
@@ -186,7 +189,7 @@ def test_negative_scores_collapse_raw_blocks_and_all_gist_groups():
     # allow_collapse=False leaves the map alone (nothing positive to expand)
     assert torch.equal(refocus(maps, scores, wc, cfg, "greedy", allow_collapse=False), maps)
     # max_edits bounds the collapses, the most negative first
-    cfg1 = MCConfig(block_size=K, recent=2 * K, wc_budget=200, horizon=1, max_edits=1)
+    cfg1 = MCConfig(block_size=K, recent=2 * K, wc_budget=200, horizon=1, max_edits=1, expand_threshold=0.0)
     raw_score = torch.tensor([0, 0, 0, 0, -1, -3, -1, -2, 0, 0, 0, 0], dtype=torch.float)
     scores = torch.where(wc.valid & (wc.lod == 0), raw_score[(wc.pos // K).clamp(max=11)], torch.where(wc.valid, -0.5, 0.0))
     new = refocus(maps, scores, wc, cfg1, "greedy")

@@ -1,4 +1,4 @@
-"""Rotary positions of working-context entries (DESIGN.md section 7)."""
+"""Rotary positions of working-context entries (docs/architecture.md §6)."""
 
 import pytest
 import torch

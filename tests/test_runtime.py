@@ -1,4 +1,4 @@
-"""MCController (DESIGN.md section 8): one MC training step, its gradients, determinism, the three arms.
+"""MCController (docs/architecture.md §8): one MC training step, its gradients, determinism, the three arms.
 
 A tiny GPT (depth 2, width 64, vocab 256, T=256) with K=8, W=64, R=16, H=8 and N=3 variants. The
 GPT's output projections start at zero (every position would only see itself, so gists could not
@@ -81,14 +81,14 @@ def test_process_batch_shapes_and_finite_loss():
 def test_lens_loss_trains_only_lensnet_and_lm_loss_reaches_tree(monkeypatch):
     controller, x, y = make()
     captured = {}
-    original = mc.runtime.pairwise_lens_loss
+    original = mc.runtime.best_variant_lens_loss
 
-    def capture(utility, nll):
-        loss, acc = original(utility, nll)
+    def capture(units, expanded, nll):
+        loss, hit = original(units, expanded, nll)
         captured["lens"] = loss
-        return loss, acc
+        return loss, hit
 
-    monkeypatch.setattr(mc.runtime, "pairwise_lens_loss", capture)
+    monkeypatch.setattr(mc.runtime, "best_variant_lens_loss", capture)
     out = controller.process_batch(x, y, step=0)
     lens = captured["lens"]
     assert lens.item() > 0 and out.metrics["lens_loss"] == pytest.approx(lens.item())
@@ -109,13 +109,36 @@ def test_lens_gradient_reaches_the_body_of_lensnet_once_it_scores(monkeypatch):
     with torch.no_grad():
         controller.lensnet.score_w.normal_(std=0.5)  # a LensNet that already scores
     captured = {}
-    original = mc.runtime.pairwise_lens_loss
-    monkeypatch.setattr(mc.runtime, "pairwise_lens_loss", lambda u, n: captured.setdefault("out", original(u, n)))
+    original = mc.runtime.best_variant_lens_loss
+    monkeypatch.setattr(mc.runtime, "best_variant_lens_loss", lambda *a: captured.setdefault("out", original(*a)))
     controller.process_batch(x, y, step=3)
     reached = nonzero_grads(captured["out"][0], controller.lensnet)
     # (the blocks' zero-initialised output projections still block their inner matrices)
     assert {"in_proj.weight", "lod_emb.weight", "pos_fc.weight", "score_fc.weight", "score_w", "x_q.weight",
             "x_v.weight", "c_proj.weight", "blocks.0.c_proj.weight", "blocks.0.mlp_proj.weight"} <= reached
+
+
+def test_best_variant_lens_loss_ranks_the_winners_units_first():
+    """The units the lowest-NLL variant expanded are pushed up, every other unit down; sequences where the
+    variants tie do not count; units the base WC lacks (NaN) are never targets."""
+    scores = torch.zeros(2, 5, requires_grad=True)
+    units = torch.cat([scores[:, :4], torch.full((2, 1), float("nan"))], 1)  # unit 4: not expandable
+    expanded = torch.zeros(2, 3, 5, dtype=torch.bool)
+    expanded[0, 0, 1] = expanded[0, 1, 2] = expanded[0, 2, 3] = True
+    expanded[1, :, 0] = True
+    expanded[1, 1, 4] = True
+    nll = torch.tensor([[2.0, 1.0, 2.5], [1.5, 1.5, 1.5]])  # sequence 0: variant 1 (unit 2) wins; sequence 1: a tie
+    loss, hit = mc.runtime.best_variant_lens_loss(units, expanded, nll)
+    loss.backward()
+    grad = scores.grad
+    assert loss.item() == pytest.approx(math.log(4))  # uniform scores over 4 units, one target
+    assert grad[0, 2] < 0 and (grad[0, [0, 1, 3]] > 0).all()  # descent raises the winner, lowers the rest
+    assert (grad[1] == 0).all()
+    assert hit.item() == 0.0  # LensNet's top unit (a tie: the first) is not the winner; the tied sequence is not counted
+    with torch.no_grad():
+        scores[0, 2] = 5.0
+    loss2, hit2 = mc.runtime.best_variant_lens_loss(torch.cat([scores[:, :4], units[:, 4:]], 1), expanded, nll)
+    assert loss2.item() < loss.item() and hit2.item() == 1.0
 
 
 def test_one_optimizer_step_changes_gistnet_and_lensnet():

@@ -1,4 +1,4 @@
-"""Working contexts as LOD maps (DESIGN.md section 4): constructors, edits, materialisation, invariants.
+"""Working contexts as LOD maps (docs/architecture.md §4): constructors, edits, materialisation, invariants.
 
 Property tests run over seeded random configs, history lengths and maps (no hypothesis needed);
 `materialize` is compared against a slow pure-Python reference written here.
