@@ -9,6 +9,8 @@
 - `identity`: generated chats about who the assistant is.
 - `longdoc_qa`: questions on facts planted in long documents (nanochat/longdoc_qa.py); its documents
   use the `filler` paragraphs given to load_conversations (e.g. book_paragraphs), else synthetic text.
+- `memory`: the user tells personal facts, chats on (shared passages of the same filler, up to the
+  longdoc_qa document length), then asks for one of them (nanochat/memory_chat.py).
 `name:weight` sets a source's share (default 1); a source holding less than its share gives all it
 has and the others fill in. Generated examples depend only on (seed, split, index), and "train" and
 "val" are different seed streams: a val mix is held out from the train mix.
@@ -25,6 +27,7 @@ from dataclasses import replace
 
 from nanochat.common import print0
 from nanochat.longdoc_qa import LongDocQAConfig, longdoc_qa
+from nanochat.memory_chat import memory_chats
 from nanochat.tokenizer import validate_conversation
 
 VAL_FRACTION = 0.05  # share of a .jsonl file's lines held out for split "val"
@@ -160,7 +163,7 @@ def load_jsonl(path) -> list[dict]:
 # -----------------------------------------------------------------------------
 # the mix
 
-GENERATED = ("identity", "longdoc_qa")
+GENERATED = ("identity", "longdoc_qa", "memory")
 
 
 def parse_spec(spec: str) -> dict[str, float]:
@@ -232,6 +235,8 @@ def load_conversations(spec: str, n: int, seed: int, split: str = "train", fille
             conversations += [identity_conversation(random.Random(f"identity/{split}/{seed}/{i}")) for i in range(count)]
         elif name == "longdoc_qa":
             conversations += longdoc_qa(count, replace(longdoc or LongDocQAConfig(), seed=seed), filler, split)
+        elif name == "memory":
+            conversations += memory_chats(count, (longdoc or LongDocQAConfig()).doc_words, filler, split, seed)
         else:
             conversations += rng.sample(pools[name], count)
     rng.shuffle(conversations)

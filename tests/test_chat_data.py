@@ -12,6 +12,7 @@ import pytest
 from nanochat import chat_data
 from nanochat.chat_data import allocate, identity_conversation, load_conversations, load_hub, load_jsonl, parse_spec
 from nanochat.longdoc_qa import LongDocQAConfig, book_paragraphs, longdoc_qa, longdoc_qa_eval
+from nanochat.memory_chat import memory_chats
 from nanochat.tokenizer import validate_conversation
 
 
@@ -110,6 +111,32 @@ def test_identity():
     text = " ".join(m["content"] for c in conversations for m in c["messages"])
     for phrase in ("MegaContext-nano", "trained from scratch", "gists", "open-source"):
         assert phrase in text
+
+
+# -----------------------------------------------------------------------------
+# memory: a fact told early, asked for many turns later
+
+def test_memory_conversations():
+    paragraphs = [f"Paragraph {i} tells of the {w} road and the quiet village by the river." for i, w in enumerate("old new long".split())]
+    chats = memory_chats(60, words=120, filler=paragraphs)
+    assert chats[:3] == memory_chats(3, words=120, filler=paragraphs) != memory_chats(3, words=120, filler=paragraphs, seed=1)
+    assert memory_chats(3, 120, paragraphs, split="val") != chats[:3]
+    asked = set()
+    for c in chats:
+        validate_conversation(c)
+        messages, meta = c["messages"], c["meta"]
+        *history, question, answer = messages
+        value = meta["answer"]
+        assert question["content"] == meta["question"] and value in answer["content"]
+        assert sum(m["content"].count(value) for m in history) == 1  # told once, in a user turn, never repeated
+        told = next(i for i, m in enumerate(history) if value in m["content"])
+        assert history[told]["role"] == "user" and told < 6  # among the first turns
+        assert 0 <= meta["filler_words"] <= 120 + 20 and len(set(meta["values"])) == 3
+        asked.add(question["content"])
+    assert len(asked) >= 5  # the fact kinds vary
+    distances = [c["meta"]["filler_words"] for c in chats]
+    assert min(distances) < 30 and max(distances) > 90  # from adjacent to far
+    assert {c["meta"]["source"] for c in load_conversations("memory", 4, seed=0)} == {"memory"}
 
 
 # -----------------------------------------------------------------------------
