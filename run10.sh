@@ -3,9 +3,10 @@
 # chat evaluation -> report/report.md; then chat with `uv run python -m scripts.chat_cli`.
 #
 #   bash run10.sh              GPU if one is present (d12-class run), else the CPU preset (~25 min on 2 cores)
-#   bash run10.sh --mc         with MegaContext: pretrain with --mc on a long-range data mix, train a plain
-#                              model on the same data and steps, compare them with mc_eval (needle, recall,
-#                              loss vs history), then mid/SFT the MC model (chat_cli --mc); CPU ~50 min
+#   bash run10.sh --mc         with MegaContext: a GPT that copies (copy curriculum at T=256, then long-range
+#                              pretraining at T=1024), from it an MC model (T=2048, then a LensNet focus phase)
+#                              and its plain twin (same data mix and steps), mc_eval comparing them (needle,
+#                              recall, loss vs history), then mid/SFT of the MC model for chat_cli --mc; CPU ~45 min
 #   bash run10.sh --cpu        force the CPU preset
 #   bash run10.sh --dry-run    print every command without running it
 #
@@ -48,11 +49,20 @@ if [ "$PRESET" = gpu ]; then
     MID=()        # the defaults of scripts/mid_train.py and scripts/chat_sft.py are the d12 GPU settings
     SFT=()
     CHAT_EVAL=()
-    # --mc: histories of 4096 tokens through a working context of W=512 entries
-    MC_TRAIN=(--data_mix=fineweb-edu:0.5,needle:0.25,recall:0.15,facts:0.1 --depth=12 --max_seq_len=4096
-              --device_batch_size=16 --total_batch_size=524288 --target_param_data_ratio=20 --eval_every=250
-              --sample_every=-1)
-    MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64)
+    # --mc (not yet run on a GPU): the CPU recipe's stages at d12, histories of 4096 tokens, W=512; the twin
+    # trains at the MC stage's length
+    MC_COPY=(--depth=12 --max_seq_len=512 --device_batch_size=64 --total_batch_size=262144 --num_iterations=300
+             --data_mix=copy:0.3,needle:0.35,recall:0.35 --warmup_mix=copy:1 --warmup_mix_steps=100 --filler_weight=0
+             --eval_every=100 --sample_every=-1)
+    MC_LONG=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=2000
+             --data_mix=fineweb-edu:0.4,copy:0.1,needle:0.3,recall:0.2 --answer_weight=5 --filler_weight=0
+             --eval_every=250 --sample_every=-1)
+    MC_TRAIN=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=1000
+              --data_mix=fineweb-edu:0.2,needle:0.5,recall:0.3 --answer_weight=5 --eval_every=250 --sample_every=-1)
+    MC_FOCUS=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=300
+              --freeze=gpt,mc_gist --data_mix=fineweb-edu:0.1,needle:0.55,recall:0.35 --eval_every=300 --sample_every=-1)
+    PLAIN_TWIN=("${MC_TRAIN[@]}")
+    MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64 --mc_positional=index --mc_max_edits=1)
     MC_EVAL=()
     MC_MID=()
     MC_SFT=()
@@ -67,15 +77,33 @@ else
     SFT=(--data=identity,longdoc_qa --num_conversations=1000 --val_conversations=64 --num_iterations=40
          --device_batch_size=8 --rows_per_step=16 --eval_every=20)
     CHAT_EVAL=(--num_longdoc=200 --num_arc=0)
-    # --mc: histories of 1024 tokens through a working context of W=128 entries (K=32, raw tail R=64)
-    MC_TRAIN=(--data_mix=books:0.4,needle:0.3,recall:0.2,facts:0.1 --depth=4 --max_seq_len=1024
-              --device_batch_size=8 --total_batch_size=8192 --num_iterations=300 --warmup_ratio=0.03
-              --warmdown_ratio=0.3 --eval_every=100 --eval_tokens=32768 --sample_every=-1 --log_every=25)
-    MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=64 --mc_horizon=32)
-    MC_EVAL=(--needle_examples=300 --recall_examples=60 --loss_examples=24 --batch_size=16)
-    MC_MID=(--data=identity,longdoc_qa:2 --num_conversations=2000 --val_conversations=64 --num_iterations=40
+    # --mc: 1. a copy curriculum at T=256 (copy rows until the induction circuit forms, then needles and
+    # recall pairs, loss on the answers); 2. long-range pretraining at T=1024 (books + long-range rows);
+    # 3. MegaContext at T=2048 (W=128 entries, K=32, raw tail R=32, LensNet horizon H=16, gists at
+    # index positions, one expansion per refocus step); 4. a focus phase: GPT and GistNet frozen, LensNet
+    # alone learns which block to expand on needle/recall rows; 5. the plain twin: stage 3's data mix and
+    # steps from the same start, without MegaContext, at T=1024 (full attention at 2048 would double its cost)
+    MC_COPY=(--depth=4 --max_seq_len=256 --device_batch_size=16 --total_batch_size=4096 --num_iterations=400
+             --warmdown_ratio=0.3 --data_mix=copy:0.3,needle:0.35,recall:0.35 --warmup_mix=copy:1 --warmup_mix_steps=120
+             --filler_weight=0 --eval_every=200 --eval_tokens=16384 --sample_every=-1 --log_every=25)
+    MC_LONG=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=300
+             --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.4,copy:0.1,needle:0.3,recall:0.2
+             --answer_weight=5 --filler_weight=0 --eval_every=100 --eval_tokens=32768 --sample_every=-1 --log_every=25)
+    MC_TRAIN=(--depth=4 --max_seq_len=2048 --device_batch_size=8 --total_batch_size=16384 --num_iterations=400
+              --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.2,needle:0.5,recall:0.3 --answer_weight=5
+              --eval_every=200 --eval_tokens=32768 --sample_every=-1 --log_every=25)
+    MC_FOCUS=(--depth=4 --max_seq_len=2048 --device_batch_size=16 --total_batch_size=32768 --num_iterations=250
+              --freeze=gpt,mc_gist --data_mix=books:0.1,needle:0.55,recall:0.35 --warmup_ratio=0.03
+              --warmdown_ratio=0.3 --eval_every=250 --eval_tokens=32768 --sample_every=-1 --log_every=25)
+    PLAIN_TWIN=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=400
+                --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.2,needle:0.5,recall:0.3 --answer_weight=5
+                --eval_every=200 --eval_tokens=32768 --sample_every=-1 --log_every=25)
+    MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=32 --mc_horizon=16 --mc_positional=index --mc_max_edits=1)
+    MC_EVAL=(--needle_examples=100 --recall_examples=40 --loss_examples=24 --batch_size=16)
+    # the chat stages add conversations that ask for a fact the user told many turns earlier (memory)
+    MC_MID=(--data=identity,longdoc_qa:2,memory:2 --num_conversations=2000 --val_conversations=64 --num_iterations=40
             --device_batch_size=8 --rows_per_step=8 --eval_every=20)
-    MC_SFT=(--data=identity,longdoc_qa --num_conversations=1000 --val_conversations=64 --num_iterations=40
+    MC_SFT=(--data=identity,longdoc_qa,memory --num_conversations=1000 --val_conversations=64 --num_iterations=40
             --device_batch_size=8 --rows_per_step=8 --eval_every=20)
 fi
 echo "run10.sh: preset $PRESET, data $DATA, MegaContext $([ "$MC" -eq 1 ] && echo on || echo off)"
@@ -84,9 +112,12 @@ run uv run python -m nanochat.report reset
 run uv run python -m scripts.tok_train --data="$DATA" --vocab_size="$VOCAB"
 run uv run python -m scripts.tok_eval --data="$DATA"
 if [ "$MC" -eq 1 ]; then
-    # the MC model and a plain model with the same data, steps and size: the arms of mc_eval
-    run uv run python -m scripts.base_train --data="$DATA" "${MC_TRAIN[@]}" "${MC_FLAGS[@]}" --tag=mc
-    run uv run python -m scripts.base_train --data="$DATA" "${MC_TRAIN[@]}" --tag=plain
+    # a GPT that copies, then the MC model and its plain twin (same start, data and steps): the arms of mc_eval
+    run uv run python -m scripts.base_train --data="$DATA" "${MC_COPY[@]}" --tag=copy
+    run uv run python -m scripts.base_train --data="$DATA" "${MC_LONG[@]}" --init_from=copy --tag=long
+    run uv run python -m scripts.base_train --data="$DATA" "${MC_TRAIN[@]}" "${MC_FLAGS[@]}" --init_from=long --tag=mc_joint
+    run uv run python -m scripts.base_train --data="$DATA" "${MC_FOCUS[@]}" "${MC_FLAGS[@]}" --init_from=mc_joint --tag=mc
+    run uv run python -m scripts.base_train --data="$DATA" "${PLAIN_TWIN[@]}" --init_from=long --tag=plain
     run uv run python -m scripts.mc_eval --mc_tag=mc --plain_tag=plain "${MC_EVAL[@]}"
     # the chat stages fine-tune the MC model; its GistNet and LensNet ride along for chat_cli --mc
     run uv run python -m scripts.mid_train --source_tag=mc "${MC_MID[@]}"

@@ -34,9 +34,17 @@ def test_run10_rejects_unknown_option():
 def test_run10_mc_dry_run():
     out = subprocess.run(["bash", "run10.sh", "--cpu", "--mc", "--dry-run"], check=True, capture_output=True, text=True).stdout
     lines = out.splitlines()
-    mc_train = next(line for line in lines if "scripts.base_train" in line and "--tag=mc" in line)
-    plain_train = next(line for line in lines if "scripts.base_train" in line and "--tag=plain" in line)
-    assert "--mc " in mc_train and "--data_mix=" in mc_train and "--mc" not in plain_train.replace("--tag=plain", "")
-    assert mc_train.replace(" --mc --mc_wc_budget=128 --mc_recent=64 --mc_horizon=32", "").replace("--tag=mc", "--tag=plain") == plain_train
+    train = [line for line in lines if "scripts.base_train" in line]
+    tags = [line.rsplit("--tag=", 1)[1] for line in train]
+    assert tags == ["copy", "long", "mc_joint", "mc", "plain"]  # copy curriculum, long-range, MC, focus, twin
+    copy, long_, mc_train, focus, plain_train = train
+    assert "--max_seq_len=256" in copy and "--warmup_mix=copy:1" in copy and "--init_from" not in copy
+    assert "--init_from=copy" in long_ and "--max_seq_len=1024" in long_
+    assert "--mc " in mc_train and "--init_from=long" in mc_train and "--mc" not in plain_train.replace("--tag=plain", "")
+    assert "--init_from=mc_joint" in focus and "--freeze=gpt,mc_gist" in focus and "--mc " in focus
+    # the twins share the start, data mix, steps and rows per step; the plain one trains at half the length
+    option = lambda line, name: [a for a in line.split() if a.startswith(f"--{name}=")]
+    for name in ["init_from", "data_mix", "num_iterations", "device_batch_size", "answer_weight", "depth"]:
+        assert option(mc_train, name) == option(plain_train, name), name
     assert any("scripts.mc_eval --mc_tag=mc --plain_tag=plain" in line for line in lines)
-    assert any("scripts.mid_train --source_tag=mc" in line for line in lines) and "chat_cli --mc" in out
+    assert any("scripts.mid_train --source_tag=mc" in line and "memory" in line for line in lines) and "chat_cli --mc" in out
