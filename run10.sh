@@ -4,8 +4,8 @@
 #
 #   bash run10.sh              GPU if one is present (d12-class run), else the CPU preset (~25 min on 2 cores)
 #   bash run10.sh --mc         with MegaContext: a GPT that copies (copy curriculum at T=256, then long-range
-#                              pretraining at T=1024), from it an MC model (T=2048, then a LensNet focus phase)
-#                              and its plain twin (same data mix and steps), mc_eval comparing them (needle,
+#                              pretraining at T=1024), from it an MC model (then a LensNet focus phase) and
+#                              its plain twin (same data and steps), mc_eval comparing them (needle,
 #                              recall, loss vs history), then mid/SFT of the MC model for chat_cli --mc; CPU ~45 min
 #   bash run10.sh --cpu        force the CPU preset
 #   bash run10.sh --dry-run    print every command without running it
@@ -49,8 +49,7 @@ if [ "$PRESET" = gpu ]; then
     MID=()        # the defaults of scripts/mid_train.py and scripts/chat_sft.py are the d12 GPU settings
     SFT=()
     CHAT_EVAL=()
-    # --mc (not yet run on a GPU): the CPU recipe's stages at d12, histories of 4096 tokens, W=512; the twin
-    # trains at the MC stage's length
+    # --mc (not yet run on a GPU): the CPU recipe's stages at d12, histories of 4096 tokens, W=512
     MC_COPY=(--depth=12 --max_seq_len=512 --device_batch_size=64 --total_batch_size=262144 --num_iterations=300
              --data_mix=copy:0.3,needle:0.35,recall:0.35 --warmup_mix=copy:1 --warmup_mix_steps=100 --filler_weight=0
              --eval_every=100 --sample_every=-1)
@@ -62,7 +61,7 @@ if [ "$PRESET" = gpu ]; then
     MC_FOCUS=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=300
               --freeze=gpt,mc_gist --data_mix=fineweb-edu:0.1,needle:0.55,recall:0.35 --eval_every=300 --sample_every=-1)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
-    MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64 --mc_positional=index --mc_max_edits=1)
+    MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64)
     MC_EVAL=()
     MC_MID=()
     MC_SFT=()
@@ -79,26 +78,23 @@ else
     CHAT_EVAL=(--num_longdoc=200 --num_arc=0)
     # --mc: 1. a copy curriculum at T=256 (copy rows until the induction circuit forms, then needles and
     # recall pairs, loss on the answers); 2. long-range pretraining at T=1024 (books + long-range rows);
-    # 3. MegaContext at T=2048 (W=128 entries, K=32, raw tail R=32, LensNet horizon H=16, gists at
-    # index positions, one expansion per refocus step); 4. a focus phase: GPT and GistNet frozen, LensNet
-    # alone learns which block to expand on needle/recall rows; 5. the plain twin: stage 3's data mix and
-    # steps from the same start, without MegaContext, at T=1024 (full attention at 2048 would double its cost)
+    # 3. from there, the same steps and data twice: with MegaContext (W=128 entries, K=32, raw tail R=32,
+    # LensNet horizon H=16) and without (the plain twin); 4. a focus phase for the MC model: GPT and
+    # GistNet frozen, LensNet alone learns which block to expand on needle/recall rows
     MC_COPY=(--depth=4 --max_seq_len=256 --device_batch_size=16 --total_batch_size=4096 --num_iterations=400
              --warmdown_ratio=0.3 --data_mix=copy:0.3,needle:0.35,recall:0.35 --warmup_mix=copy:1 --warmup_mix_steps=120
              --filler_weight=0 --eval_every=200 --eval_tokens=16384 --sample_every=-1 --log_every=25)
     MC_LONG=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=300
              --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.4,copy:0.1,needle:0.3,recall:0.2
              --answer_weight=5 --filler_weight=0 --eval_every=100 --eval_tokens=32768 --sample_every=-1 --log_every=25)
-    MC_TRAIN=(--depth=4 --max_seq_len=2048 --device_batch_size=8 --total_batch_size=16384 --num_iterations=400
+    MC_TRAIN=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=400
               --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.2,needle:0.5,recall:0.3 --answer_weight=5
               --eval_every=200 --eval_tokens=32768 --sample_every=-1 --log_every=25)
-    MC_FOCUS=(--depth=4 --max_seq_len=2048 --device_batch_size=16 --total_batch_size=32768 --num_iterations=250
+    MC_FOCUS=(--depth=4 --max_seq_len=1024 --device_batch_size=16 --total_batch_size=16384 --num_iterations=400
               --freeze=gpt,mc_gist --data_mix=books:0.1,needle:0.55,recall:0.35 --warmup_ratio=0.03
-              --warmdown_ratio=0.3 --eval_every=250 --eval_tokens=32768 --sample_every=-1 --log_every=25)
-    PLAIN_TWIN=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=400
-                --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.2,needle:0.5,recall:0.3 --answer_weight=5
-                --eval_every=200 --eval_tokens=32768 --sample_every=-1 --log_every=25)
-    MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=32 --mc_horizon=16 --mc_positional=index --mc_max_edits=1)
+              --warmdown_ratio=0.3 --eval_every=400 --eval_tokens=32768 --sample_every=-1 --log_every=25)
+    PLAIN_TWIN=("${MC_TRAIN[@]}")
+    MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=32 --mc_horizon=16)
     MC_EVAL=(--needle_examples=100 --recall_examples=40 --loss_examples=24 --batch_size=16)
     # the chat stages add conversations that ask for a fact the user told many turns earlier (memory)
     MC_MID=(--data=identity,longdoc_qa:2,memory:2 --num_conversations=2000 --val_conversations=64 --num_iterations=40
