@@ -16,7 +16,9 @@ Per micro-batch x, y [B, T] (history T > W):
     It is never used at inference, where LensNet alone decides;
  4. one batched GPT forward over [V, W] with inputs_embeds + per-row rope, per-position loss;
  5. LM loss = weighted mean over all LOD0 targets of all variants (baseline weight configurable;
-    optional per-target weights, e.g. answers of long-range rows counted more);
+    optional per-target weights, e.g. answers of long-range rows counted more); optionally
+    (`--history_lm_weight`) plus an LM loss over every target of the history in W-token windows, so
+    the GPT learns from as many targets per row as a plain model (`history_lm_loss`);
  6. LensNet loss from measured counterfactuals: every variant of a sequence ends in the same raw
     tail, so the NLL of the last H targets is comparable across them. The units the best variant
     expanded are the targets of a softmax over LensNet's scores of all expandable units, weighted by
@@ -153,9 +155,24 @@ class MCController:
         forward_fn = forward_fn or self.model
         return forward_fn(inputs_embeds=wc.embeds, rope=(cos, sin), targets=wc.targets, loss_reduction="none")
 
-    def process_batch(self, x, y, step: int, forward_fn=None, answers=None, weights=None) -> StepOutput:
+    def history_lm_loss(self, x, y, weights=None, forward_fn=None):
+        """LM loss over every target of the micro-batch, read in windows of W raw tokens ([B·T/W, W], standard
+        RoPE; the oldest T mod W tokens are left out): the GPT then learns from all T targets of a row, as a
+        plain model does, not only from the entries of its working contexts."""
+        W = self.cfg.wc_budget
+        start = x.size(1) % W  # histories are longer than W (MCConfig.validate)
+        xs, ys = x[:, start:].reshape(-1, W), y[:, start:].reshape(-1, W)
+        per_pos = (forward_fn or self.model)(xs, ys, loss_reduction="none")  # [B·T/W, W]
+        weight = (ys >= 0).float()
+        if weights is not None:
+            weight = weight * weights[:, start:].reshape(-1, W)
+        return (per_pos * weight).sum() / weight.sum().clamp(min=1)
+
+    def process_batch(self, x, y, step: int, forward_fn=None, answers=None, weights=None,
+                      history_lm_weight: float = 0.0) -> StepOutput:
         """answers [B, T] bool (optional) marks answer targets (long-range rows): LensNet decides the focus before
-        the first of them (`focus_ends`); weights [B, T] (optional) weigh the targets in the LM loss."""
+        the first of them (`focus_ends`); weights [B, T] (optional) weigh the targets in the LM loss;
+        history_lm_weight > 0 adds that much of `history_lm_loss`."""
         cfg, K, N = self.cfg, self.cfg.block_size, self.cfg.num_variants
         B, T = x.shape
         n = T // K
@@ -192,6 +209,7 @@ class MCController:
             wc = materialize(maps, levels, x, cfg, next_token)  # sequence-major: sample = v // (1 + N)
         with timer.phase("forward"):
             per_pos = self.forward_wc(wc, forward_fn)  # [V, W]
+            history_lm = self.history_lm_loss(x, y, weights, forward_fn) if history_lm_weight > 0 else None
         with timer.phase("losses"):
             lod0 = (wc.targets >= 0).float()
             weight = torch.ones(B, 1 + N, device=device)
@@ -209,10 +227,12 @@ class MCController:
             expanded = torch.cat([blocks, groups], 1).view(B, N, n + G)
             lens_loss, lens_hit = best_variant_lens_loss(units, expanded, nll_h[:, 1:])
             loss = lm_loss + cfg.lens_loss_weight * lens_loss
-        metrics = self._metrics(lm_loss, lens_loss, lens_hit, nll_h, wc, blocks, groups, base_scores)
+            if history_lm is not None:
+                loss = loss + history_lm_weight * history_lm
+        metrics = self._metrics(lm_loss, lens_loss, lens_hit, nll_h, wc, blocks, groups, base_scores, history_lm)
         return StepOutput(loss, metrics, timer.pop())
 
-    def _metrics(self, lm_loss, lens_loss, lens_hit, nll_h, wc, blocks, groups, base_scores) -> dict:
+    def _metrics(self, lm_loss, lens_loss, lens_hit, nll_h, wc, blocks, groups, base_scores, history_lm=None) -> dict:
         """Every logged number in one host transfer."""
         dnll = nll_h[:, 1:] - nll_h[:, 1:].mean(1, keepdim=True)
         valid = wc.valid.float()
@@ -221,10 +241,12 @@ class MCController:
             lm_loss.detach(), lens_loss.detach(), lens_hit, nll_h[:, 0].mean(), nll_h[:, 1:].mean(),
             nll_h[:, 1:].min(1).values.mean(), dnll.abs().mean(), dnll.std(), (blocks.sum(1) + groups.sum(1)).float().mean(),
             wc.n_entries.float().mean(), base_scores.detach().std(), *lod_share,
+            *([] if history_lm is None else [history_lm.detach()]),
         ]).float().tolist()
         names = ["lm_loss", "lens_loss", "lens_hit", "nll_h_truncation", "nll_h_variants", "nll_h_best",
                  "dnll_abs", "dnll_std", "expansions", "wc_entries", "lens_score_std",
-                 *[f"lod{level}_share" for level in range(self.cfg.max_lod + 1)]]
+                 *[f"lod{level}_share" for level in range(self.cfg.max_lod + 1)],
+                 *([] if history_lm is None else ["history_lm_loss"])]
         metrics = dict(zip(names, values))
         metrics["variants_per_sample"] = 1 + self.cfg.num_variants
         metrics["wc_batch"] = wc.valid.size(0)

@@ -75,6 +75,7 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0 = off)"})
     answer_weight: float = field(default=1.0, metadata={"help": "loss weight of the answer tokens of --data_mix's long-range rows (natural text: 1)"})
     filler_weight: float = field(default=1.0, metadata={"help": "loss weight of the other tokens of those rows (their filler text); 0 = loss on the answers only"})
+    history_lm_weight: float = field(default=0.0, metadata={"help": "with --mc: weight of an extra LM loss over every target of the history, in windows of W raw tokens (0 = off; see mc/runtime.py)"})
     # evaluation, sampling, checkpoints, logging
     eval_every: int = field(default=250, metadata={"help": "validate every N steps (and at the end)"})
     eval_tokens: int = field(default=10 * 524288, metadata={"help": "validation tokens per evaluation"})
@@ -123,6 +124,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError("give --warmup_mix and --warmup_mix_steps > 0 together (or neither)")
     if not (cfg.answer_weight > 0 and cfg.filler_weight >= 0):
         raise ConfigError(f"--answer_weight must be > 0 and --filler_weight >= 0, got {cfg.answer_weight} and {cfg.filler_weight}")
+    if cfg.history_lm_weight < 0 or (cfg.history_lm_weight > 0 and not cfg.mc):
+        raise ConfigError(f"--history_lm_weight={cfg.history_lm_weight}: must be >= 0, and > 0 only with --mc")
     frozen = [name for name in cfg.freeze.split(",") if name]
     modules = ["gpt", *(["mc_gist", "mc_lens"] if cfg.mc else [])]
     if any(name not in modules for name in frozen):
@@ -369,7 +372,8 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
             if controller:
                 with amp:
                     out = controller.process_batch(x, y, step * grad_accum + micro, forward_fn=train_model,
-                                                   answers=answers, weights=weights)
+                                                   answers=answers, weights=weights,
+                                                   history_lm_weight=cfg.history_lm_weight)
                 with controller.timer.phase("backward"):
                     (out.loss / grad_accum).backward()
                 loss_sum += out.metrics["lm_loss"]

@@ -83,6 +83,8 @@ def test_mc_flag_errors(tiny_env, capsys):
     with pytest.raises(SystemExit):  # an unknown mode is rejected by the flag's choices
         run_train(tiny_env, "--num_iterations=1", "--mc_positional=spiral")
     assert "--mc_positional" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--history_lm_weight=0.5: .* only with --mc"):
+        run_train(tiny_env, "--num_iterations=1", "--history_lm_weight=0.5", mc=False)
 
 
 def test_mc_torchrun_two_gloo_ranks(tiny_env):

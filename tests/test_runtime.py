@@ -252,3 +252,19 @@ def test_teacher_variant_expands_the_block_whose_rare_tokens_recur_in_the_tail()
     for b in range(B):
         expanded = ((teacher[b] == RAW) & (torch.arange(n) < n - R // K)).nonzero()[:, 0].tolist()
         assert expanded == [int(planted[b])], expanded
+
+
+def test_history_lm_loss_is_the_plain_loss_over_w_windows():
+    controller, x, y = make()
+    W = controller.cfg.wc_budget
+    start = x.size(1) % W
+    windows = controller.model(x[:, start:].reshape(-1, W), y[:, start:].reshape(-1, W))
+    assert torch.allclose(controller.history_lm_loss(x, y), windows, atol=1e-5)
+    weights = torch.ones_like(y, dtype=torch.float)
+    weights[:, -W:] = 0  # only the older windows count
+    older = controller.model(x[:, start:-W].reshape(-1, W), y[:, start:-W].reshape(-1, W))
+    assert torch.allclose(controller.history_lm_loss(x, y, weights), older, atol=1e-5)
+    plain = controller.process_batch(x, y, step=0)
+    mixed = controller.process_batch(x, y, step=0, history_lm_weight=0.5)
+    assert "history_lm_loss" in mixed.metrics and "history_lm_loss" not in plain.metrics
+    assert math.isclose(mixed.loss.item(), plain.loss.item() + 0.5 * mixed.metrics["history_lm_loss"], rel_tol=1e-4)
