@@ -106,8 +106,7 @@ def test_init_from_a_plain_checkpoint(tiny_env, capsys):
     base_train.main([f"--data={tiny_env['data']}", *TINY[:2], "--max_seq_len=32", "--device_batch_size=2",
                      "--total_batch_size=64", "--eval_tokens=64", "--sample_every=-1", "--num_iterations=2",
                      "--tag=plain_init"])
-    frozen = ["--matrix_lr=0", "--embedding_lr=0", "--unembedding_lr=0"]  # the GPT stays as loaded; the MC nets train
-    run_train(tiny_env, "--num_iterations=1", "--init_from=plain_init", "--tag=mc_init", *frozen)
+    run_train(tiny_env, "--num_iterations=1", "--init_from=plain_init", "--tag=mc_init", "--freeze=gpt")  # MC nets train
     assert "initialised the GPT from" in capsys.readouterr().out
     source, started = (load_module_states(checkpoint_dir("base", t), s) for t, s in (("plain_init", 2), ("mc_init", 1)))
     assert states_equal(source["gpt"], started["gpt"])
@@ -115,3 +114,7 @@ def test_init_from_a_plain_checkpoint(tiny_env, capsys):
         run_train(tiny_env, "--num_iterations=1", "--init_from=plain_init", "--tag=mc_init2", "--width=128")
     with pytest.raises(SystemExit, match="give one of them"):
         run_train(tiny_env, "--num_iterations=1", "--init_from=plain_init", "--resume", "--tag=mc_init")
+    with pytest.raises(SystemExit, match="leaves nothing to train"):
+        run_train(tiny_env, "--num_iterations=1", "--freeze=gpt,mc_gist,mc_lens", "--tag=mc_init3")
+    with pytest.raises(SystemExit, match="can freeze only gpt, mc_gist, mc_lens"):
+        run_train(tiny_env, "--num_iterations=1", "--freeze=gpt,lm_head", "--tag=mc_init3")
