@@ -2,7 +2,7 @@
 # The main job on one machine: tokenizer -> base pretraining -> evaluation -> mid-training -> SFT ->
 # chat evaluation -> report/report.md; then chat with `uv run python -m scripts.chat_cli`.
 #
-#   bash run10.sh              GPU if one is present (d12-class run), else the CPU preset (~25 min on 2 cores)
+#   bash run10.sh              GPU if one is present (d12-class run), else the CPU preset (8 min on 2 cores)
 #   bash run10.sh --mc         with MegaContext: a GPT that copies (copy curriculum at T=256, then long-range
 #                              pretraining at T=1024), from it an MC model (then a LensNet focus phase) and
 #                              its plain twin (same data and steps), mc_eval comparing them (needle,
