@@ -42,6 +42,7 @@ from mc.positional import wc_rope
 from mc.telemetry import PhaseTimer
 from mc.tree import build_tree
 from mc.working_context import RAW, UNCOVERED, materialize, most_compressed_map, random_maps
+from nanochat.longrange import weighted_lm_loss
 
 ARMS = ("truncation", "mc", "full")  # the three validation arms at budget W
 NEG_LOGIT = -1e9  # the score of a unit LensNet cannot expand
@@ -162,11 +163,8 @@ class MCController:
         W = self.cfg.wc_budget
         start = x.size(1) % W  # histories are longer than W (MCConfig.validate)
         xs, ys = x[:, start:].reshape(-1, W), y[:, start:].reshape(-1, W)
-        per_pos = (forward_fn or self.model)(xs, ys, loss_reduction="none")  # [B·T/W, W]
-        weight = (ys >= 0).float()
-        if weights is not None:
-            weight = weight * weights[:, start:].reshape(-1, W)
-        return (per_pos * weight).sum() / weight.sum().clamp(min=1)
+        windowed = None if weights is None else weights[:, start:].reshape(-1, W)
+        return weighted_lm_loss(forward_fn or self.model, xs, ys, windowed)
 
     def process_batch(self, x, y, step: int, forward_fn=None, answers=None, weights=None,
                       history_lm_weight: float = 0.0) -> StepOutput:

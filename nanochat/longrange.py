@@ -399,6 +399,15 @@ def target_weights(answers, answer_weight: float = 1.0, filler_weight: float = 1
     return torch.where(answers, answer_weight, other).float()
 
 
+def weighted_lm_loss(model, x, y, weights=None):
+    """Next-token loss of model on x, y [B, T]: the plain mean, or the mean over the counted targets (y >= 0)
+    under weights [B, T] (from `target_weights`)."""
+    if weights is None:
+        return model(x, y)
+    weights = weights * (y >= 0)
+    return (model(x, y, loss_reduction="none") * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
 def parse_mix(spec: str, natural: str, flag: str = "--data_mix") -> dict:
     """'books:0.6,needle:0.2,...' -> {source: weight} normalised to sum 1. The natural text is named by
     `natural` (the --data value) or the alias 'text' (stored as 'text'). Raises DataMixError."""

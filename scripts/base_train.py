@@ -35,7 +35,7 @@ from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, prepare
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, SMEAR_MODES, GPTConfig
-from nanochat.longrange import DataMixError, MixedLoader, parse_mix, target_weights
+from nanochat.longrange import DataMixError, MixedLoader, parse_mix, target_weights, weighted_lm_loss
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import allreduce_grads, build_optimizers
 from nanochat.tokenizer import get_tokenizer
@@ -145,13 +145,6 @@ def format_mc_log(metrics: dict, times: dict, step_seconds: float) -> str:
             f"last-H nll trunc {metrics['nll_h_truncation']:.3f} var {metrics['nll_h_variants']:.3f} "
             f"best {metrics['nll_h_best']:.3f} |dnll| {metrics['dnll_abs']:.4f} | expansions {metrics['expansions']:.1f} | "
             f"lod mix {lod} | {phases}")
-
-
-def weighted_loss(model, x, y, weights):
-    """Next-token loss: the plain mean, or the mean under target weights [B, T] (nanochat.longrange.target_weights)."""
-    if weights is None:
-        return model(x, y)
-    return (model(x, y, loss_reduction="none") * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
 def lr_multiplier(step: int, num_iterations: int, cfg: TrainConfig) -> float:
@@ -383,7 +376,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
                     mc_times[key] = mc_times.get(key, 0.0) + value
             else:
                 with amp:
-                    loss = weighted_loss(train_model, x, y, weights)
+                    loss = weighted_lm_loss(train_model, x, y, weights)
                 (loss / grad_accum).backward()
                 loss_sum += loss.detach()
         t_opt = time.perf_counter()
