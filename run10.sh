@@ -57,11 +57,11 @@ if [ "$PRESET" = gpu ]; then
              --data_mix=fineweb-edu:0.4,copy:0.1,needle:0.3,recall:0.2 --answer_weight=5 --filler_weight=0
              --eval_every=250 --sample_every=-1)
     MC_TRAIN=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=1000
-              --data_mix=fineweb-edu:0.2,needle:0.5,recall:0.3 --answer_weight=5 --eval_every=250 --sample_every=-1)
+              --data_mix=fineweb-edu:0.2,needle:0.5,recall:0.3 --pack_rows=0.3 --answer_weight=5 --eval_every=250 --sample_every=-1)
     MC_FOCUS=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=300
               --freeze=gpt,mc_gist --data_mix=fineweb-edu:0.1,needle:0.55,recall:0.35 --eval_every=300 --sample_every=-1)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
-    MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64)
+    MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64 --mc_bag_loss_weight=0.1)
     MC_EVAL=()
     MC_MID=()
     MC_SFT=()
@@ -78,23 +78,25 @@ else
     CHAT_EVAL=(--num_longdoc=200 --num_arc=0)
     # --mc: 1. a copy curriculum at T=256 (copy rows until the induction circuit forms, then needles and
     # recall pairs, loss on the answers); 2. long-range pretraining at T=1024 (books + long-range rows);
-    # 3. from there, the same steps and data twice: with MegaContext (W=128 entries, K=32, raw tail R=32,
-    # LensNet horizon H=16) and without (the plain twin); 4. a focus phase for the MC model: GPT and
-    # GistNet frozen, LensNet alone learns which block to expand on needle/recall rows
+    # 3. from there, the same steps and data twice (30% of the long-range rows pack several shorter
+    # examples, so short histories stay in distribution): with MegaContext (W=128 entries, K=32, raw tail
+    # R=32, LensNet horizon H=16, GistNet's bag-of-tokens loss, plus an LM loss over the whole history)
+    # and without (the plain twin); 4. a focus phase for the MC model: GPT and GistNet frozen, LensNet
+    # alone learns which block to expand on needle/recall rows
     MC_COPY=(--depth=4 --max_seq_len=256 --device_batch_size=16 --total_batch_size=4096 --num_iterations=400
              --warmdown_ratio=0.3 --data_mix=copy:0.3,needle:0.35,recall:0.35 --warmup_mix=copy:1 --warmup_mix_steps=120
              --filler_weight=0 --eval_every=200 --eval_tokens=16384 --sample_every=-1 --log_every=25)
     MC_LONG=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=300
              --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.4,copy:0.1,needle:0.3,recall:0.2
              --answer_weight=5 --filler_weight=0 --eval_every=100 --eval_tokens=32768 --sample_every=-1 --log_every=25)
-    MC_TRAIN=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=400
-              --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.2,needle:0.5,recall:0.3 --answer_weight=5
-              --eval_every=200 --eval_tokens=32768 --sample_every=-1 --log_every=25)
+    MC_TRAIN=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=300
+              --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.2,needle:0.5,recall:0.3 --pack_rows=0.3
+              --answer_weight=5 --eval_every=150 --eval_tokens=32768 --sample_every=-1 --log_every=25)
     MC_FOCUS=(--depth=4 --max_seq_len=1024 --device_batch_size=16 --total_batch_size=16384 --num_iterations=400
               --freeze=gpt,mc_gist --data_mix=books:0.1,needle:0.55,recall:0.35 --warmup_ratio=0.03
               --warmdown_ratio=0.3 --eval_every=400 --eval_tokens=32768 --sample_every=-1 --log_every=25)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
-    MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=32 --mc_horizon=16)
+    MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=32 --mc_horizon=16 --mc_bag_loss_weight=0.1)
     MC_EVAL=(--needle_examples=100 --recall_examples=40 --loss_examples=24 --batch_size=16)
     # the chat stages add conversations that ask for a fact the user told many turns earlier (memory)
     MC_MID=(--data=identity,longdoc_qa:2,memory:2 --num_conversations=2000 --val_conversations=64 --num_iterations=40
@@ -108,10 +110,11 @@ run uv run python -m nanochat.report reset
 run uv run python -m scripts.tok_train --data="$DATA" --vocab_size="$VOCAB"
 run uv run python -m scripts.tok_eval --data="$DATA"
 if [ "$MC" -eq 1 ]; then
-    # a GPT that copies, then the MC model and its plain twin (same start, data and steps): the arms of mc_eval
+    # a GPT that copies, then the MC model and its plain twin (same start, data and steps; the MC model also
+    # learns from every target of its histories, --history_lm_weight, as the plain one does): the arms of mc_eval
     run uv run python -m scripts.base_train --data="$DATA" "${MC_COPY[@]}" --tag=copy
     run uv run python -m scripts.base_train --data="$DATA" "${MC_LONG[@]}" --init_from=copy --tag=long
-    run uv run python -m scripts.base_train --data="$DATA" "${MC_TRAIN[@]}" "${MC_FLAGS[@]}" --init_from=long --tag=mc_joint
+    run uv run python -m scripts.base_train --data="$DATA" "${MC_TRAIN[@]}" "${MC_FLAGS[@]}" --history_lm_weight=1 --init_from=long --tag=mc_joint
     run uv run python -m scripts.base_train --data="$DATA" "${MC_FOCUS[@]}" "${MC_FLAGS[@]}" --init_from=mc_joint --tag=mc
     run uv run python -m scripts.base_train --data="$DATA" "${PLAIN_TWIN[@]}" --init_from=long --tag=plain
     run uv run python -m scripts.mc_eval --mc_tag=mc --plain_tag=plain "${MC_EVAL[@]}"

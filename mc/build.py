@@ -15,6 +15,7 @@ from mc.lensnet import LensNet
 from mc.runtime import MCController
 
 AUX_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0}  # settings of checkpoints saved before the field existed
 
 
 def build_controller(model, cfg: MCConfig, rank: int = 0) -> MCController:
@@ -23,7 +24,7 @@ def build_controller(model, cfg: MCConfig, rank: int = 0) -> MCController:
     weight = model.lm_head.weight
     dtype = weight.dtype if cfg.aux_dtype == "auto" else AUX_DTYPES[cfg.aux_dtype]
     d_model = model.config.n_embd
-    gistnet = GistNet(cfg, d_model).to(device=weight.device, dtype=dtype)
+    gistnet = GistNet(cfg, d_model, model.config.vocab_size).to(device=weight.device, dtype=dtype)
     lensnet = LensNet(cfg, d_model).to(device=weight.device, dtype=dtype)
     return MCController(model, gistnet, lensnet, cfg, rank)
 
@@ -34,7 +35,7 @@ def load_controller(model, states: dict, meta: dict, rank: int = 0) -> MCControl
     if "mc_config" not in meta or "mc_gist" not in states:
         raise CheckpointError("this checkpoint was trained without --mc: it has no GistNet/LensNet to load")
     try:
-        cfg = MCConfig(**meta["mc_config"])
+        cfg = MCConfig(**{**LEGACY_MC_CONFIG, **meta["mc_config"]})
     except TypeError as e:
         raise CheckpointError(f"the checkpoint's MegaContext config is incompatible ({e})") from None
     controller = build_controller(model, cfg, rank)

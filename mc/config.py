@@ -46,6 +46,7 @@ class MCConfig:
     positional: str = field(default="gaussian", metadata={"help": "rotary positions of gists", "choices": ["gaussian", "index"]})
     aux_dtype: str = field(default="auto", metadata={"help": "dtype of GistNet/LensNet (auto = follow the model)", "choices": ["auto", "fp32", "bf16"]})
     lens_loss_weight: float = field(default=0.1, metadata={"help": "weight of the LensNet loss"})
+    bag_loss_weight: float = field(default=0.0, metadata={"help": "weight of GistNet's bag-of-tokens loss: every gist predicts the tokens it covers through a linear head, so gists keep the identity of rare tokens (keys) that LensNet matches against the question (0 = off, no head)"})
     baseline_loss_weight: float = field(default=1.0, metadata={"help": "weight of the truncation baseline in the LM loss"})
     cache_lod0: bool = field(default=True, metadata={"help": "keep the LOD0 embedding cache (off: recompute, less memory)"})
     seed: int = field(default=0, metadata={"help": "seed of variant sampling"})
@@ -79,8 +80,8 @@ class MCConfig:
             fail("--mc_max_edits, --mc_allocator_iterations and --mc_top_k must be >= 1")
         if self.temperature <= 0:
             fail(f"--mc_temperature={self.temperature} must be > 0")
-        if self.lens_loss_weight < 0 or self.baseline_loss_weight < 0:
-            fail("loss weights (--mc_lens_loss_weight, --mc_baseline_loss_weight) must be >= 0")
+        if self.lens_loss_weight < 0 or self.baseline_loss_weight < 0 or self.bag_loss_weight < 0:
+            fail("loss weights (--mc_lens_loss_weight, --mc_baseline_loss_weight, --mc_bag_loss_weight) must be >= 0")
         if sequence_len is not None:
             if sequence_len % K:
                 fail(f"--mc_block_size={K} does not divide the sequence length {sequence_len} (--max_seq_len)")

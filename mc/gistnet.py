@@ -16,6 +16,11 @@ The head's last layer (and every residual output projection) starts at zero, so 
 gist equals the mean of its block's entries: a sensible stand-in from step 0 that training
 then refines through the LM loss.
 
+With `bag_loss_weight` > 0 GistNet also has a bag head, Linear(D -> vocab) on norm(gist), trained
+(`bag_loss`) to predict every token a gist covers. The LM loss alone lets a gist forget the rare
+tokens of a block the GPT never copies from through it (e.g. a needle's key); LensNet has to
+match exactly those against the question to find the block.
+
 Choices recorded here:
 - `gist_type="mean"` is the cheap baseline: no body and `gist_pooling` is ignored (the pool is
   the masked mean of the normed inputs, level embedding included); the head is still there.
@@ -99,8 +104,10 @@ class EncoderBlock(nn.Module):
 
 
 class GistNet(nn.Module):
-    def __init__(self, cfg: MCConfig, d_model: int):
+    def __init__(self, cfg: MCConfig, d_model: int, vocab_size: int = 0):
         super().__init__()
+        if cfg.bag_loss_weight > 0 and vocab_size < 1:
+            raise ValueError("GistNet with --mc_bag_loss_weight > 0 needs the vocab size for its bag head")
         self.cfg, self.d_model = cfg, d_model
         D, K = d_model, cfg.block_size
         self.is_transformer = cfg.gist_type == "transformer"
@@ -120,6 +127,7 @@ class GistNet(nn.Module):
             self.head = nn.Sequential(nn.Linear(D, 4 * D, bias=False), ReluSquared(), nn.Linear(4 * D, D, bias=False))
         else:
             self.head = nn.Sequential(nn.Linear(D, D, bias=False))
+        self.bag_head = nn.Linear(D, vocab_size, bias=False) if cfg.bag_loss_weight > 0 else None
         self.init_weights()
 
     @torch.no_grad()
@@ -140,6 +148,8 @@ class GistNet(nn.Module):
         for lin in inner:
             init_linear(lin)
         init_linear(last, zero=True)
+        if self.bag_head is not None:
+            init_linear(self.bag_head)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -187,6 +197,19 @@ class GistNet(nn.Module):
         if has_real is not None:
             gist = gist * has_real.to(gist.dtype)  # an empty block has a zero gist
         return gist.to(out_dtype)
+
+    def bag_loss(self, levels, ids):
+        """Mean NLL of every token under its covering gists' bag head: levels = [lod0, lod1 [B, T//K, D], ...] (from
+        mc.tree.build_tree), ids [B, T] the tokens. Each level's gist predicts the K^level tokens it covers."""
+        B, T = ids.shape
+        losses = []
+        for level, gists in enumerate(levels[1:], start=1):
+            span = self.cfg.block_size ** level
+            n = gists.size(1)
+            logp = F.log_softmax(self.bag_head(norm(gists.to(self.bag_head.weight.dtype))).float(), dim=-1)  # [B, n, V]
+            covered = ids[:, :n * span].reshape(B, n, span)  # [B, n, span]
+            losses.append(-logp.gather(-1, covered).mean())
+        return torch.stack(losses).mean()
 
     def attend_pool(self, x, attn_mask):
         """A learned query per head attends over x [N, L, D] (attn_mask [N, 1, 1, L] or None) -> [N, D]."""

@@ -3,8 +3,8 @@
 Per micro-batch x, y [B, T] (history T > W):
  1. tree: LOD0 = wte(x), LOD1/LOD2 gists by one batched GistNet call per level (differentiable);
  2. base WC per sequence = the most compressed cover; LensNet scores its entries (with grad), reading
-    only the history before the scored targets (`focus_ends`: up to the first answer of a long-range
-    row, else up to the last H targets), as it would at inference, where the answer is not yet known;
+    only the history before the scored targets (`focus_ends`: up to the first answer among the last H
+    targets, else up to the last H targets), as it would at inference, where the answer is not yet known;
  3. V = B (1 + N) working contexts, sequence-major: per sequence the truncation baseline (last W
     raw tokens) and N compressed variants that all start from the base and only expand:
     `teacher_variants` focused by the lexical-overlap teacher (greedy on the blocks whose rare
@@ -18,7 +18,8 @@ Per micro-batch x, y [B, T] (history T > W):
  5. LM loss = weighted mean over all LOD0 targets of all variants (baseline weight configurable;
     optional per-target weights, e.g. answers of long-range rows counted more); optionally
     (`--history_lm_weight`) plus an LM loss over every target of the history in W-token windows, so
-    the GPT learns from as many targets per row as a plain model (`history_lm_loss`);
+    the GPT learns from as many targets per row as a plain model (`history_lm_loss`); optionally
+    (`--mc_bag_loss_weight`) plus GistNet's bag-of-tokens loss (mc.gistnet: gists keep rare tokens);
  6. LensNet loss from measured counterfactuals: every variant of a sequence ends in the same raw
     tail, so the NLL of the last H targets is comparable across them. The units the best variant
     expanded are the targets of a softmax over LensNet's scores of all expandable units, weighted by
@@ -62,10 +63,12 @@ def rel_pos(wc):
 
 def focus_ends(answers, horizon: int):
     """[B] tokens of history LensNet may read when it decides the focus of rows x [B, T]: everything up to the
-    input of the first answer target (answers [B, T] bool over the targets y), or, in a row without answers,
-    up to the input of the first of the last H targets. The focus is decided before what it is judged on."""
-    B, T = answers.shape
-    first = torch.where(answers.any(1), answers.float().argmax(1), T - horizon)  # [B] first scored target
+    input of the first answer target among the last H targets (answers [B, T] bool over the targets y; the
+    answers of earlier queries or of an earlier packed example are history), or, where none of the last H
+    is an answer, up to the input of the first of them. The focus is decided before what it is judged on."""
+    T = answers.shape[1]
+    scored = answers[:, T - horizon:]  # [B, H]
+    first = T - horizon + torch.where(scored.any(1), scored.float().argmax(1), 0)  # [B] first scored answer
     return first + 1
 
 
@@ -169,7 +172,7 @@ class MCController:
     def process_batch(self, x, y, step: int, forward_fn=None, answers=None, weights=None,
                       history_lm_weight: float = 0.0) -> StepOutput:
         """answers [B, T] bool (optional) marks answer targets (long-range rows): LensNet decides the focus before
-        the first of them (`focus_ends`); weights [B, T] (optional) weigh the targets in the LM loss;
+        the first of them among the last H targets (`focus_ends`); weights [B, T] (optional) weigh the targets in the LM loss;
         history_lm_weight > 0 adds that much of `history_lm_loss`."""
         cfg, K, N = self.cfg, self.cfg.block_size, self.cfg.num_variants
         B, T = x.shape
@@ -227,10 +230,15 @@ class MCController:
             loss = lm_loss + cfg.lens_loss_weight * lens_loss
             if history_lm is not None:
                 loss = loss + history_lm_weight * history_lm
-        metrics = self._metrics(lm_loss, lens_loss, lens_hit, nll_h, wc, blocks, groups, base_scores, history_lm)
+            bag = self.gistnet.bag_loss(levels, x) if cfg.bag_loss_weight > 0 else None
+            if bag is not None:
+                loss = loss + cfg.bag_loss_weight * bag
+        extra = {"history_lm_loss": history_lm, "bag_loss": bag}
+        metrics = self._metrics(lm_loss, lens_loss, lens_hit, nll_h, wc, blocks, groups, base_scores,
+                                {k: v for k, v in extra.items() if v is not None})
         return StepOutput(loss, metrics, timer.pop())
 
-    def _metrics(self, lm_loss, lens_loss, lens_hit, nll_h, wc, blocks, groups, base_scores, history_lm=None) -> dict:
+    def _metrics(self, lm_loss, lens_loss, lens_hit, nll_h, wc, blocks, groups, base_scores, extra: dict) -> dict:
         """Every logged number in one host transfer."""
         dnll = nll_h[:, 1:] - nll_h[:, 1:].mean(1, keepdim=True)
         valid = wc.valid.float()
@@ -239,12 +247,12 @@ class MCController:
             lm_loss.detach(), lens_loss.detach(), lens_hit, nll_h[:, 0].mean(), nll_h[:, 1:].mean(),
             nll_h[:, 1:].min(1).values.mean(), dnll.abs().mean(), dnll.std(), (blocks.sum(1) + groups.sum(1)).float().mean(),
             wc.n_entries.float().mean(), base_scores.detach().std(), *lod_share,
-            *([] if history_lm is None else [history_lm.detach()]),
+            *[v.detach() for v in extra.values()],
         ]).float().tolist()
         names = ["lm_loss", "lens_loss", "lens_hit", "nll_h_truncation", "nll_h_variants", "nll_h_best",
                  "dnll_abs", "dnll_std", "expansions", "wc_entries", "lens_score_std",
                  *[f"lod{level}_share" for level in range(self.cfg.max_lod + 1)],
-                 *([] if history_lm is None else ["history_lm_loss"])]
+                 *extra]
         metrics = dict(zip(names, values))
         metrics["variants_per_sample"] = 1 + self.cfg.num_variants
         metrics["wc_batch"] = wc.valid.size(0)

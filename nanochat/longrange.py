@@ -58,6 +58,7 @@ N_SYNTHETIC_SENTENCES = 1024  # pool of pre-tokenized bland filler sentences
 COPY_MIN_SPAN = 8  # shortest repeated span of a copy row (tokens)
 PLACE_TRIES = 8  # candidate positions per decoy before it is dropped
 REDRAWS = 20  # draws of keys/values before giving up on an example whose filler holds them
+MAX_PACKED = 4  # most examples in one packed row
 
 
 class DataMixError(ValueError):
@@ -384,6 +385,31 @@ class LongRange:
             return self.copy(rng, n, filler)
         raise ValueError(f"unknown long-range source {source!r}; known: {SYNTHETIC}")
 
+    def packed(self, source: str, rng, n: int, filler=None) -> Example:
+        """2..MAX_PACKED examples of `source` back to back in a row of n tokens, each opening with BOS (like packed
+        documents). Each piece's length is log-uniform between the shortest row the generator accepts and what
+        is left, so the first piece (at positions 0..m, as a short standalone sequence is) is often short:
+        a model trained only on full-length rows forgets how to answer after short histories. Keys of
+        different pieces are drawn independently (a rare repeated key is a decoy from another document)."""
+        lo = self.min_row_len(source)
+        lengths, left = [], n
+        while left >= 2 * lo and len(lengths) < MAX_PACKED - 1:
+            m = int(np.exp(rng.uniform(np.log(lo), np.log(left - lo))))
+            lengths.append(m)
+            left -= m
+        lengths.append(left)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        pieces = []
+        for start, m in zip(starts, lengths):
+            example = self.generate(source, rng, m, None if filler is None else filler[start:start + m])
+            example.tokens[0] = self.bos
+            pieces.append(example)
+        shift = lambda spans, s: [(a + s, b + s) for a, b in spans]  # noqa: E731
+        return Example(np.concatenate([e.tokens for e in pieces]), source,
+                       [span for e, s in zip(pieces, starts) for span in shift(e.answers, int(s))],
+                       [span for e, s in zip(pieces, starts) for span in shift(e.evidence, int(s))],
+                       np.concatenate([e.mask for e in pieces]), {"pieces": lengths})
+
 
 # ---------------------------------------------------------------------------------------------
 # training mix
@@ -440,15 +466,18 @@ class MixedLoader:
     Row i of this rank picks its source by np.random.default_rng([seed, rank, i]) and the weights of
     `mix` (from parse_mix), or of `warmup_mix` for the first `warmup_rows` rows (a curriculum: e.g. copy
     rows only, until the induction circuit has formed); a synthetic row is drawn from the same RNG with filler from a second loader
-    over the same corpus (seed + 1, so it does not repeat the natural rows). Natural rows come one at a
+    over the same corpus (seed + 1, so it does not repeat the natural rows), and with probability `pack` it
+    holds several shorter examples (`LongRange.packed`). Natural rows come one at a
     time from a batch-1 DataLoader that rotates over batch_size packing lanes (train), so a batch's
     rows are different documents. state = row counter + both loaders' states.
     """
 
     def __init__(self, tokenizer, batch_size: int, seq_len: int, data_dir, mix: dict, split: str = "train",
                  seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu", block_size: int = 32,
-                 warmup_mix: dict | None = None, warmup_rows: int = 0):
-        self.batch_size, self.seq_len, self.seed, self.rank = batch_size, seq_len, seed, rank
+                 warmup_mix: dict | None = None, warmup_rows: int = 0, pack: float = 0.0):
+        if not 0 <= pack <= 1:
+            raise DataMixError(f"--pack_rows={pack} must lie in [0, 1]")
+        self.batch_size, self.seq_len, self.seed, self.rank, self.pack = batch_size, seq_len, seed, rank, pack
         self.mix, self.warmup_mix, self.warmup_rows = dict(mix), dict(warmup_mix or {}), warmup_rows if warmup_mix else 0
         self.tables = [(list(m), np.cumsum(list(m.values()))) for m in (self.mix, self.warmup_mix or self.mix)]
         self.names = list(dict.fromkeys([*self.mix, *self.warmup_mix]))  # every source either mix uses
@@ -478,7 +507,9 @@ class MixedLoader:
         self.row += 1
         if source == NATURAL_ALIAS:
             return self.natural.next_rows()[0], np.zeros(self.seq_len + 1, dtype=bool)
-        example = self.gen.generate(source, rng, self.seq_len + 1, self.filler.next_rows()[0])
+        filler = self.filler.next_rows()[0]
+        packed = self.pack > 0 and rng.random() < self.pack  # no draw when off: rows stay as without packing
+        example = (self.gen.packed if packed else self.gen.generate)(source, rng, self.seq_len + 1, filler)
         return example.tokens, example.mask
 
     def next_rows(self) -> tuple[np.ndarray, np.ndarray]:
@@ -496,19 +527,20 @@ class MixedLoader:
 
     def state_dict(self) -> dict:
         return {"kind": "mixed", "mix": self.mix, "warmup_mix": self.warmup_mix, "warmup_rows": self.warmup_rows,
-                "seed": self.seed, "rank": self.rank, "row": self.row,
+                "pack": self.pack, "seed": self.seed, "rank": self.rank, "row": self.row,
                 "natural": self.natural.state_dict() if self.natural else None,
                 "filler": self.filler.state_dict() if self.filler else None}
 
     def load_state_dict(self, state: dict):
         if state.get("kind") != "mixed":
             raise DataMixError("the saved loader state is of a run without --data_mix; resume with the same flags")
-        saved = (state["mix"], state.get("warmup_mix", {}), state.get("warmup_rows", 0), state["seed"], state["rank"])
-        if saved != (self.mix, self.warmup_mix, self.warmup_rows, self.seed, self.rank):
+        saved = (state["mix"], state.get("warmup_mix", {}), state.get("warmup_rows", 0), state.get("pack", 0.0),
+                 state["seed"], state["rank"])
+        if saved != (self.mix, self.warmup_mix, self.warmup_rows, self.pack, self.seed, self.rank):
             raise DataMixError(f"the saved loader state has --data_mix {state['mix']}, --warmup_mix "
-                               f"{state.get('warmup_mix', {})} for {state.get('warmup_rows', 0)} rows, seed {state['seed']}, "
-                               f"rank {state['rank']}; this run has {self.mix}, {self.warmup_mix} for {self.warmup_rows} "
-                               f"rows, {self.seed}, {self.rank}")
+                               f"{state.get('warmup_mix', {})} for {state.get('warmup_rows', 0)} rows, --pack_rows "
+                               f"{state.get('pack', 0.0)}, seed {state['seed']}, rank {state['rank']}; this run has {self.mix}, "
+                               f"{self.warmup_mix} for {self.warmup_rows} rows, {self.pack}, {self.seed}, {self.rank}")
         self.row = state["row"]
         for loader, key in ((self.natural, "natural"), (self.filler, "filler")):
             if loader is not None:

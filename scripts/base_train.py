@@ -53,6 +53,7 @@ class TrainConfig:
                                                         "(natural text = the --data value or 'text'; see nanochat/longrange.py); empty = --data only"})
     warmup_mix: str = field(default="", metadata={"help": "a --data_mix spec for the first --warmup_mix_steps steps (a curriculum), e.g. copy:1 until the copy circuit forms"})
     warmup_mix_steps: int = field(default=0, metadata={"help": "steps that draw their rows from --warmup_mix"})
+    pack_rows: float = field(default=0.0, metadata={"help": "share of --data_mix's long-range rows that hold 2-4 examples of random lengths back to back, so short histories stay in distribution"})
     depth: int = field(default=12, metadata={"help": "number of transformer layers; width = 64 * depth"})
     width: int = field(default=0, metadata={"help": "model width override (0 = 64 * depth)"})
     head_dim: int = field(default=64, metadata={"help": "attention head dimension", "choices": [64, 128]})
@@ -122,6 +123,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         parse_mix(cfg.warmup_mix, cfg.data, "--warmup_mix")
     if cfg.warmup_mix_steps < 0 or bool(cfg.warmup_mix) != (cfg.warmup_mix_steps > 0):
         raise ConfigError("give --warmup_mix and --warmup_mix_steps > 0 together (or neither)")
+    if not 0 <= cfg.pack_rows <= 1 or (cfg.pack_rows > 0 and not cfg.data_mix):
+        raise ConfigError(f"--pack_rows={cfg.pack_rows}: must lie in [0, 1], and > 0 only with --data_mix")
     if not (cfg.answer_weight > 0 and cfg.filler_weight >= 0):
         raise ConfigError(f"--answer_weight must be > 0 and --filler_weight >= 0, got {cfg.answer_weight} and {cfg.filler_weight}")
     if cfg.history_lm_weight < 0 or (cfg.history_lm_weight > 0 and not cfg.mc):
@@ -132,6 +135,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"--freeze={cfg.freeze}: can freeze only {', '.join(modules)}" + ("" if cfg.mc else " (mc_* need --mc)"))
     if set(modules) <= set(frozen):
         raise ConfigError(f"--freeze={cfg.freeze} leaves nothing to train")
+    if cfg.history_lm_weight > 0 and "gpt" in frozen:
+        raise ConfigError(f"--history_lm_weight={cfg.history_lm_weight} trains only the GPT, which --freeze={cfg.freeze} keeps fixed")
     if cfg.init_from and cfg.resume:
         raise ConfigError("--init_from starts a new run and --resume continues one: give one of them")
     return cfg.total_batch_size // tokens_per_fwd
@@ -141,10 +146,11 @@ def format_mc_log(metrics: dict, times: dict, step_seconds: float) -> str:
     """One console line of MegaContext telemetry: losses, counterfactual NLLs, LOD mix, phase shares."""
     lod = "/".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.startswith("lod"))
     phases = " ".join(f"{k} {100 * v / step_seconds:.0f}%" for k, v in times.items())
+    bag = f"bag {metrics['bag_loss']:.3f} | " if "bag_loss" in metrics else ""
     return (f"      mc | lm {metrics['lm_loss']:.3f} | lens {metrics['lens_loss']:.3f} hit {metrics['lens_hit']:.2f} | "
             f"last-H nll trunc {metrics['nll_h_truncation']:.3f} var {metrics['nll_h_variants']:.3f} "
             f"best {metrics['nll_h_best']:.3f} |dnll| {metrics['dnll_abs']:.4f} | expansions {metrics['expansions']:.1f} | "
-            f"lod mix {lod} | {phases}")
+            f"lod mix {lod} | {bag}{phases}")
 
 
 def lr_multiplier(step: int, num_iterations: int, cfg: TrainConfig) -> float:
@@ -232,6 +238,9 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
             for name, module in mc_modules.items():
                 load_state_strict(module, states[name], f"--init_from={cfg.init_from} ({init_dir}, {name})")
             print0(f"initialised GistNet and LensNet from {init_dir} too")
+        elif controller and meta.get("mc_config"):
+            differ = sorted(k for k, v in asdict(mc_cfg).items() if meta["mc_config"].get(k) != v)
+            print0(f"GistNet and LensNet start fresh: {init_dir} has other --mc_* settings ({', '.join(differ)})")
     if cfg.resume:
         start_step = find_last_step(ckpt_dir)
         saved, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
@@ -279,7 +288,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
                              seed=cfg.seed, rank=rank, world_size=world_size, device=device,
                              block_size=mc_cfg.block_size if mc_cfg else 32,
                              warmup_mix=parse_mix(cfg.warmup_mix, cfg.data, "--warmup_mix") if cfg.warmup_mix else None,
-                             warmup_rows=cfg.warmup_mix_steps * batch_size * grad_accum)
+                             warmup_rows=cfg.warmup_mix_steps * batch_size * grad_accum, pack=cfg.pack_rows)
     else:
         loader = DataLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, split="train", seed=cfg.seed,
                             rank=rank, world_size=world_size, device=device)

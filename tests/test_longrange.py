@@ -186,3 +186,34 @@ def test_base_train_data_mix_flag(tiny_env):
         base_train.main(common + ["--data_mix=needle:1", "--warmup_mix=copy:1"])
     with pytest.raises(SystemExit, match="needs a --data_mix"):
         base_train.main(common + ["--warmup_mix=copy:1", "--warmup_mix_steps=2"])
+    with pytest.raises(SystemExit, match="--pack_rows"):
+        base_train.main(common + ["--pack_rows=0.5"])  # packing needs long-range rows
+    with pytest.raises(SystemExit, match="--pack_rows"):
+        base_train.main(common + ["--data_mix=needle:1", "--pack_rows=1.5"])
+
+
+def test_packed_rows_hold_several_short_examples(gen, tiny_env, data_dir):
+    filler = rng(9).integers(300, 500, size=1100)
+    firsts = []
+    for i in range(30):
+        for source in ("needle", "recall", "copy"):
+            ex = gen.packed(source, rng(i), 1025, filler if i % 2 else None)
+            pieces = ex.meta["pieces"]
+            starts = np.concatenate([[0], np.cumsum(pieces)[:-1]])
+            assert sum(pieces) == 1025 and ex.tokens.shape == (1025,) and 1 <= len(pieces) <= 4
+            assert (ex.tokens[starts] == gen.bos).all() and min(pieces) >= gen.min_row_len(source)
+            assert ex.mask.sum() == sum(e - s for s, e in ex.answers)
+            for (s, e), (p0, p1) in zip(ex.answers, ex.evidence):  # each answer is in its own piece's history
+                assert p1 <= s and starts[starts <= s].max() <= p0
+                assert _count(ex.tokens[p0:p1], ex.tokens[s:e]) == 1
+            firsts.append(pieces[0])
+    assert np.median(firsts) < 400 and len(set(firsts)) > 20  # the first piece is often a short history
+    mix = parse_mix("needle:1", tiny_env["data"])
+    packing = MixedLoader(tiny_env["tokenizer"], 2, 255, data_dir, mix, seed=3, block_size=K, pack=0.5)
+    runs = [int((np.diff(packing.next_row()[1].astype(int)) == 1).sum()) for _ in range(40)]  # answers per row
+    assert sum(r > 1 for r in runs) >= 10 and sum(r == 1 for r in runs) >= 10
+    state = packing.state_dict()
+    with pytest.raises(DataMixError, match="pack_rows"):
+        MixedLoader(tiny_env["tokenizer"], 2, 255, data_dir, mix, seed=3, block_size=K).load_state_dict(state)
+    with pytest.raises(DataMixError, match="pack_rows"):
+        MixedLoader(tiny_env["tokenizer"], 2, 255, data_dir, mix, pack=2.0)

@@ -85,6 +85,10 @@ def test_mc_flag_errors(tiny_env, capsys):
     assert "--mc_positional" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--history_lm_weight=0.5: .* only with --mc"):
         run_train(tiny_env, "--num_iterations=1", "--history_lm_weight=0.5", mc=False)
+    with pytest.raises(SystemExit, match="--history_lm_weight=0.5 trains only the GPT"):
+        run_train(tiny_env, "--num_iterations=1", "--history_lm_weight=0.5", "--freeze=gpt")
+    with pytest.raises(SystemExit, match="bag_loss_weight"):
+        run_train(tiny_env, "--num_iterations=1", "--mc_bag_loss_weight=-1")
 
 
 def test_mc_torchrun_two_gloo_ranks(tiny_env):
@@ -118,3 +122,20 @@ def test_init_from_a_plain_checkpoint(tiny_env, capsys):
         run_train(tiny_env, "--num_iterations=1", "--freeze=gpt,mc_gist,mc_lens", "--tag=mc_init3")
     with pytest.raises(SystemExit, match="can freeze only gpt, mc_gist, mc_lens"):
         run_train(tiny_env, "--num_iterations=1", "--freeze=gpt,lm_head", "--tag=mc_init3")
+
+
+def test_focus_phase_from_an_mc_checkpoint_with_the_bag_loss(tiny_env, capsys):
+    """MC training with GistNet's bag loss, then a focus phase (--init_from it, GPT and GistNet frozen): the nets
+    load from the checkpoint, only LensNet changes, and the bag head travels with GistNet."""
+    bag = "--mc_bag_loss_weight=0.5"
+    run_train(tiny_env, "--num_iterations=2", bag, "--tag=mc_bag")
+    assert "| bag " in capsys.readouterr().out
+    run_train(tiny_env, "--num_iterations=2", bag, "--init_from=mc_bag", "--freeze=gpt,mc_gist", "--tag=mc_bag_focus")
+    assert "initialised GistNet and LensNet from" in capsys.readouterr().out
+    source, focused = load_module_states(checkpoint_dir("base", "mc_bag"), 2), load_module_states(checkpoint_dir("base", "mc_bag_focus"), 2)
+    assert "bag_head.weight" in focused["mc_gist"]
+    assert states_equal(source["gpt"], focused["gpt"]) and states_equal(source["mc_gist"], focused["mc_gist"])
+    assert not states_equal(source["mc_lens"], focused["mc_lens"])
+    run_train(tiny_env, "--num_iterations=1", "--init_from=mc_bag", "--tag=mc_nobag")  # other --mc_* flags: fresh nets
+    out = capsys.readouterr().out
+    assert "initialised GistNet and LensNet" not in out and "start fresh" in out and "(bag_loss_weight)" in out

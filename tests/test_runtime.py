@@ -268,3 +268,44 @@ def test_history_lm_loss_is_the_plain_loss_over_w_windows():
     mixed = controller.process_batch(x, y, step=0, history_lm_weight=0.5)
     assert "history_lm_loss" in mixed.metrics and "history_lm_loss" not in plain.metrics
     assert math.isclose(mixed.loss.item(), plain.loss.item() + 0.5 * mixed.metrics["history_lm_loss"], rel_tol=1e-4)
+
+
+def test_focus_ends_at_the_first_scored_answer():
+    T, H = 64, 8
+    answers = torch.zeros(3, T, dtype=torch.bool)
+    answers[0, 60:62] = True  # one answer inside the horizon
+    answers[1, 20:23] = True  # an earlier answer (another query or a packed example) is history ...
+    answers[1, 58:60] = True  # ... the focus is decided before the scored one
+    # row 2: no answer: up to the first of the last H targets
+    assert mc.runtime.focus_ends(answers, H).tolist() == [61, 59, T - H + 1]
+
+
+def test_bag_loss_teaches_gists_the_tokens_they_cover():
+    controller, x, y = make(bag_loss_weight=1.0)
+    gistnet = controller.gistnet
+    assert gistnet.bag_head is not None and make()[0].gistnet.bag_head is None  # no head when off
+    out = controller.process_batch(x, y, step=0)
+    assert "bag_loss" in out.metrics
+    levels = build_tree(controller.model.transformer.wte(x), gistnet, controller.cfg)
+    bag = gistnet.bag_loss(levels, x)
+    assert bag.item() == pytest.approx(out.metrics["bag_loss"], rel=1e-4)
+    assert {"bag_head.weight", "head.2.weight"} <= nonzero_grads(bag, gistnet)  # head and the gist itself
+    assert not nonzero_grads(bag, controller.lensnet)
+    opt = torch.optim.Adam(gistnet.parameters(), lr=3e-3)
+    for _ in range(30):  # a few steps on the bag loss alone: gists come to predict their own tokens
+        opt.zero_grad()
+        gistnet.bag_loss(build_tree(controller.model.transformer.wte(x).detach(), gistnet, controller.cfg), x).backward()
+        opt.step()
+    after = gistnet.bag_loss(build_tree(controller.model.transformer.wte(x), gistnet, controller.cfg), x)
+    assert after.item() < bag.item() - 0.5
+
+
+def test_checkpoints_from_before_the_bag_loss_load(tmp_path):
+    from dataclasses import asdict
+
+    from mc.build import load_controller
+    controller, _, _ = make()
+    meta = {"mc_config": {k: v for k, v in asdict(controller.cfg).items() if k != "bag_loss_weight"}}
+    states = {"mc_gist": controller.gistnet.state_dict(), "mc_lens": controller.lensnet.state_dict()}
+    loaded = load_controller(controller.model, states, meta)
+    assert loaded.cfg.bag_loss_weight == 0.0 and loaded.gistnet.bag_head is None
