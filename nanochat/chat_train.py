@@ -16,7 +16,6 @@
   checkpoints/<stage>/<tag> (resumable) -> report section.
 """
 
-import itertools
 import json
 import math
 import random
@@ -35,7 +34,7 @@ from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, f
                                  model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint)
 from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir, print0,
                              synchronize)
-from nanochat.dataset import DataError, iter_documents, prepare
+from nanochat.dataset import DataError, filler_paragraphs, prepare
 from nanochat.longdoc_qa import LongDocQAConfig, longdoc_qa
 from nanochat.optim import allreduce_grads, build_optimizers
 from nanochat.tokenizer import get_tokenizer
@@ -166,13 +165,6 @@ class ChatBatcher:
 
 # -----------------------------------------------------------------------------
 # long-document QA sized to the context
-
-def filler_paragraphs(data_dir, split: str, limit: int = 20_000, min_words: int = 8) -> list[str]:
-    """Up to `limit` paragraphs of a pretraining corpus (like longdoc_qa.book_paragraphs, but capped,
-    so a large corpus such as fineweb-edu is not read whole)."""
-    blocks = (" ".join(block.split()) for doc in iter_documents(data_dir, split) for block in doc.split("\n\n"))
-    return list(itertools.islice((b for b in blocks if b.count(" ") + 1 >= min_words), limit))
-
 
 def fit_longdoc(tokenizer, seq_len: int, filler=None, fill: float = 0.85) -> LongDocQAConfig:
     """A longdoc_qa config whose conversations take about `fill` x seq_len tokens, measured on probe examples

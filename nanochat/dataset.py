@@ -33,6 +33,7 @@ import json
 import time
 import shutil
 import hashlib
+import itertools
 import zipfile
 import subprocess
 import http.client
@@ -380,3 +381,10 @@ def prepare(source: str) -> Path:
             raise DataError(f"data source {source!r}: N in 'fineweb-edu:N' must be a positive integer")
         return _prepare_fineweb(int(n))
     return _prepare_user_dir(Path(source).expanduser())
+
+
+def filler_paragraphs(data_dir, split: str, limit: int = 20_000, min_words: int = 8) -> list[str]:
+    """Up to `limit` paragraphs of a pretraining corpus (like longdoc_qa.book_paragraphs, but capped,
+    so a large corpus such as fineweb-edu is not read whole)."""
+    blocks = (" ".join(block.split()) for doc in iter_documents(data_dir, split) for block in doc.split("\n\n"))
+    return list(itertools.islice((b for b in blocks if b.count(" ") + 1 >= min_words), limit))

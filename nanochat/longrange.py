@@ -19,6 +19,9 @@ shared horizon H). Four generators, methods of `LongRange`:
 - `copy`: a span of the filler repeated at the end of the row (the repeat is predictable only by
   looking back): the dense copy signal that makes a small GPT form its induction circuit within a
   few hundred steps, which retrieval of needles and recall pairs then builds on.
+- `memory`: a memory conversation (nanochat.memory_chat: the user tells facts, shares passages, then
+  asks for one) in the chat format, ending at the row end with the assistant's answer: retrieval in
+  the form a chat needs it (the question paraphrases the fact instead of repeating it).
 
 Keys and values come from word lists (nanochat.longdoc_qa) and random digits. All text pieces are
 tokenized once in `LongRange.__init__`; an example is assembled by concatenating pre-tokenized
@@ -44,10 +47,12 @@ import numpy as np
 import torch
 
 from nanochat.dataloader import DataLoader, rows_to_batch
+from nanochat.dataset import filler_paragraphs
 from nanochat.longdoc_qa import (ADJECTIVES, CREATURES, FILLER_ENDINGS, FILLER_SUBJECTS, FILLER_VERBS, FIRST_NAMES,
                                  LAST_NAMES, PLACE_HEADS, PLACE_TAILS, TITLES)
+from nanochat.memory_chat import memory_example
 
-SYNTHETIC = ("needle", "recall", "facts", "copy")  # source names of the generators in a --data_mix spec
+SYNTHETIC = ("needle", "recall", "facts", "copy", "memory")  # source names of the generators in a --data_mix spec
 NATURAL_ALIAS = "text"  # --data_mix may name the natural text by this alias instead of the --data value
 NEEDLE_ATTRIBUTES = ["secret number", "code word", "password", "lucky number", "hiding place", "favourite thing"]
 FACT_RELATIONS = [(" was born in", "word"), (" lives in", "word"), (" keeps the number", "number"),
@@ -56,6 +61,7 @@ MENTION_PREFIXES = [" Recall that", " As we know,", " Later on,", " Of course,"]
 N_DIGITS = 5  # digits of a number value (the first non-zero)
 N_SYNTHETIC_SENTENCES = 1024  # pool of pre-tokenized bland filler sentences
 COPY_MIN_SPAN = 8  # shortest repeated span of a copy row (tokens)
+MEMORY_MIN_ROW = 192  # shortest row for a memory conversation (its facts, question and answer take ~100 tokens)
 PLACE_TRIES = 8  # candidate positions per decoy before it is dropped
 REDRAWS = 20  # draws of keys/values before giving up on an example whose filler holds them
 MAX_PACKED = 4  # most examples in one packed row
@@ -105,7 +111,8 @@ def _fit_count(lengths, space: int) -> int:
 class LongRange:
     """Pre-tokenized pieces and the generators. One instance per tokenizer; cheap to call."""
 
-    def __init__(self, tokenizer, block_size: int = 32, max_decoys: int = 15):
+    def __init__(self, tokenizer, block_size: int = 32, max_decoys: int = 15, paragraphs=None):
+        self.tokenizer, self.paragraphs = tokenizer, paragraphs  # paragraphs: passages of memory conversations
         self.bos = tokenizer.bos_token_id
         self.block_size, self.max_decoys = block_size, max_decoys
 
@@ -146,7 +153,7 @@ class LongRange:
     def min_row_len(self, source: str) -> int:
         """Shortest row a generator accepts (BOS + one planted item + its query)."""
         need = {"needle": 2 * self.max_needle + len(self.newline), "recall": 2 * self.max_pair + len(self.newline),  # one pair + one query
-                "facts": 4 * (self.max_fact + 1), "copy": 2 * COPY_MIN_SPAN}[source]
+                "facts": 4 * (self.max_fact + 1), "copy": 2 * COPY_MIN_SPAN, "memory": MEMORY_MIN_ROW}[source]
         return need + 2
 
     # ---- pieces --------------------------------------------------------------------------------
@@ -371,6 +378,30 @@ class LongRange:
         mask[n - L + 1:] = True
         return Example(row, "copy", [(n - L + 1, n)], [(start, start + L)], mask, {"source_pos": start, "span": L})
 
+    def memory(self, rng, n: int, filler=None) -> Example:
+        """A memory conversation rendered in the chat format and right-aligned in a row of n tokens: filler before
+        its BOS, its final assistant turn (the answer, e.g. "Your locker number is 4821." and <|assistant_end|>)
+        at the row end. Its filler turns (passages from `paragraphs`, else synthetic) take up to n/2 words,
+        so the fact lies anywhere from just before the question to most of a row back.
+        mask = the answer turn's tokens; evidence = an empty span at the conversation's start."""
+        seed, words = int(rng.integers(2**62)), n // 2
+        while True:  # the same conversation with fewer filler words until it fits
+            conversation = memory_example(random.Random(seed), words, self.paragraphs)
+            ids, learn = self.tokenizer.render_conversation(conversation)
+            if len(ids) <= n:
+                break
+            if words == 0:
+                raise DataMixError(f"a row of {n} tokens is too short for a memory conversation (needs >= {MEMORY_MIN_ROW})")
+            words = words * 2 // 3
+        row = self._row(rng, n, filler)
+        start = n - len(ids)
+        row[start:] = ids
+        answer = start + int(np.flatnonzero(np.asarray(learn) == 0)[-1]) + 1  # the final run of learned tokens
+        mask = np.zeros(n, dtype=bool)
+        mask[answer:] = True
+        meta = {k: conversation["meta"][k] for k in ("question", "answer", "filler_words")}
+        return Example(row, "memory", [(answer, n)], [(start, start)], mask, {**meta, "conversation_start": start})
+
     def generate(self, source: str, rng, n: int, filler=None) -> Example:
         """A training example of `source` with randomised settings (decoys, pairs, facts)."""
         if source == "needle":
@@ -383,6 +414,8 @@ class LongRange:
             return self.facts(rng, n, filler, n_facts=int(rng.integers(2, 9)))
         if source == "copy":
             return self.copy(rng, n, filler)
+        if source == "memory":
+            return self.memory(rng, n, filler)
         raise ValueError(f"unknown long-range source {source!r}; known: {SYNTHETIC}")
 
     def packed(self, source: str, rng, n: int, filler=None) -> Example:
@@ -481,7 +514,8 @@ class MixedLoader:
         self.mix, self.warmup_mix, self.warmup_rows = dict(mix), dict(warmup_mix or {}), warmup_rows if warmup_mix else 0
         self.tables = [(list(m), np.cumsum(list(m.values()))) for m in (self.mix, self.warmup_mix or self.mix)]
         self.names = list(dict.fromkeys([*self.mix, *self.warmup_mix]))  # every source either mix uses
-        self.gen = LongRange(tokenizer, block_size)
+        paragraphs = filler_paragraphs(data_dir, split) if "memory" in self.names else None
+        self.gen = LongRange(tokenizer, block_size, paragraphs=paragraphs)
         for name in self.names:
             if name in SYNTHETIC and seq_len + 1 < self.gen.min_row_len(name):
                 raise DataMixError(f"--max_seq_len={seq_len} is too short for '{name}' rows of --data_mix "

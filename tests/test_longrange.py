@@ -217,3 +217,26 @@ def test_packed_rows_hold_several_short_examples(gen, tiny_env, data_dir):
         MixedLoader(tiny_env["tokenizer"], 2, 255, data_dir, mix, seed=3, block_size=K).load_state_dict(state)
     with pytest.raises(DataMixError, match="pack_rows"):
         MixedLoader(tiny_env["tokenizer"], 2, 255, data_dir, mix, pack=2.0)
+
+
+def test_memory_rows_end_with_the_answer_to_a_fact_told_earlier(gen, tiny_env, data_dir):
+    tok = tiny_env["tokenizer"]
+    end = tok.encode_special("<|assistant_end|>")
+    distances = []
+    for i in range(12):
+        ex = gen.memory(rng(i), 700)
+        (s, e), m = ex.answers[0], ex.meta
+        assert ex.tokens.shape == (700,) and e == 700 and ex.tokens[-1] == end and ex.mask.sum() == e - s
+        assert ex.tokens[m["conversation_start"]] == gen.bos
+        answer = decode(tiny_env, ex.tokens[s:e - 1])
+        assert m["answer"] in answer and answer.endswith(".")
+        history = decode(tiny_env, ex.tokens[m["conversation_start"]:s])
+        assert history.count(m["answer"]) == 1 and m["question"] in history  # told once, then asked
+        distances.append(len(history) - history.index(m["answer"]))
+    assert min(distances) < 800 < max(distances)  # characters from the fact to the answer: near and far
+    with pytest.raises(DataMixError, match="too short for a memory"):
+        gen.memory(rng(0), 60)
+    loader = MixedLoader(tok, 2, 511, data_dir, parse_mix("memory:1", tiny_env["data"]), block_size=K)
+    x, y, answers = next(loader)
+    assert x.shape == (2, 511) and (y[answers] != end).sum() > 0 and (y[:, -1] == end).all()
+    assert loader.gen.paragraphs  # passages of the corpus, not synthetic ones
