@@ -3,7 +3,7 @@
 Every example is a row of exactly `n` token ids (the caller's T+1 for training), built at the token
 level so history lengths, depths and in-block offsets are exact: natural filler tokens with planted
 content, and answer tokens within the final tokens of the row (so they fall inside MegaContext's
-shared horizon H). Four generators, methods of `LongRange`:
+shared horizon H). Five generators, methods of `LongRange`:
 
 - `needle`: a key -> value needle (" The secret number of the silver falcon is 48213.") at a chosen or
   random depth and offset inside its K-token block, 0-15 decoy needles (other keys, other values) at
