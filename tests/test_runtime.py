@@ -6,12 +6,13 @@ matter); `make` perturbs them so variants really differ.
 """
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import mc.runtime
-from mc.build import build_controller
+from mc.build import build_controller, load_controller
 from mc.config import MCConfig, MCConfigError
 from mc.runtime import ARMS, truncation_map
 from mc.tree import build_tree
@@ -300,10 +301,7 @@ def test_bag_loss_teaches_gists_the_tokens_they_cover():
     assert after.item() < bag.item() - 0.5
 
 
-def test_checkpoints_from_before_the_bag_loss_load(tmp_path):
-    from dataclasses import asdict
-
-    from mc.build import load_controller
+def test_checkpoints_from_before_the_bag_loss_load():
     controller, _, _ = make()
     meta = {"mc_config": {k: v for k, v in asdict(controller.cfg).items() if k != "bag_loss_weight"}}
     states = {"mc_gist": controller.gistnet.state_dict(), "mc_lens": controller.lensnet.state_dict()}
