@@ -106,27 +106,31 @@ else
 fi
 echo "run10.sh: preset $PRESET, data $DATA, MegaContext $([ "$MC" -eq 1 ] && echo on || echo off)"
 
+# every stage starts a new run: an earlier run of the same tag (a previous run10.sh) is moved aside to
+# checkpoints/<stage>/<tag>.replaced-<time>, not continued and not deleted
+NEW=--overwrite
+
 run uv run python -m nanochat.report reset
 run uv run python -m scripts.tok_train --data="$DATA" --vocab_size="$VOCAB"
 run uv run python -m scripts.tok_eval --data="$DATA"
 if [ "$MC" -eq 1 ]; then
     # a GPT that copies, then the MC model and its plain twin (same start, data and steps; the MC model also
     # learns from every target of its histories, --history_lm_weight, as the plain one does): the arms of mc_eval
-    run uv run python -m scripts.base_train --data="$DATA" "${MC_COPY[@]}" --tag=copy
-    run uv run python -m scripts.base_train --data="$DATA" "${MC_LONG[@]}" --init_from=copy --tag=long
-    run uv run python -m scripts.base_train --data="$DATA" "${MC_TRAIN[@]}" "${MC_FLAGS[@]}" --history_lm_weight=1 --init_from=long --tag=mc_joint
-    run uv run python -m scripts.base_train --data="$DATA" "${MC_FOCUS[@]}" "${MC_FLAGS[@]}" --init_from=mc_joint --tag=mc
-    run uv run python -m scripts.base_train --data="$DATA" "${PLAIN_TWIN[@]}" --init_from=long --tag=plain
+    run uv run python -m scripts.base_train --data="$DATA" $NEW "${MC_COPY[@]}" --tag=copy
+    run uv run python -m scripts.base_train --data="$DATA" $NEW "${MC_LONG[@]}" --init_from=copy --tag=long
+    run uv run python -m scripts.base_train --data="$DATA" $NEW "${MC_TRAIN[@]}" "${MC_FLAGS[@]}" --history_lm_weight=1 --init_from=long --tag=mc_joint
+    run uv run python -m scripts.base_train --data="$DATA" $NEW "${MC_FOCUS[@]}" "${MC_FLAGS[@]}" --init_from=mc_joint --tag=mc
+    run uv run python -m scripts.base_train --data="$DATA" $NEW "${PLAIN_TWIN[@]}" --init_from=long --tag=plain
     run uv run python -m scripts.mc_eval --mc_tag=mc --plain_tag=plain "${MC_EVAL[@]}"
     # the chat stages fine-tune the MC model; its GistNet and LensNet ride along for chat_cli --mc
-    run uv run python -m scripts.mid_train --source_tag=mc "${MC_MID[@]}"
-    run uv run python -m scripts.chat_sft --source_tag=mc "${MC_SFT[@]}"
+    run uv run python -m scripts.mid_train $NEW --source_tag=mc "${MC_MID[@]}"
+    run uv run python -m scripts.chat_sft $NEW --source_tag=mc "${MC_SFT[@]}"
     CHAT="uv run python -m scripts.chat_cli --mc"
 else
-    run uv run python -m scripts.base_train --data="$DATA" "${TRAIN[@]}"
+    run uv run python -m scripts.base_train --data="$DATA" $NEW "${TRAIN[@]}"
     run uv run python -m scripts.base_eval "${EVAL[@]}"
-    run uv run python -m scripts.mid_train "${MID[@]}"
-    run uv run python -m scripts.chat_sft "${SFT[@]}"
+    run uv run python -m scripts.mid_train $NEW "${MID[@]}"
+    run uv run python -m scripts.chat_sft $NEW "${SFT[@]}"
     CHAT="uv run python -m scripts.chat_cli"
 fi
 run uv run python -m scripts.chat_eval "${CHAT_EVAL[@]}"

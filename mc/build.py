@@ -9,13 +9,12 @@ from dataclasses import asdict
 
 import torch
 
-from mc.config import MCConfig, MCConfigError
+from mc.config import LEGACY_MC_CONFIG, MCConfig, MCConfigError
 from mc.gistnet import GistNet
 from mc.lensnet import LensNet
 from mc.runtime import MCController
 
 AUX_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0}  # settings of checkpoints saved before the field existed
 
 
 def build_controller(model, cfg: MCConfig, rank: int = 0) -> MCController:

@@ -12,6 +12,9 @@ a sequence (where counterfactual NLLs are compared).
 from dataclasses import dataclass, field
 
 
+LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "max_distance": 0}  # settings of checkpoints saved before the field existed
+
+
 class MCConfigError(ValueError):
     """An invalid MegaContext setting; the message names the --mc_ flag."""
 
@@ -44,6 +47,7 @@ class MCConfig:
     temperature: float = field(default=1.0, metadata={"help": "stochastic_greedy sampling temperature"})
     # positions, precision, losses, memory
     positional: str = field(default="gaussian", metadata={"help": "rotary positions of gists", "choices": ["gaussian", "index"]})
+    max_distance: int = field(default=0, metadata={"help": "rotary distances in a working context stay below this (older positions are compressed, see mc/positional.py); 0 = the GPT's --max_seq_len. Set it to the length the GPT was trained at when a phase with the GPT frozen trains on longer histories"})
     aux_dtype: str = field(default="auto", metadata={"help": "dtype of GistNet/LensNet (auto = follow the model)", "choices": ["auto", "fp32", "bf16"]})
     lens_loss_weight: float = field(default=0.1, metadata={"help": "weight of the LensNet loss"})
     bag_loss_weight: float = field(default=0.0, metadata={"help": "weight of GistNet's bag-of-tokens loss: every gist predicts the tokens it covers through a linear head, so gists keep the identity of rare tokens (keys) that LensNet matches against the question (0 = off, no head)"})
@@ -66,6 +70,9 @@ class MCConfig:
             fail(f"--mc_wc_budget={self.wc_budget} is smaller than --mc_recent={self.recent}")
         if self.wc_budget == self.recent:
             fail(f"--mc_wc_budget={self.wc_budget} equals --mc_recent: no room left for gists")
+        if self.wc_budget < self.recent + K - 1:
+            fail(f"--mc_wc_budget={self.wc_budget} is below --mc_recent + --mc_block_size - 1 = {self.recent + K - 1}: a chat "
+                 "session keeps the raw tail plus the tokens of its current block raw, so such a model could not chat")
         if not 1 <= self.horizon <= self.recent:
             fail(f"--mc_horizon={self.horizon} must lie in [1, --mc_recent={self.recent}]")
         if self.num_variants < 1:
@@ -80,6 +87,8 @@ class MCConfig:
             fail("--mc_max_edits, --mc_allocator_iterations and --mc_top_k must be >= 1")
         if self.temperature <= 0:
             fail(f"--mc_temperature={self.temperature} must be > 0")
+        if self.max_distance < 0 or 0 < self.max_distance < self.wc_budget:
+            fail(f"--mc_max_distance={self.max_distance} must be 0 (the GPT's length) or at least --mc_wc_budget={self.wc_budget}")
         if self.lens_loss_weight < 0 or self.baseline_loss_weight < 0 or self.bag_loss_weight < 0:
             fail("loss weights (--mc_lens_loss_weight, --mc_baseline_loss_weight, --mc_bag_loss_weight) must be >= 0")
         if sequence_len is not None:
@@ -100,6 +109,17 @@ class MCConfig:
             check_mode(self.positional, head_dim if head_dim is not None else 2)
         except ValueError as e:
             fail(f"--mc_positional={self.positional}: {e}")
+
+    def rope_max_len(self, sequence_len: int) -> int:
+        """Rotary distances stay below this (mc.positional.wc_rope's max_len)."""
+        return self.max_distance or sequence_len
+
+    def net_fields(self) -> dict:
+        """The settings GistNet and LensNet are built and trained for: nets from a checkpoint whose other
+        (training) settings differ still fit (base_train --init_from)."""
+        names = ("block_size", "max_lod", "gist_type", "gist_layers", "gist_pooling", "gist_head", "lens_layers",
+                 "lens_width", "positional", "aux_dtype")
+        return {**{name: getattr(self, name) for name in names}, "bag_head": self.bag_loss_weight > 0}
 
     def min_entries(self, history_len: int) -> int:
         """Entries of the most compressed cover of `history_len` tokens that keeps R raw (history a multiple of K)."""

@@ -20,15 +20,14 @@ the file.
 """
 
 import os
-import pickle
 import tempfile
-import zipfile
 from dataclasses import asdict, fields
 
 import torch
 import torch.nn as nn
 
 from mc.config import MCConfig
+from nanochat.checkpoint import load_error_reason
 
 FORMAT = "megacontext-tree"
 FORMAT_VERSION = 1
@@ -59,9 +58,9 @@ def read_state_file(path: str, what: str):
         raise FileNotFoundError(f"MegaContext {what} file {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+    except Exception as e:  # any parse failure of foreign bytes (pickle raises a zoo of types)
         raise ValueError(f"{path} is not a readable MegaContext {what}: corrupt or truncated "
-                         f"({type(e).__name__}: {str(e)[:200]})") from None
+                         f"({load_error_reason(e)})") from None
 
 
 class MCTree:

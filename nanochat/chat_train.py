@@ -30,14 +30,14 @@ from tqdm import tqdm
 
 from nanochat import report
 from nanochat.chat_data import load_conversations
-from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, find_last_step, load_training_state,
-                                 model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint)
+from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, claim_run_dir, config_changes, find_last_step,
+                                 load_training_state, model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint)
 from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir, print0,
                              synchronize)
 from nanochat.dataset import DataError, filler_paragraphs, prepare
 from nanochat.longdoc_qa import LongDocQAConfig, longdoc_qa
 from nanochat.optim import allreduce_grads, build_optimizers
-from nanochat.tokenizer import get_tokenizer
+from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 
 class ConfigError(ValueError):
@@ -232,30 +232,31 @@ class ChatTrainConfig:
     # source model and data
     source: str = field(default="base", metadata={"help": "stage of the checkpoint to start from", "choices": ["base", "mid"]})
     source_tag: str = field(default="", metadata={"help": "its tag (default: the most recently written)"})
-    source_step: int = field(default=-1, metadata={"help": "its step (-1 = the last)"})
+    source_step: int = field(default=-1, metadata={"min": -1, "help": "its step (-1 = the last)"})
     data: str = field(default="identity,longdoc_qa", metadata={"help": "conversation mix, e.g. smoltalk,identity:0.1,longdoc_qa,my.jsonl (see nanochat/chat_data.py)"})
-    num_conversations: int = field(default=10_000, metadata={"help": "training conversations drawn from the mix"})
-    val_conversations: int = field(default=200, metadata={"help": "held-out conversations for the validation loss"})
+    num_conversations: int = field(default=10_000, metadata={"min": 1, "help": "training conversations drawn from the mix"})
+    val_conversations: int = field(default=200, metadata={"min": 1, "help": "held-out conversations for the validation loss"})
     longdoc_filler: str = field(default="pretraining", metadata={"help": "longdoc_qa filler text", "choices": ["pretraining", "synthetic"]})
     # horizon and batch
-    num_iterations: int = field(default=500, metadata={"help": "optimizer steps"})
-    rows_per_step: int = field(default=32, metadata={"help": "rows per optimizer step over all ranks and micro-batches"})
-    device_batch_size: int = field(default=8, metadata={"help": "rows per forward pass on each rank"})
+    num_iterations: int = field(default=500, metadata={"min": 1, "help": "optimizer steps"})
+    rows_per_step: int = field(default=32, metadata={"min": 1, "help": "rows per optimizer step over all ranks and micro-batches"})
+    device_batch_size: int = field(default=8, metadata={"min": 1, "help": "rows per forward pass on each rank"})
     # optimization
-    init_lr_frac: float = field(default=1.0, metadata={"help": "scale of all the learning rates below"})
-    matrix_lr: float = field(default=0.02, metadata={"help": "Muon learning rate of the block matrices"})
-    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW learning rate of the token embedding"})
-    unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW learning rate of the LM head"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps of linear LR warmup"})
-    warmdown_ratio: float = field(default=0.5, metadata={"help": "fraction of final steps of linear LR decay"})
-    final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end, as a fraction of the peak"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0 = off)"})
+    init_lr_frac: float = field(default=1.0, metadata={"min": 0, "help": "scale of all the learning rates below"})
+    matrix_lr: float = field(default=0.02, metadata={"min": 0, "help": "Muon learning rate of the block matrices"})
+    embedding_lr: float = field(default=0.2, metadata={"min": 0, "help": "AdamW learning rate of the token embedding"})
+    unembedding_lr: float = field(default=0.004, metadata={"min": 0, "help": "AdamW learning rate of the LM head"})
+    weight_decay: float = field(default=0.0, metadata={"min": 0, "help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.0, metadata={"min": 0, "help": "fraction of steps of linear LR warmup"})
+    warmdown_ratio: float = field(default=0.5, metadata={"min": 0, "help": "fraction of final steps of linear LR decay"})
+    final_lr_frac: float = field(default=0.0, metadata={"min": 0, "help": "LR at the end, as a fraction of the peak"})
+    grad_clip: float = field(default=1.0, metadata={"min": 0, "help": "clip the global gradient norm (0 = off)"})
     # evaluation, checkpoints, logging, runtime
-    eval_every: int = field(default=100, metadata={"help": "validation loss every N steps (and at start and end)"})
-    save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only at the end)"})
-    log_every: int = field(default=10, metadata={"help": "print a log line every N steps"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --tag"})
+    eval_every: int = field(default=100, metadata={"min": 1, "help": "validation loss every N steps (and at start and end)"})
+    save_every: int = field(default=-1, metadata={"min": -1, "help": "checkpoint every N steps (-1 = only at the end)"})
+    log_every: int = field(default=10, metadata={"min": 1, "help": "print a log line every N steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --tag (every flag but the logging ones must match)"})
+    overwrite: bool = field(default=False, metadata={"help": "a new run into a --tag that holds checkpoints moves them aside (to <tag>.replaced-<time>); without it such a run is refused"})
     tag: str = field(default="", metadata={"help": "checkpoint directory name (default: the source's tag)"})
     device_type: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
     cpu_bf16: str = field(default="auto", metadata={"help": "bf16 autocast on CPU: auto = where this CPU's bf16 matmuls are faster than fp32", "choices": CPU_BF16_CHOICES})
@@ -263,8 +264,8 @@ class ChatTrainConfig:
     seed: int = field(default=42, metadata={"help": "seed of the data mix and order"})
 
 
-RESUME_KEYS = ("source", "data", "num_conversations", "val_conversations", "longdoc_filler", "rows_per_step",
-               "device_batch_size", "seed")  # flags a resumed run must keep: they define the data stream
+# flags that may differ on --resume (how it starts, what it logs); every other flag must match the saved run
+RESUME_FREE = ("resume", "overwrite", "tag", "source_tag", "source_step", "eval_every", "save_every", "log_every")
 
 
 def validate(cfg: ChatTrainConfig, world_size: int) -> int:
@@ -273,6 +274,8 @@ def validate(cfg: ChatTrainConfig, world_size: int) -> int:
     if cfg.device_batch_size < 1 or cfg.rows_per_step < 1 or cfg.rows_per_step % rows_per_fwd:
         raise ConfigError(f"--rows_per_step={cfg.rows_per_step} must be a positive multiple of "
                           f"--device_batch_size x ranks = {rows_per_fwd}")
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError("--overwrite starts a new run and --resume continues one: give one of them")
     if cfg.num_iterations < 1:
         raise ConfigError(f"--num_iterations must be >= 1, got {cfg.num_iterations}")
     if cfg.num_conversations < world_size or cfg.val_conversations < world_size:
@@ -308,11 +311,12 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
     if cfg.resume:
         start_step = find_last_step(ckpt_dir)
         model, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
-        if changed := {k: (meta["train_config"][k], getattr(cfg, k)) for k in RESUME_KEYS
-                       if meta["train_config"][k] != getattr(cfg, k)}:
-            raise ConfigError(f"--resume: these flags differ from the run in {ckpt_dir} (saved, given): {changed}")
+        if changes := config_changes(meta["train_config"], asdict(cfg), RESUME_FREE):
+            raise ConfigError(f"--resume: the run in {ckpt_dir} was trained with other flags (saved -> given): "
+                              f"{'; '.join(changes)}")
         source = meta["source"]
     else:
+        claim_run_dir(ckpt_dir, cfg.overwrite, rank)
         start_step = 0
         model, states, meta = build_model(source_dir, None if cfg.source_step < 0 else cfg.source_step, device, phase="train")
         source = {"stage": cfg.source, "dir": str(source_dir), "step": meta["step"]}
@@ -443,6 +447,6 @@ def main(cfg: ChatTrainConfig, **kwargs):
     """Run train_chat; user errors end the program with `error: ...` instead of a traceback."""
     try:
         return train_chat(cfg, **kwargs)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, TokenizerError, FileNotFoundError) as e:
         compute_cleanup()
         sys.exit(f"error: {e}")

@@ -4,14 +4,16 @@ A checkpoint of step S in a directory holds
     model_S.pt          {name: state_dict} of every module ("gpt", and e.g. "mc" when MegaContext is on)
     optim_S_rankR.pt    optimizer states and RNG state of rank R (only needed to resume)
     meta_S.json         model config, training config, loader state, metrics
-The meta file is written last, so a checkpoint counts as complete only once it exists.
+The meta file is written last, so a checkpoint counts as complete only once it exists. It records the
+SHA-256 of the files rank 0 wrote (`sha256`: file name -> digest), verified on every load, so a file
+changed on disk is refused instead of loading other weights (checkpoints from before load unchecked).
 """
 
+import hashlib
 import io
 import json
 import re
-import zipfile
-import pickle
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,45 +36,76 @@ def checkpoint_dir(stage: str, tag: str) -> Path:
 
 
 def resolve_checkpoint_dir(stage: str, tag: str = "") -> Path:
-    """checkpoints/<stage>/<tag>; with no tag, the most recently written one of that stage."""
+    """checkpoints/<stage>/<tag>; with no tag, the most recently written one of that stage (runs moved aside by
+    --overwrite are not candidates)."""
     if tag:
         return checkpoint_dir(stage, tag)
     stage_dir = get_base_dir() / "checkpoints" / stage
-    candidates = [p for p in stage_dir.iterdir() if p.is_dir()] if stage_dir.exists() else []
+    candidates = [p for p in stage_dir.iterdir() if p.is_dir() and ".replaced-" not in p.name] if stage_dir.exists() else []
     if not candidates:
         raise CheckpointError(f"no {stage} checkpoints in {stage_dir} (train one first)")
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def _torch_save_atomic(obj, path: Path):
+def _torch_save_atomic(obj, path: Path) -> str:
+    """Write obj atomically; returns the SHA-256 of the bytes written."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _recorded_digest(path: Path) -> str | None:
+    """The SHA-256 the meta file of `path`'s step records for it (None: not recorded, or no readable meta)."""
+    step = re.search(r"_(\d{6})(?:_rank\d+)?\.pt$", path.name)
+    meta_path = path.parent / f"meta_{step.group(1)}.json" if step else None
+    try:
+        return json.loads(meta_path.read_text()).get("sha256", {}).get(path.name) if meta_path else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _torch_load(path: Path, device):
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} does not exist")
+    data = path.read_bytes()
+    digest = _recorded_digest(path)
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(f"checkpoint file {path} has changed since it was written (its SHA-256 differs from the "
+                              "one in its meta file): it is corrupt; restore it or train again")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except Exception as e:  # any parse failure of foreign bytes (pickle raises a zoo of types)
+        raise CheckpointError(f"checkpoint file {path} is not a readable checkpoint: corrupt, truncated or another kind "
+                              f"of file ({load_error_reason(e)})") from None
+
+
+def load_error_reason(e: Exception) -> str:
+    """Why torch.load (weights_only) refused a file, in one line and without torch's advice to load it unsafely."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        return "it holds Python objects besides tensors; they are refused, since loading them could run code"
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
 
 
 def save_checkpoint(directory, step: int, modules: dict, optimizers, meta: dict, rank: int = 0, rank_state=None):
     """Save module state dicts (rank 0), this rank's optimizer + RNG + `rank_state` (e.g. its data loader
     position), then the meta file (rank 0)."""
     directory = Path(directory)
+    digests = {}
     if rank == 0:
-        _torch_save_atomic({name: m.state_dict() for name, m in modules.items()}, directory / f"model_{step:06d}.pt")
+        model_file = f"model_{step:06d}.pt"
+        digests[model_file] = _torch_save_atomic({key: m.state_dict() for key, m in modules.items()}, directory / model_file)
     if optimizers is not None:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         state = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng, "rank_state": rank_state}
-        _torch_save_atomic(state, directory / f"optim_{step:06d}_rank{rank}.pt")
+        optim_file = f"optim_{step:06d}_rank{rank}.pt"
+        digests[optim_file] = _torch_save_atomic(state, directory / optim_file)
     if rank == 0:
-        meta = dict(meta, step=step, format_version=FORMAT_VERSION)
+        meta = dict(meta, step=step, format_version=FORMAT_VERSION, sha256=digests)
         atomic_write_text(directory / f"meta_{step:06d}.json", json.dumps(meta, indent=2))
 
 
@@ -83,6 +116,27 @@ def find_last_step(directory) -> int:
     if not steps:
         raise CheckpointError(f"no complete checkpoint in {directory} (train one first, e.g. `python -m scripts.base_train`)")
     return max(steps)
+
+
+def claim_run_dir(directory, overwrite: bool, rank: int = 0):
+    """A new run (not --resume) writes into an unused directory: one that holds checkpoints is refused
+    (a later --resume would continue the old run), or with `overwrite` moved aside to <name>.replaced-<time>,
+    so nothing is lost. Only rank 0 acts."""
+    directory = Path(directory)
+    held = sorted(directory.glob("meta_*.json")) + sorted(directory.glob("model_*.pt")) if directory.is_dir() else []
+    if rank != 0 or not held:
+        return
+    if not overwrite:
+        raise CheckpointError(f"{directory} already holds a run ({len(held)} checkpoint files): continue it with --resume, "
+                              "move it aside with --overwrite, or choose another --tag")
+    aside = directory.with_name(f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    directory.rename(aside)
+    print(f"--overwrite: moved the previous run in {directory} to {aside}", flush=True)
+
+
+def config_changes(saved: dict, given: dict, free=()) -> list[str]:
+    """'flag: saved -> given' for every field that differs between two training configs, except those in `free`."""
+    return [f"--{k}: {saved.get(k)!r} -> {v!r}" for k, v in given.items() if k not in free and saved.get(k) != v]
 
 
 def load_meta(directory, step: int) -> dict:

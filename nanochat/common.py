@@ -6,6 +6,7 @@ matmuls are clearly faster than fp32 (native bf16 instructions, e.g. AVX512-BF16
 fp32 where bf16 is emulated (slower); "on"/"off" force it. Distributed runs are launched with torchrun; the backend is nccl on CUDA and gloo on CPU.
 """
 
+import glob
 import os
 import random
 import contextlib
@@ -94,6 +95,8 @@ def seed_everything(seed: int):
 def compute_init(device_type: str = ""):
     """Initialise device and (under torchrun) the process group. Returns (ddp, rank, local_rank, world_size, device)."""
     device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise SystemExit(f"error: --device_type={device_type}: choose cuda, mps or cpu (or leave it empty to autodetect)")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device_type=cuda but no CUDA device is available")
     if device_type == "mps" and not torch.backends.mps.is_available():
@@ -134,15 +137,36 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def atomic_write_bytes(path: Path, data: bytes):
-    """Write a file via temp file + rename so a crash never leaves it half-written."""
+    """Write a file via temp file + rename so a crash never leaves it half-written. A failed write removes
+    its temp file and names `path`; temp files left by killed processes (`<name>.tmp<pid>` of a pid no
+    longer running) are removed by the next write of that file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f"{glob.escape(path.name)}.tmp*"):
+        pid = stale.name[len(path.name) + 4:]
+        if pid.isdigit() and not pid_running(int(pid)):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write {path}: {e.strerror}") from None
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: Path, text: str):

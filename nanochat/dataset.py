@@ -32,6 +32,7 @@ import sys
 import json
 import time
 import shutil
+import gzip
 import hashlib
 import itertools
 import zipfile
@@ -317,42 +318,58 @@ def _prepare_fineweb(n_train: int) -> Path:
 # -----------------------------------------------------------------------------
 # a user directory
 
+USER_SUFFIXES = (".txt", ".jsonl", ".parquet", ".txt.gz", ".jsonl.gz")
+
+
+def _user_suffix(path: Path) -> str | None:
+    """The USER_SUFFIXES entry a file name ends with (None: not a data file)."""
+    return next((suffix for suffix in USER_SUFFIXES if path.name.endswith(suffix)), None)
+
+
 def _read_user_file(path: Path) -> list[str]:
-    """The documents of one .txt/.jsonl/.parquet file; errors name the file (and line)."""
-    if path.suffix == ".txt":
+    """The documents of one .txt/.jsonl/.parquet file (.txt/.jsonl also gzipped); errors name the file (and line)."""
+    suffix = _user_suffix(path)
+    opener = gzip.open if suffix.endswith(".gz") else open
+    if suffix.startswith(".txt"):
         try:
-            return [path.read_text(encoding="utf-8")]
-        except (OSError, UnicodeDecodeError) as e:
+            with opener(path, "rt", encoding="utf-8") as f:
+                return [f.read()]
+        except (OSError, EOFError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: cannot read as UTF-8 text: {e}") from e
-    if path.suffix == ".jsonl":
+    if suffix.startswith(".jsonl"):
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
-                docs.append(obj["text"])
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                        raise DataError(f"{path}:{lineno}: expected a JSON object with a string field 'text'")
+                    docs.append(obj["text"])
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read as UTF-8 JSON lines: {e}") from e
         return docs
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: cannot read as parquet: {e}") from e
-    if "text" not in table.column_names or not pa.types.is_string(table.schema.field("text").type):
-        raise DataError(f"{path}: expected a string column 'text', found columns {table.column_names}")
+    kind = table.schema.field("text").type if "text" in table.column_names else None
+    if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        found = ", ".join(f"{f.name} ({f.type})" for f in table.schema)
+        raise DataError(f"{path}: expected a string column 'text', found columns {found}")
     return [t for t in table.column("text").to_pylist() if t is not None]
 
 
 def _prepare_user_dir(src: Path) -> Path:
     if not src.is_dir():
         raise FileNotFoundError(f"data source {str(src)!r}: not 'books', 'fineweb-edu[:N]', nor an existing directory")
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".parquet"))
+    files = sorted(p for p in src.rglob("*") if p.is_file() and _user_suffix(p))
     if not files:
-        raise DataError(f"data directory {src}: no .txt, .jsonl or .parquet files found")
+        raise DataError(f"data directory {src}: no {', '.join(USER_SUFFIXES)} files found")
     fingerprint = hashlib.sha1(json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()).hexdigest()
     out_dir = get_base_dir() / "data" / f"user-{src.resolve().name}-{hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:8]}"
     info = _complete_info(out_dir)
@@ -380,6 +397,8 @@ def prepare(source: str) -> Path:
         if not n.isdigit() or int(n) < 1:
             raise DataError(f"data source {source!r}: N in 'fineweb-edu:N' must be a positive integer")
         return _prepare_fineweb(int(n))
+    if not source.strip():
+        raise DataError("empty data source (--data): give books, fineweb-edu[:N] or a directory of text files")
     return _prepare_user_dir(Path(source).expanduser())
 
 

@@ -83,6 +83,10 @@ def validate_conversation(conversation) -> list[dict]:
     return messages
 
 
+class TokenizerError(ValueError):
+    """A tokenizer directory whose files are corrupt, of another version, or disagree with each other."""
+
+
 def ranks_to_text(mergeable_ranks: dict[bytes, int]) -> str:
     """The ranks in tiktoken's file format, ordered by rank."""
     lines = [f"{base64.b64encode(token).decode('ascii')} {rank}" for token, rank in sorted(mergeable_ranks.items(), key=lambda kv: kv[1])]
@@ -99,8 +103,9 @@ def text_to_ranks(text: str, path: Path) -> dict[bytes, int]:
             token_b64, rank = line.split(" ")
             ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
         except ValueError as e:  # binascii.Error is a ValueError too
-            raise ValueError(f"corrupt tokenizer file {path}, line {lineno}: {line[:60]!r} ({e})") from e
+            raise TokenizerError(f"corrupt tokenizer file {path}, line {lineno}: {line[:60]!r} ({e})") from e
     return ranks
+
 
 
 class Tokenizer:
@@ -172,36 +177,36 @@ class Tokenizer:
             version, pattern, special = meta["format_version"], meta["pattern"], meta["special_tokens"]
             vocab_size = meta["vocab_size"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"corrupt tokenizer file {meta_path}: {e!r}") from e
+            raise TokenizerError(f"corrupt tokenizer file {meta_path}: {e!r}") from e
         if version != FORMAT_VERSION:
-            raise ValueError(f"{meta_path} has format_version={version}, this code reads {FORMAT_VERSION}: retrain with scripts.tok_train")
+            raise TokenizerError(f"{meta_path} has format_version={version}, this code reads {FORMAT_VERSION}: retrain with scripts.tok_train")
         ranks_path = directory / RANKS_FILE
         try:
             ranks_text = ranks_path.read_text(encoding="ascii")
         except UnicodeDecodeError as e:
-            raise ValueError(f"corrupt tokenizer file {ranks_path}: not ASCII ({e})") from e
+            raise TokenizerError(f"corrupt tokenizer file {ranks_path}: not ASCII ({e})") from e
         mergeable_ranks = text_to_ranks(ranks_text, ranks_path)
         # special tokens must sit right after the ranks, in the listed order
         names = sorted(special, key=special.get)
         expected = {name: len(mergeable_ranks) + i for i, name in enumerate(names)}
         if special != expected or len(mergeable_ranks) + len(special) != vocab_size:
-            raise ValueError(
+            raise TokenizerError(
                 f"inconsistent tokenizer in {directory}: {RANKS_FILE} has {len(mergeable_ranks)} ranks, "
                 f"{META_FILE} says vocab_size={vocab_size} with special tokens {special}"
             )
         try:
             tokenizer = cls(mergeable_ranks, pattern, names)
         except ValueError as e:
-            raise ValueError(f"corrupt tokenizer file {ranks_path}: {e}") from e
+            raise TokenizerError(f"corrupt tokenizer file {ranks_path}: {e}") from e
         if meta.get("identity") != tokenizer.identity():
-            raise ValueError(f"inconsistent tokenizer in {directory}: identity in {META_FILE} does not match {RANKS_FILE}")
+            raise TokenizerError(f"inconsistent tokenizer in {directory}: identity in {META_FILE} does not match {RANKS_FILE}")
         tb_path = directory / TOKEN_BYTES_FILE
         try:
             token_bytes = torch.load(tb_path, weights_only=True)
         except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-            raise ValueError(f"corrupt tokenizer file {tb_path}: {e}") from e
+            raise TokenizerError(f"corrupt tokenizer file {tb_path}: {e}") from e
         if not isinstance(token_bytes, torch.Tensor) or not torch.equal(token_bytes, tokenizer.token_bytes()):
-            raise ValueError(f"inconsistent tokenizer in {directory}: {TOKEN_BYTES_FILE} does not match {RANKS_FILE}")
+            raise TokenizerError(f"inconsistent tokenizer in {directory}: {TOKEN_BYTES_FILE} does not match {RANKS_FILE}")
         return tokenizer
 
     # ---- encoding and decoding ----

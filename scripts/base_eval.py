@@ -9,25 +9,26 @@ import sys
 from nanochat import report
 from nanochat.checkpoint import CheckpointError, build_model, resolve_checkpoint_dir
 from nanochat.common import autocast_ctx, autocast_dtype, compute_init, get_base_dir, print0
+from nanochat.configurator import FlagParser, checked_number
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import prepare
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.tokenizer import get_tokenizer
+from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 PROMPTS = ["The capital of France is", "It is a truth universally acknowledged, that",
            "My dear sister,", "The meaning of life is"]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tag", default="", help="checkpoint directory under checkpoints/base (default: the only/last one)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--step", type=checked_number(int, 0), default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--data", default="", help="data source for validation (default: the one the model was trained on)")
-    parser.add_argument("--eval_tokens", type=int, default=2**19, help="validation tokens")
-    parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
-    parser.add_argument("--max_tokens", type=int, default=48, help="tokens per sample")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--eval_tokens", type=checked_number(int, 1), default=2**19, help="validation tokens")
+    parser.add_argument("--batch_size", type=checked_number(int, 1), default=8, help="sequences per forward pass")
+    parser.add_argument("--max_tokens", type=checked_number(int, 1), default=48, help="tokens per sample")
+    parser.add_argument("--temperature", type=checked_number(float, 0), default=0.8, help="sampling temperature (0 = greedy)")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     args = parser.parse_args(argv)
 
@@ -36,7 +37,7 @@ def main(argv=None):
         ckpt_dir = resolve_checkpoint_dir("base", args.tag)
         model, _, meta = build_model(ckpt_dir, args.step, device)
         tokenizer = get_tokenizer()
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, TokenizerError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     tag = ckpt_dir.name
     if meta.get("tokenizer") != tokenizer.identity():

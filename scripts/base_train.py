@@ -24,13 +24,14 @@ import torch
 from tqdm import tqdm
 
 from mc.build import build_controller, load_controller, mc_meta, mc_micro_batch
-from mc.config import MCConfig, MCConfigError
+from mc.config import LEGACY_MC_CONFIG, MCConfig, MCConfigError
 from nanochat import report
-from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, find_last_step, load_state_strict,
-                                 load_training_state, model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint)
+from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, claim_run_dir, config_changes, find_last_step,
+                                 load_state_strict, load_training_state, model_meta, resolve_checkpoint_dir, restore_rng,
+                                 save_checkpoint)
 from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir,
                              measure_matmul_flops, print0, seed_everything, synchronize)
-from nanochat.configurator import add_dataclass_args, dataclass_from_args
+from nanochat.configurator import FlagParser, add_dataclass_args, dataclass_from_args
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, prepare
 from nanochat.engine import Engine
@@ -38,7 +39,7 @@ from nanochat.gpt import GPT, SMEAR_MODES, GPTConfig
 from nanochat.longrange import DataMixError, MixedLoader, parse_mix, target_weights, weighted_lm_loss
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import allreduce_grads, build_optimizers
-from nanochat.tokenizer import get_tokenizer
+from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 
 class ConfigError(ValueError):
@@ -52,38 +53,39 @@ class TrainConfig:
     data_mix: str = field(default="", metadata={"help": "mix long-range synthetic rows into training, e.g. books:0.6,needle:0.2,recall:0.1,facts:0.1 "
                                                         "(natural text = the --data value or 'text'; see nanochat/longrange.py); empty = --data only"})
     warmup_mix: str = field(default="", metadata={"help": "a --data_mix spec for the first --warmup_mix_steps steps (a curriculum), e.g. copy:1 until the copy circuit forms"})
-    warmup_mix_steps: int = field(default=0, metadata={"help": "steps that draw their rows from --warmup_mix"})
-    pack_rows: float = field(default=0.0, metadata={"help": "share of --data_mix's long-range rows that hold 2-4 examples of random lengths back to back, so short histories stay in distribution"})
-    depth: int = field(default=12, metadata={"help": "number of transformer layers; width = 64 * depth"})
-    width: int = field(default=0, metadata={"help": "model width override (0 = 64 * depth)"})
+    warmup_mix_steps: int = field(default=0, metadata={"min": 0, "help": "steps that draw their rows from --warmup_mix"})
+    pack_rows: float = field(default=0.0, metadata={"min": 0, "help": "share of --data_mix's long-range rows that hold 2-4 examples of random lengths back to back, so short histories stay in distribution"})
+    depth: int = field(default=12, metadata={"min": 1, "help": "number of transformer layers; width = 64 * depth"})
+    width: int = field(default=0, metadata={"min": 0, "help": "model width override (0 = 64 * depth)"})
     head_dim: int = field(default=64, metadata={"help": "attention head dimension", "choices": [64, 128]})
-    max_seq_len: int = field(default=2048, metadata={"help": "tokens per training sequence"})
+    max_seq_len: int = field(default=2048, metadata={"min": 2, "help": "tokens per training sequence"})
     smear: str = field(default=GPTConfig.smear, metadata={"help": "previous-token mixing in the GPT: smeared keys, embedding smear, both or none (see nanochat/gpt.py)", "choices": list(SMEAR_MODES)})
-    smear_taps: int = field(default=GPTConfig.smear_taps, metadata={"help": "previous tokens the embedding smear mixes in"})
+    smear_taps: int = field(default=GPTConfig.smear_taps, metadata={"min": 1, "help": "previous tokens the embedding smear mixes in"})
     # horizon and batch
-    num_iterations: int = field(default=-1, metadata={"help": "optimizer steps; -1 = derive from --target_param_data_ratio"})
-    target_param_data_ratio: float = field(default=20.0, metadata={"help": "training tokens per parameter when --num_iterations=-1"})
-    total_batch_size: int = field(default=524288, metadata={"help": "tokens per optimizer step, over all ranks and micro-batches"})
-    device_batch_size: int = field(default=32, metadata={"help": "sequences per forward pass on each rank"})
+    num_iterations: int = field(default=-1, metadata={"min": -1, "help": "optimizer steps; -1 = derive from --target_param_data_ratio"})
+    target_param_data_ratio: float = field(default=20.0, metadata={"min": 0, "help": "training tokens per parameter when --num_iterations=-1"})
+    total_batch_size: int = field(default=524288, metadata={"min": 1, "help": "tokens per optimizer step, over all ranks and micro-batches"})
+    device_batch_size: int = field(default=32, metadata={"min": 1, "help": "sequences per forward pass on each rank"})
     # optimization
-    matrix_lr: float = field(default=0.02, metadata={"help": "Muon learning rate of the block matrices"})
-    embedding_lr: float = field(default=0.2, metadata={"help": "AdamW learning rate of the token embedding (scaled by 1/sqrt(width/768))"})
-    unembedding_lr: float = field(default=0.004, metadata={"help": "AdamW learning rate of the LM head (scaled by 1/sqrt(width/768))"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps of linear LR warmup"})
-    warmdown_ratio: float = field(default=0.2, metadata={"help": "fraction of final steps of linear LR decay"})
-    final_lr_frac: float = field(default=0.0, metadata={"help": "LR at the end, as a fraction of the peak"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm (0 = off)"})
-    answer_weight: float = field(default=1.0, metadata={"help": "loss weight of the answer tokens of --data_mix's long-range rows (natural text: 1)"})
-    filler_weight: float = field(default=1.0, metadata={"help": "loss weight of the other tokens of those rows (their filler text); 0 = loss on the answers only"})
-    history_lm_weight: float = field(default=0.0, metadata={"help": "with --mc: weight of an extra LM loss over every target of the history, in windows of W raw tokens (0 = off; see mc/runtime.py)"})
+    matrix_lr: float = field(default=0.02, metadata={"min": 0, "help": "Muon learning rate of the block matrices"})
+    embedding_lr: float = field(default=0.2, metadata={"min": 0, "help": "AdamW learning rate of the token embedding (scaled by 1/sqrt(width/768))"})
+    unembedding_lr: float = field(default=0.004, metadata={"min": 0, "help": "AdamW learning rate of the LM head (scaled by 1/sqrt(width/768))"})
+    weight_decay: float = field(default=0.0, metadata={"min": 0, "help": "AdamW weight decay"})
+    warmup_ratio: float = field(default=0.0, metadata={"min": 0, "help": "fraction of steps of linear LR warmup"})
+    warmdown_ratio: float = field(default=0.2, metadata={"min": 0, "help": "fraction of final steps of linear LR decay"})
+    final_lr_frac: float = field(default=0.0, metadata={"min": 0, "help": "LR at the end, as a fraction of the peak"})
+    grad_clip: float = field(default=1.0, metadata={"min": 0, "help": "clip the global gradient norm (0 = off)"})
+    answer_weight: float = field(default=1.0, metadata={"min": 0, "help": "loss weight of the answer tokens of --data_mix's long-range rows (natural text: 1)"})
+    filler_weight: float = field(default=1.0, metadata={"min": 0, "help": "loss weight of the other tokens of those rows (their filler text); 0 = loss on the answers only"})
+    history_lm_weight: float = field(default=0.0, metadata={"min": 0, "help": "with --mc: weight of an extra LM loss over every target of the history, in windows of W raw tokens (0 = off; see mc/runtime.py)"})
     # evaluation, sampling, checkpoints, logging
-    eval_every: int = field(default=250, metadata={"help": "validate every N steps (and at the end)"})
-    eval_tokens: int = field(default=10 * 524288, metadata={"help": "validation tokens per evaluation"})
-    sample_every: int = field(default=2000, metadata={"help": "print samples every N steps (and at the end); -1 = only at the end"})
-    save_every: int = field(default=-1, metadata={"help": "checkpoint every N steps (-1 = only at the end)"})
-    log_every: int = field(default=10, metadata={"help": "print a log line every N steps"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --tag"})
+    eval_every: int = field(default=250, metadata={"min": 1, "help": "validate every N steps (and at the end)"})
+    eval_tokens: int = field(default=10 * 524288, metadata={"min": 1, "help": "validation tokens per evaluation"})
+    sample_every: int = field(default=2000, metadata={"min": -1, "help": "print samples every N steps (and at the end); -1 = only at the end"})
+    save_every: int = field(default=-1, metadata={"min": -1, "help": "checkpoint every N steps (-1 = only at the end)"})
+    log_every: int = field(default=10, metadata={"min": 1, "help": "print a log line every N steps"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --tag (every flag but the logging ones must match)"})
+    overwrite: bool = field(default=False, metadata={"help": "a new run into a --tag that holds checkpoints moves them aside (to <tag>.replaced-<time>); without it such a run is refused"})
     init_from: str = field(default="", metadata={"help": "start the GPT from the last checkpoint of checkpoints/base/<this tag> (weights only: fresh optimizer and data order; --max_seq_len may differ), e.g. --mc training of a plain-pretrained model; GistNet and LensNet too when it was trained with the same --mc_* flags"})
     freeze: str = field(default="", metadata={"help": "modules kept fixed, a comma list of gpt, mc_gist, mc_lens; e.g. gpt,mc_gist trains only LensNet (a focus phase after --mc training, with --init_from)"})
     tag: str = field(default="", metadata={"help": "checkpoint directory name (default d<depth>)"})
@@ -92,8 +94,13 @@ class TrainConfig:
     device_type: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
     cpu_bf16: str = field(default="auto", metadata={"help": "bf16 autocast on CPU: auto = where this CPU's bf16 matmuls are faster than fp32", "choices": CPU_BF16_CHOICES})
     compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA only)"})
-    seed: int = field(default=42, metadata={"help": "seed of model init and data order"})
+    seed: int = field(default=42, metadata={"min": 0, "help": "seed of model init and data order"})
     mc: bool = field(default=False, metadata={"help": "train with MegaContext (see the --mc_* flags)"})
+
+
+# flags that may differ on --resume (how it starts, what it logs); every other flag must match the saved run
+RESUME_FREE = ("resume", "overwrite", "tag", "init_from", "eval_every", "eval_tokens", "sample_every", "save_every", "log_every",
+               "wandb_run")
 
 
 def validate(cfg: TrainConfig, world_size: int) -> int:
@@ -139,6 +146,8 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"--history_lm_weight={cfg.history_lm_weight} trains only the GPT, which --freeze={cfg.freeze} keeps fixed")
     if cfg.init_from and cfg.resume:
         raise ConfigError("--init_from starts a new run and --resume continues one: give one of them")
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError("--overwrite starts a new run and --resume continues one: give one of them")
     return cfg.total_batch_size // tokens_per_fwd
 
 
@@ -178,7 +187,7 @@ class NoWandb:
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, MCConfig | None]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, TrainConfig, title="training")
     add_dataclass_args(parser, MCConfig, prefix="mc_", title="MegaContext (with --mc)")
     args = parser.parse_args(argv)
@@ -193,10 +202,14 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     ddp, rank, local_rank, world_size, device = compute_init(cfg.device_type)
     master = rank == 0
     grad_accum = validate(cfg, world_size)
+    if mc_cfg:
+        mc_cfg.validate(cfg.max_seq_len, cfg.head_dim)  # before any data or model work
     amp_dtype = autocast_dtype(device.type, cfg.cpu_bf16)
     amp = autocast_ctx(device.type, amp_dtype)
     tag = cfg.tag or f"d{cfg.depth}"
     ckpt_dir = checkpoint_dir("base", tag)
+    if not cfg.resume:
+        claim_run_dir(ckpt_dir, cfg.overwrite, rank)
 
     tokenizer = get_tokenizer()
     token_bytes = tokenizer.token_bytes(device)
@@ -234,22 +247,28 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
             raise ConfigError(f"--init_from={cfg.init_from}: {init_dir} was trained with a different tokenizer")
         load_state_strict(model, states["gpt"], f"--init_from={cfg.init_from} ({init_dir})")
         print0(f"initialised the GPT from {init_dir} step {meta['step']}")
-        if controller and meta.get("mc_config") == asdict(mc_cfg):  # an MC checkpoint with these --mc_* flags
-            for name, module in mc_modules.items():
-                load_state_strict(module, states[name], f"--init_from={cfg.init_from} ({init_dir}, {name})")
-            print0(f"initialised GistNet and LensNet from {init_dir} too")
-        elif controller and meta.get("mc_config"):
-            differ = sorted(k for k, v in asdict(mc_cfg).items() if meta["mc_config"].get(k) != v)
-            print0(f"GistNet and LensNet start fresh: {init_dir} has other --mc_* settings ({', '.join(differ)})")
+        if controller and meta.get("mc_config"):
+            saved_nets = MCConfig(**{**LEGACY_MC_CONFIG, **meta["mc_config"]}).net_fields()
+            if saved_nets == mc_cfg.net_fields():  # an MC checkpoint whose nets these --mc_* flags build
+                for name, module in mc_modules.items():
+                    load_state_strict(module, states[name], f"--init_from={cfg.init_from} ({init_dir}, {name})")
+                print0(f"initialised GistNet and LensNet from {init_dir} too")
+            else:
+                differ = sorted(k for k, v in mc_cfg.net_fields().items() if saved_nets.get(k) != v)
+                print0(f"GistNet and LensNet start fresh: {init_dir} built them with other --mc_* settings ({', '.join(differ)})")
     if cfg.resume:
         start_step = find_last_step(ckpt_dir)
         saved, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
         if meta["model_config"] != asdict(model_config):
             raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} has model config {meta['model_config']}, "
                               f"but the flags give {asdict(model_config)}")
-        if meta.get("mc_config") != (asdict(mc_cfg) if mc_cfg else None):
+        saved_mc = {**LEGACY_MC_CONFIG, **meta["mc_config"]} if meta.get("mc_config") else None
+        if saved_mc != (asdict(mc_cfg) if mc_cfg else None):
             raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} was trained with MegaContext config "
                               f"{meta.get('mc_config')}, but the flags give {asdict(mc_cfg) if mc_cfg else None}")
+        if changes := config_changes(meta.get("train_config", {}), asdict(cfg), RESUME_FREE):
+            raise ConfigError(f"--resume: the run in {ckpt_dir} was trained with other flags (saved -> given): "
+                              f"{'; '.join(changes)}")
         load_state_strict(model, states["gpt"], f"{ckpt_dir}/model_{start_step:06d}.pt")
         if controller:
             resumed = load_controller(model, states, meta, rank)
@@ -459,7 +478,7 @@ def main(argv=None):
     cfg, mc_cfg = parse_args(argv)
     try:
         train(cfg, mc_cfg)
-    except (ConfigError, MCConfigError, CheckpointError, DataError, DataMixError, FileNotFoundError) as e:
+    except (ConfigError, MCConfigError, CheckpointError, DataError, DataMixError, TokenizerError, FileNotFoundError) as e:
         compute_cleanup()
         sys.exit(f"error: {e}")
 

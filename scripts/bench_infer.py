@@ -36,6 +36,7 @@ from mc.build import build_controller, load_controller
 from mc.config import MCConfig
 from mc.session import MCSession
 from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, synchronize
+from nanochat.configurator import FlagParser
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -157,7 +158,7 @@ def verdict(ok: bool) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tag", default="", help="checkpoint tag to benchmark (empty = random init)")
     parser.add_argument("--stage", default="base", help="checkpoint stage of --tag (base|mid|sft)")
     parser.add_argument("--depth", type=int, default=4, help="model depth of the random model (width = 64 x depth)")

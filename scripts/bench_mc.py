@@ -34,6 +34,7 @@ from mc.runtime import MCController
 from mc.tree import build_tree
 from mc.working_context import materialize, most_compressed_map
 from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, synchronize
+from nanochat.configurator import FlagParser
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 
@@ -41,7 +42,7 @@ TARGETS = {"step_ratio": 1.15, "overhead_share": 0.10, "tokens_ratio": 0.6}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4, help="model depth (width = 64 x depth)")
     parser.add_argument("--seq_len", type=int, default=512, help="T: tokens per sequence (the MC history)")
     parser.add_argument("--batch_size", type=int, default=8, help="B: sequences of the plain step")

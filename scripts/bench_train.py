@@ -13,6 +13,7 @@ import time
 import torch
 
 from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, measure_matmul_flops, synchronize
+from nanochat.configurator import FlagParser
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 
@@ -29,7 +30,7 @@ def timed(fn, device, repeats: int):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4, help="model depth (width = 64 x depth)")
     parser.add_argument("--seq_len", type=int, default=512, help="training sequence length")
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per step")

@@ -28,6 +28,7 @@ import sys
 from mc.session import DEFAULT_REFOCUS_INTERVAL
 from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer
 from nanochat.common import autocast_ctx, autocast_dtype, compute_init, get_report_dir
+from nanochat.configurator import FlagParser, checked_number
 from nanochat.engine import Engine, stream_text
 
 COMMANDS = "/clear starts a new conversation, /quit leaves"
@@ -148,24 +149,22 @@ def input_lines():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="sft", choices=["base", "mid", "sft"], help="which stage's checkpoint to chat with")
     parser.add_argument("--tag", default="", help="checkpoint tag (default: the most recently written)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--step", type=checked_number(int, 0), default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--prompt", default=None, help="answer this one prompt and exit ('-' reads it from stdin)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--max_tokens", type=int, default=256, help="longest reply, in tokens")
+    parser.add_argument("--temperature", type=checked_number(float, 0), default=0.6, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top_k", type=checked_number(int, 0), default=50, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--max_tokens", type=checked_number(int, 1), default=256, help="longest reply, in tokens")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     parser.add_argument("--mc", action="store_true", help="MegaContext: an unbounded history (needs a checkpoint with MC nets)")
-    parser.add_argument("--refocus_interval", type=int, default=DEFAULT_REFOCUS_INTERVAL, help="with --mc: tokens between LensNet refocuses")
+    parser.add_argument("--refocus_interval", type=checked_number(int, 1), default=DEFAULT_REFOCUS_INTERVAL, help="with --mc: tokens between LensNet refocuses")
     parser.add_argument("--load", default=None, help="with --mc: start from a conversation saved by /save")
     args = parser.parse_args(argv)
     if (args.refocus_interval != DEFAULT_REFOCUS_INTERVAL or args.load) and not args.mc:
         parser.error("--refocus_interval and --load need --mc")
-    if args.refocus_interval < 1:
-        parser.error(f"--refocus_interval={args.refocus_interval} must be >= 1")
 
     _, _, _, _, device = compute_init(args.device_type)
     amp_dtype = autocast_dtype(device.type)

@@ -25,9 +25,11 @@ from nanochat.chat_data import load_hub
 from nanochat.chat_train import longdoc_setup, pretraining_data
 from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer
 from nanochat.common import atomic_write_text, autocast_ctx, autocast_dtype, compute_init, get_report_dir
+from nanochat.configurator import FlagParser, checked_number
 from nanochat.dataset import DataError
 from nanochat.engine import Engine
 from nanochat.longdoc_qa import longdoc_qa_eval
+from nanochat.tokenizer import TokenizerError
 
 DEPTH_BINS = 5  # depth of the asked fact in its document: [0, 0.2), [0.2, 0.4), ... [0.8, 1]
 SAMPLE_PROMPTS = ["Who are you?", "What can you do?"]
@@ -92,21 +94,21 @@ def fmt(x) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="sft", choices=["base", "mid", "sft"], help="which stage's checkpoint to evaluate")
     parser.add_argument("--tag", default="", help="checkpoint tag (default: the most recently written)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    parser.add_argument("--num_longdoc", type=int, default=200, help="long-document QA examples")
+    parser.add_argument("--step", type=checked_number(int, 0), default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--num_longdoc", type=checked_number(int, 0), default=200, help="long-document QA examples")
     parser.add_argument("--longdoc_filler", default="pretraining", choices=["pretraining", "synthetic"], help="document filler text")
-    parser.add_argument("--max_tokens", type=int, default=32, help="longest completion, in tokens")
-    parser.add_argument("--num_arc", type=int, default=500, help="ARC-Easy questions (0 = skip)")
+    parser.add_argument("--max_tokens", type=checked_number(int, 1), default=32, help="longest completion, in tokens")
+    parser.add_argument("--num_arc", type=checked_number(int, 0), default=500, help="ARC-Easy questions (0 = skip)")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     args = parser.parse_args(argv)
 
     _, _, _, _, device = compute_init(args.device_type)
     try:
         model, tokenizer, meta, ckpt_dir = load_model_and_tokenizer(args.source, args.tag, args.step, device)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, TokenizerError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     amp_dtype = autocast_dtype(device.type)
     amp = autocast_ctx(device.type, amp_dtype)

@@ -16,23 +16,23 @@ from dataclasses import dataclass, field
 
 from nanochat.chat_train import ChatTrainConfig
 from nanochat.chat_train import main as run
-from nanochat.configurator import add_dataclass_args, dataclass_from_args
+from nanochat.configurator import FlagParser, add_dataclass_args, dataclass_from_args
 
 
 @dataclass
 class SFTConfig(ChatTrainConfig):
     source: str = field(default="mid", metadata={"help": "stage of the checkpoint to start from", "choices": ["base", "mid"]})
     data: str = field(default="smoltalk:4,gsm8k:1,longdoc_qa:1,identity:0.5", metadata={"help": "conversation mix (hub sources are skipped offline; see nanochat/chat_data.py)"})
-    num_conversations: int = field(default=20_000, metadata={"help": "training conversations drawn from the mix"})
-    num_iterations: int = field(default=600, metadata={"help": "optimizer steps"})
-    rows_per_step: int = field(default=32, metadata={"help": "conversations per optimizer step over all ranks and micro-batches"})
-    device_batch_size: int = field(default=8, metadata={"help": "conversations per forward pass on each rank"})
-    init_lr_frac: float = field(default=0.1, metadata={"help": "scale of all the learning rates (1 = the pretraining ones)"})
-    warmdown_ratio: float = field(default=1.0, metadata={"help": "fraction of final steps of linear LR decay"})
+    num_conversations: int = field(default=20_000, metadata={"min": 1, "help": "training conversations drawn from the mix"})
+    num_iterations: int = field(default=600, metadata={"min": 1, "help": "optimizer steps"})
+    rows_per_step: int = field(default=32, metadata={"min": 1, "help": "conversations per optimizer step over all ranks and micro-batches"})
+    device_batch_size: int = field(default=8, metadata={"min": 1, "help": "conversations per forward pass on each rank"})
+    init_lr_frac: float = field(default=0.1, metadata={"min": 0, "help": "scale of all the learning rates (1 = the pretraining ones)"})
+    warmdown_ratio: float = field(default=1.0, metadata={"min": 0, "help": "fraction of final steps of linear LR decay"})
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, SFTConfig, title="SFT")
     cfg = dataclass_from_args(SFTConfig, parser.parse_args(argv))
     return run(cfg, stage="sft", pack=False, report_stage="chat-sft", title="Chat SFT")

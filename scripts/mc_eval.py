@@ -41,11 +41,11 @@ from mc.config import MCConfigError
 from mc.working_context import RAW, most_compressed_map
 from nanochat.checkpoint import CheckpointError, build_model, resolve_checkpoint_dir
 from nanochat.common import autocast_ctx, autocast_dtype, compute_init, get_report_dir, print0
-from nanochat.configurator import add_dataclass_args, dataclass_from_args
+from nanochat.configurator import FlagParser, add_dataclass_args, dataclass_from_args
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, prepare
 from nanochat.longrange import DataMixError, LongRange
-from nanochat.tokenizer import get_tokenizer
+from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tasks_file import TasksFileError, batches, load_tasks_file, tokenize_items
 from scripts.mc_eval_report import write_outputs
 
@@ -66,19 +66,19 @@ class EvalConfig:
     tasks: str = field(default=",".join(TASKS), metadata={"help": f"comma list of {', '.join(TASKS)}"})
     arms: str = field(default="all", metadata={"help": f"comma list of arms, or 'all' ({', '.join(ARMS)})"})
     lengths: str = field(default="0.5,1,2,4,8,16", metadata={"help": "history lengths as multiples of W (rounded to multiples of K)"})
-    depth_bins: int = field(default=5, metadata={"help": "needle depth bins"})
-    offset_bins: int = field(default=8, metadata={"help": "bins of the needle's offset inside its block (at most K)"})
-    needle_examples: int = field(default=300, metadata={"help": "needle examples per history length"})
-    needle_decoys: int = field(default=-1, metadata={"help": "decoy needles per example (-1: uniform 0..15)"})
+    depth_bins: int = field(default=5, metadata={"min": 1, "help": "needle depth bins"})
+    offset_bins: int = field(default=8, metadata={"min": 1, "help": "bins of the needle's offset inside its block (at most K)"})
+    needle_examples: int = field(default=300, metadata={"min": 1, "help": "needle examples per history length"})
+    needle_decoys: int = field(default=-1, metadata={"min": -1, "help": "decoy needles per example (-1: uniform 0..15)"})
     recall_pairs: str = field(default="1,2,4,8,16", metadata={"help": "numbers of key -> value pairs"})
-    recall_length: float = field(default=4.0, metadata={"help": "recall history length, as a multiple of W"})
-    recall_examples: int = field(default=100, metadata={"help": "recall examples per number of pairs"})
-    loss_examples: int = field(default=32, metadata={"help": "natural-text rows and facts documents per history length"})
+    recall_length: float = field(default=4.0, metadata={"min": 0, "help": "recall history length, as a multiple of W"})
+    recall_examples: int = field(default=100, metadata={"min": 1, "help": "recall examples per number of pairs"})
+    loss_examples: int = field(default=32, metadata={"min": 1, "help": "natural-text rows and facts documents per history length"})
     tasks_file: str = field(default="", metadata={"help": "JSONL of {context, question, answer} scored by exact match"})
-    batch_size: int = field(default=8, metadata={"help": "examples per forward pass"})
-    full_max_len: int = field(default=0, metadata={"help": "longest history for full / all-raw (0: 2 x the trained length)"})
-    tail: int = field(default=0, metadata={"help": "scored final tokens E (0: R, the checkpoint's --mc_recent)"})
-    seed: int = field(default=0, metadata={"help": "seed of examples and random maps"})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "examples per forward pass"})
+    full_max_len: int = field(default=0, metadata={"min": 0, "help": "longest history for full / all-raw (0: 2 x the trained length)"})
+    tail: int = field(default=0, metadata={"min": 0, "help": "scored final tokens E (0: R, the checkpoint's --mc_recent)"})
+    seed: int = field(default=0, metadata={"min": 0, "help": "seed of examples and random maps"})
     device_type: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
 
 
@@ -414,12 +414,12 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, EvalConfig, title="mc_eval")
     cfg = dataclass_from_args(EvalConfig, parser.parse_args(argv))
     try:
         results = evaluate(cfg)
-    except (EvalError, TasksFileError, CheckpointError, MCConfigError, DataError, FileNotFoundError) as e:
+    except (EvalError, TasksFileError, CheckpointError, MCConfigError, DataError, TokenizerError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print0(f"wrote {get_report_dir() / 'mc_eval.json'}")
     return results

@@ -16,23 +16,23 @@ from dataclasses import dataclass, field
 
 from nanochat.chat_train import ChatTrainConfig
 from nanochat.chat_train import main as run
-from nanochat.configurator import add_dataclass_args, dataclass_from_args
+from nanochat.configurator import FlagParser, add_dataclass_args, dataclass_from_args
 
 
 @dataclass
 class MidConfig(ChatTrainConfig):
     source: str = field(default="base", metadata={"help": "stage of the checkpoint to start from", "choices": ["base", "mid"]})
     data: str = field(default="smoltalk:4,longdoc_qa:2,identity:0.5", metadata={"help": "conversation mix (hub sources are skipped offline; see nanochat/chat_data.py)"})
-    num_conversations: int = field(default=200_000, metadata={"help": "training conversations drawn from the mix"})
-    num_iterations: int = field(default=500, metadata={"help": "optimizer steps"})
-    rows_per_step: int = field(default=256, metadata={"help": "rows (of the full context) per optimizer step over all ranks and micro-batches"})
-    device_batch_size: int = field(default=32, metadata={"help": "rows per forward pass on each rank"})
-    init_lr_frac: float = field(default=1.0, metadata={"help": "scale of all the learning rates (1 = the pretraining ones)"})
-    warmdown_ratio: float = field(default=0.5, metadata={"help": "fraction of final steps of linear LR decay"})
+    num_conversations: int = field(default=200_000, metadata={"min": 1, "help": "training conversations drawn from the mix"})
+    num_iterations: int = field(default=500, metadata={"min": 1, "help": "optimizer steps"})
+    rows_per_step: int = field(default=256, metadata={"min": 1, "help": "rows (of the full context) per optimizer step over all ranks and micro-batches"})
+    device_batch_size: int = field(default=32, metadata={"min": 1, "help": "rows per forward pass on each rank"})
+    init_lr_frac: float = field(default=1.0, metadata={"min": 0, "help": "scale of all the learning rates (1 = the pretraining ones)"})
+    warmdown_ratio: float = field(default=0.5, metadata={"min": 0, "help": "fraction of final steps of linear LR decay"})
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, MidConfig, title="mid-training")
     cfg = dataclass_from_args(MidConfig, parser.parse_args(argv))
     return run(cfg, stage="mid", pack=True, report_stage="mid-train", title="Mid-training")

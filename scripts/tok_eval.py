@@ -9,7 +9,8 @@ import itertools
 
 import tiktoken
 
-from nanochat.tokenizer import get_tokenizer
+from nanochat.configurator import FlagParser, checked_number
+from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 PROSE = """The old lighthouse keeper climbed the spiral stairs each evening, counting the steps as his
 father had taught him. Ships no longer needed the light, but he kept it burning anyway, because a
@@ -43,13 +44,16 @@ def load_comparisons() -> dict:
     return encodings
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Print the tokenizer's compression ratio (bytes per token).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def main(argv=None):
+    parser = FlagParser(description="Print the tokenizer's compression ratio (bytes per token).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=str, default="books", help="dataset source passed to nanochat.dataset.prepare")
-    parser.add_argument("--max_docs", type=int, default=200, help="documents read from each split (0 skips the data)")
-    args = parser.parse_args()
+    parser.add_argument("--max_docs", type=checked_number(int, 0), default=200, help="documents read from each split (0 skips the data)")
+    args = parser.parse_args(argv)
 
-    tokenizer = get_tokenizer()
+    try:
+        tokenizer = get_tokenizer()
+    except (TokenizerError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     print(f"tokenizer vocab_size={tokenizer.vocab_size} identity={tokenizer.identity()}")
     texts = {label: [text] for label, text in SAMPLES.items()}  # label -> list of documents
     if args.max_docs > 0:

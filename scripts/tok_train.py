@@ -9,6 +9,7 @@ import time
 from tqdm import tqdm
 
 from nanochat.common import get_base_dir
+from nanochat.configurator import FlagParser, checked_number
 from nanochat.tokenizer import Tokenizer
 
 
@@ -26,19 +27,20 @@ def capped_text(documents, max_chars: int, doc_cap: int):
                     return
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Train the BPE tokenizer (rustbpe) and save it for tiktoken.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--vocab_size", type=int, default=4096, help="total vocabulary, special tokens included")
-    parser.add_argument("--max_chars", type=float, default=2e9, help="total characters of training text to read (scientific notation ok)")
-    parser.add_argument("--doc_cap", type=int, default=10_000, help="long documents are fed to the trainer in pieces of at most this many characters")
+def main(argv=None):
+    parser = FlagParser(description="Train the BPE tokenizer (rustbpe) and save it for tiktoken.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--vocab_size", type=checked_number(int, 1), default=4096, help="total vocabulary, special tokens included")
+    parser.add_argument("--max_chars", type=checked_number(float, 1), default=2e9, help="total characters of training text to read (scientific notation ok)")
+    parser.add_argument("--doc_cap", type=checked_number(int, 1), default=10_000, help="long documents are fed to the trainer in pieces of at most this many characters")
     parser.add_argument("--data", type=str, default="books", help="dataset source passed to nanochat.dataset.prepare")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     max_chars = int(args.max_chars)
-    if max_chars <= 0 or args.doc_cap <= 0:
-        raise SystemExit(f"error: --max_chars={args.max_chars} and --doc_cap={args.doc_cap} must both be positive")
 
     from nanochat import dataset  # imported here so --help works before the data module is in place
-    data_dir = dataset.prepare(args.data)
+    try:
+        data_dir = dataset.prepare(args.data)
+    except (dataset.DataError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     text = capped_text(dataset.iter_documents(data_dir, split="train"), max_chars, args.doc_cap)
 
     t0 = time.time()

@@ -1,9 +1,12 @@
 """End-to-end pretraining: smoke run, exact resume, torchrun with two gloo ranks, bad input."""
 
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -47,6 +50,29 @@ def test_resume_is_exact(tiny_env):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_runs_killed_at_random_points_resume_to_the_same_weights(tiny_env):
+    """SIGKILL a training run three times at random moments (mid-step or mid-checkpoint), resume after each:
+    the final weights equal those of a run never interrupted."""
+    args = [f"--data={tiny_env['data']}", *TINY, "--num_iterations=10", "--save_every=1", "--eval_every=100"]
+    run_train(tiny_env, *args[len(TINY) + 1:], "--tag=unkilled")
+    ckpt, rng = checkpoint_dir("base", "killed"), random.Random(0)
+    cmd = [sys.executable, "-m", "scripts.base_train", *args, "--tag=killed"]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    for kill in range(3):
+        done = len(list(ckpt.glob("meta_*.json")))
+        proc = subprocess.Popen(cmd + (["--resume"] if done else []), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while len(list(ckpt.glob("meta_*.json"))) <= done and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)  # at least one new checkpoint, so the next start has something to resume
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    subprocess.run(cmd + ["--resume"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a, b = load_module_states(checkpoint_dir("base", "unkilled"), 10)["gpt"], load_module_states(ckpt, 10)["gpt"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_flags_and_inputs(tiny_env, tmp_path):
     with pytest.raises(SystemExit, match="total_batch_size"):
         run_train(tiny_env, "--total_batch_size=100")
@@ -62,12 +88,25 @@ def test_bad_flags_and_inputs(tiny_env, tmp_path):
         run_train(tiny_env, "--num_iterations=2", "--tag=never_trained", "--resume")
 
 
+def test_a_used_tag_is_never_continued_by_accident(tiny_env):
+    run_train(tiny_env, "--num_iterations=2", "--tag=reuse")
+    with pytest.raises(SystemExit, match="already holds a run.*--resume.*--overwrite"):
+        run_train(tiny_env, "--num_iterations=3", "--tag=reuse")
+    with pytest.raises(SystemExit, match=r"--resume: .* other flags .*--matrix_lr: 0.02 -> 0.03; --seed: 42 -> 7"):
+        run_train(tiny_env, "--num_iterations=2", "--tag=reuse", "--resume", "--matrix_lr=0.03", "--seed=7", "--eval_every=1")
+    run_train(tiny_env, "--num_iterations=3", "--tag=reuse", "--overwrite")
+    aside = [p for p in checkpoint_dir("base", "reuse").parent.iterdir() if p.name.startswith("reuse.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "model_000002.pt").exists()  # the old run is kept, not continued
+    assert build_model(checkpoint_dir("base", "reuse"), None, "cpu")[2]["step"] == 3
+    assert not (checkpoint_dir("base", "reuse") / "model_000002.pt").exists()
+
+
 def test_corrupt_checkpoint_is_reported(tiny_env):
     run_train(tiny_env, "--num_iterations=1", "--tag=corrupt")
     ckpt = checkpoint_dir("base", "corrupt")
     model_file = ckpt / "model_000001.pt"
     model_file.write_bytes(model_file.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="has changed since it was written"):
         build_model(ckpt, None, "cpu")
     (ckpt / "meta_000001.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):

@@ -1,5 +1,6 @@
 """Data sources -> parquet shards: user directories, the fineweb downloader (local server), the books fallback."""
 
+import gzip
 import json
 import shutil
 import threading
@@ -57,6 +58,18 @@ def test_jsonl_and_parquet_directory(tmp_path):
     assert val == ["parquet 4"]
 
 
+def test_gzipped_files_and_large_string_columns(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    with gzip.open(src / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps({"text": f"gz {i}"}) for i in range(3)) + "\n")
+    with gzip.open(src / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("a gzipped text")
+    pq.write_table(pa.table({"text": pa.array([f"large {i}" for i in range(3)], type=pa.large_string())}), src / "c.parquet")
+    train, val = read_all(prepare(str(src)))
+    assert train + val == [f"gz {i}" for i in range(3)] + ["a gzipped text"] + [f"large {i}" for i in range(3)]
+
+
 def test_user_directory_is_idempotent_and_rebuilt_when_needed(tmp_path):
     src = tmp_path / "corpus"
     src.mkdir()
@@ -92,14 +105,16 @@ def test_many_shards_and_start_step(tmp_path, monkeypatch):
 
 
 def test_bad_user_directories(tmp_path):
+    with pytest.raises(ValueError, match="empty data source"):
+        prepare("")
     with pytest.raises(FileNotFoundError, match="nor an existing directory"):
         prepare(str(tmp_path / "missing"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no .txt, .jsonl or .parquet files"):
+    with pytest.raises(ValueError, match="no .txt, .jsonl, .parquet"):
         prepare(str(empty))
     (empty / "data.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="no .txt, .jsonl or .parquet files"):
+    with pytest.raises(ValueError, match="no .txt, .jsonl, .parquet"):
         prepare(str(empty))
     one = tmp_path / "one"
     one.mkdir()
@@ -112,6 +127,8 @@ def test_bad_user_directories(tmp_path):
     ("bad.jsonl", '{"text": "fine"}\n{"text": oops}\n', r"bad.jsonl:2: not valid JSON"),
     ("bad.jsonl", '{"text": "fine"}\n\n{"body": "no text"}\n', r"bad.jsonl:3: expected a JSON object"),
     ("bad.txt", b"\xff\xfe\xfa not utf-8", r"bad.txt: cannot read as UTF-8"),
+    ("bad.jsonl", b'{"text": "fine"}\n{"text": "\xff\xfe"}\n', r"bad.jsonl: cannot read as UTF-8"),
+    ("bad.jsonl.gz", b"not gzip", r"bad.jsonl.gz: cannot read"),
     ("bad.parquet", b"not parquet at all", r"bad.parquet: cannot read as parquet"),
 ])
 def test_malformed_files_name_file_and_line(tmp_path, name, content, message):
@@ -127,7 +144,7 @@ def test_parquet_without_text_column(tmp_path):
     src = tmp_path / "corpus"
     src.mkdir()
     pq.write_table(pa.table({"body": ["a", "b"]}), src / "x.parquet")
-    with pytest.raises(ValueError, match=r"x.parquet: expected a string column 'text'"):
+    with pytest.raises(ValueError, match=r"x.parquet: expected a string column 'text', found columns body \(string\)"):
         prepare(str(src))
 
 

@@ -48,4 +48,8 @@ def test_run10_mc_dry_run():
     without_mc = " ".join(word for word in mc_train.split() if not word.startswith(("--mc", "--history_lm_weight")))
     assert without_mc.replace("--tag=mc_joint", "--tag=plain") == plain_train and without_mc != mc_train
     assert any("scripts.mc_eval --mc_tag=mc --plain_tag=plain" in line for line in lines)
-    assert any("scripts.mid_train --source_tag=mc" in line and "memory" in line for line in lines) and "chat_cli --mc" in out
+    assert any("scripts.mid_train" in line and "--source_tag=mc" in line and "memory" in line for line in lines)
+    assert "chat_cli --mc" in out
+    # every stage starts a new run: an earlier run10.sh's checkpoints of the same tag are moved aside
+    assert all("--overwrite" in line for line in lines if "scripts.base_train" in line or "scripts.mid_train" in line
+               or "scripts.chat_sft" in line)
