@@ -130,7 +130,8 @@ class ArmEvaluator:
 
     def _wc_tail(self, controller, wc):
         """Logits [V, E, vocab] of the last E entries of materialised WCs (raw tail tokens)."""
-        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, controller.model.config.head_dim, controller.cfg.positional)
+        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, controller.model.config.head_dim, controller.cfg.positional,
+                           max_len=controller.cfg.rope_max_len(controller.model.config.sequence_len))
         logits = controller.model(inputs_embeds=wc.embeds, rope=(cos, sin))  # [V, W, vocab]
         return logits[tail_mask(wc.valid, self.tail)].view(wc.valid.size(0), self.tail, -1)
 
@@ -143,10 +144,8 @@ class ArmEvaluator:
         return levels, base, y[:, -1]
 
     @staticmethod
-    def _mc_maps(controller, levels, base, x, next_token, focus_end):
-        base_wc = materialize(base, levels, x, controller.cfg, next_token)
-        return controller.guided_maps(base, controller.score(base_wc, grad=False, focus_end=focus_end), levels, x,
-                                      next_token, None, "greedy", None, focus_end=focus_end)
+    def _mc_maps(controller, levels, focus_end):
+        return controller.focus_maps(levels, focus_end)
 
     def _similarity_maps(self, levels, base, x, next_token, focus_end):
         cfg, maps = self.cfg, base
@@ -190,7 +189,7 @@ class ArmEvaluator:
                 continue
             if arm == "mean_gist":
                 m_levels, m_base, nt = self._tree(self.mean, x, y)
-                maps = self._mc_maps(self.mean, m_levels, m_base, x, nt, focus_end)
+                maps = self._mc_maps(self.mean, m_levels, focus_end)
                 out[arm] = (*_score(self._wc_tail(self.mean, materialize(maps, m_levels, x, self.mean.cfg, nt)), target), maps)
                 continue
             if tree is None:
@@ -199,9 +198,9 @@ class ArmEvaluator:
             n = base.size(1)
             if arm == "shuffled":
                 levels = shuffle_gists(levels, gen)
-                maps = self._mc_maps(ctl, levels, base, x, nt, focus_end)
+                maps = self._mc_maps(ctl, levels, focus_end)
             elif arm == "mc":
-                maps = self._mc_maps(ctl, levels, base, x, nt, focus_end)
+                maps = self._mc_maps(ctl, levels, focus_end)
             elif arm == "gists_only":
                 maps = base
             elif arm == "random":

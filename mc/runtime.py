@@ -13,7 +13,8 @@ Per micro-batch x, y [B, T] (history T > W):
     re-scored in between), the others random legal maps. The teacher is exploration, not a
     shortcut: without it the block holding a needle is expanded in ~1 variant in n, so neither the
     GPT (copying from an expanded block) nor LensNet (which block was worth it) sees the signal.
-    It is never used at inference, where LensNet alone decides;
+    It is never used at inference, where LensNet alone decides (by descent: `focus_maps` scores every
+    old block as a LOD1 gist and expands the best with their groups, mc.allocator.descend_maps);
  4. one batched GPT forward over [V, W] with inputs_embeds + per-row rope, per-position loss;
  5. LM loss = weighted mean over all LOD0 targets of all variants (baseline weight configurable;
     optional per-target weights, e.g. answers of long-range rows counted more); optionally
@@ -34,15 +35,14 @@ Errors raise; there is no fallback to vanilla training.
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
-from mc.allocator import block_entry_scores, expanded_units, overlap_block_scores, refocus, unit_scores
+from mc.allocator import NEG, block_entry_scores, descend_maps, expanded_units, overlap_block_scores, refocus, unit_scores
 from mc.config import MCConfig
 from mc.lensnet import tail_mask
 from mc.positional import wc_rope
 from mc.telemetry import PhaseTimer
 from mc.tree import build_tree
-from mc.working_context import RAW, UNCOVERED, materialize, most_compressed_map, random_maps
+from mc.working_context import RAW, UNCOVERED, WorkingContext, materialize, most_compressed_map, random_maps
 from nanochat.longrange import weighted_lm_loss
 
 ARMS = ("truncation", "mc", "full")  # the three validation arms at budget W
@@ -137,6 +137,44 @@ class MCController:
             return self.lensnet(wc.embeds.detach(), wc.lod, rel_pos(wc), visible_entries(wc, focus_end),
                                 tail_len=self.cfg.recent)
 
+    def block_scores(self, levels, focus_end=None):
+        """LensNet's score [B, n] of every block older than the raw tail, read as a LOD1 gist (-inf: the raw
+        tail, and blocks ending after focus_end [B]). The blocks are scored in windows of at most W - raw
+        gists followed by the raw tail (the WCs LensNet trains on), all windows of all rows in one batch,
+        so the cost grows linearly with the history. levels: the tree's [LOD0 [B, T, D], LOD1 [B, n, D], ...]."""
+        cfg, K, W = self.cfg, self.cfg.block_size, self.cfg.wc_budget
+        lod0, lod1 = levels[0], levels[1]
+        B, T, D = lod0.shape
+        n, device = lod1.size(1), lod0.device
+        older = n - min(cfg.recent // K, n)  # blocks before the raw tail
+        raw = T - older * K  # raw tail tokens (with the partial block)
+        per = W - raw  # gists per window
+        C = max(1, -(-older // per))
+        j = torch.arange(W, device=device)
+        first = torch.arange(C, device=device)[:, None] * per  # [C, 1] first block of each window
+        gists = (older - first).clamp(0, per)  # [C, 1]
+        is_gist, is_tail = j < gists, (j >= gists) & (j < gists + raw)  # [C, W]
+        block = (first + j).clamp(max=max(n - 1, 0))  # [C, W]
+        pos = torch.where(is_gist, block * K, (older * K + j - gists).clamp(0, T - 1))  # [C, W]
+        embeds = torch.where(is_gist[..., None], lod1[:, block], lod0[:, pos])  # [B, C, W, D]
+        valid = (is_gist | is_tail).expand(B, C, W).reshape(B * C, W)
+        wc = WorkingContext(torch.where(valid[..., None], embeds.reshape(B * C, W, D), 0.0), pos.expand(B, C, W).reshape(B * C, W),
+                            torch.where(is_gist, K, 1).expand(B, C, W).reshape(B * C, W), is_gist.long().expand(B, C, W).reshape(B * C, W),
+                            torch.full((B * C, W), -1, device=device), valid,
+                            torch.arange(B, device=device).repeat_interleave(C), None, T)
+        scores = self.score(wc, grad=False, focus_end=focus_end)  # [B * C, W]
+        readable = visible_entries(wc, focus_end) & (wc.lod == 1)
+        column = torch.where(readable, wc.pos // K, n).view(B, C * W)  # column n collects the rest
+        out = torch.full((B, n + 1), NEG, device=device)
+        return out.scatter_reduce(1, column, torch.where(readable, scores, NEG).view(B, C * W), "amax")[:, :n]
+
+    def focus_maps(self, levels, focus_end=None, tail_tokens: int = 0):
+        """The inference focus [B, n]: the most compressed map, then LensNet's best blocks expanded with their
+        groups while they fit W (`mc.allocator.descend_maps`)."""
+        n = levels[1].size(1)
+        base = most_compressed_map(n, self.cfg, tail_tokens, device=levels[0].device).expand(levels[0].size(0), n)
+        return descend_maps(base, self.block_scores(levels, focus_end), self.cfg, tail_tokens)
+
     def guided_maps(self, base_map, base_scores, levels, x, next_token, sample, policy, generator, block_scores=None,
                     focus_end=None):
         """Maps grown from base_map [V, n] by the allocator; LensNet re-scores between iterations (reading up to
@@ -155,7 +193,8 @@ class MCController:
 
     def forward_wc(self, wc, forward_fn=None):
         """Per-position loss [V, W] of the GPT over materialised working contexts."""
-        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.model.config.head_dim, self.cfg.positional)
+        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.model.config.head_dim, self.cfg.positional,
+                           max_len=self.cfg.rope_max_len(self.model.config.sequence_len))
         forward_fn = forward_fn or self.model
         return forward_fn(inputs_embeds=wc.embeds, rope=(cos, sin), targets=wc.targets, loss_reduction="none")
 
@@ -260,19 +299,15 @@ class MCController:
 
     @torch.no_grad()
     def evaluate_arms(self, x, y):
-        """NLL [B, H] of the final H targets under truncation (last W tokens), MC (greedy LensNet focus) and full history."""
+        """NLL [B, H] of the final H targets under truncation (last W tokens), MC (the inference focus, `focus_maps`)
+        and full history."""
         cfg, H, W = self.cfg, self.cfg.horizon, self.cfg.wc_budget
-        B, T = x.shape
-        n = T // cfg.block_size
+        B = x.size(0)
         full = self.model(x, y, loss_reduction="none")[:, -H:]
         truncation = self.model(x[:, -W:], y[:, -W:], loss_reduction="none")[:, -H:]
         levels = build_tree(self.model.transformer.wte(x), self.gistnet, cfg)
         next_token = y[:, -1]
-        focus_end = focus_ends(torch.zeros_like(x, dtype=torch.bool), H)
-        base_map = most_compressed_map(n, cfg, device=x.device).expand(B, n)
-        base_wc = materialize(base_map, levels, x, cfg, next_token)
-        maps = self.guided_maps(base_map, self.score(base_wc, grad=False, focus_end=focus_end), levels, x, next_token,
-                                None, "greedy", None, focus_end=focus_end)
+        maps = self.focus_maps(levels, focus_ends(torch.zeros_like(x, dtype=torch.bool), H))
         wc = materialize(maps, levels, x, cfg, next_token)
         per_pos = self.forward_wc(wc)
         mc = per_pos[tail_mask(wc.valid, H)].view(B, H)

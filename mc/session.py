@@ -16,12 +16,12 @@ A token's way (`append`; `generate` appends each sampled token):
     earlier entries never change: the token is one new raw row of the table and the cache only
     grows (decode = a 1-entry forward; no per-token work depends on the history length);
  2. every `refocus_interval` tokens, and whenever the WC exceeds W, `refocus` decides the focus
-    afresh, exactly as training and evaluation do (mc.runtime): from the most compressed map of the
-    history (raw tail, LOD1 gists, LOD2 gists; the oldest entries UNCOVERED only when even that does not
-    fit W), LensNet scores the WC and the greedy allocator expands the best units within W,
-    `refocus_rounds` rounds, re-scored in between. So the focus is a function of the history (what
-    LensNet was trained to choose from), not of earlier focus decisions, and a question can pull any
-    old block back in full. Capacity: history is dropped (oldest first) only when the raw tail, the
+    afresh, exactly as evaluation does (`MCController.focus_maps`): LensNet scores every old block as a
+    LOD1 gist (in windows of W entries, the WCs it was trained on), and from the most compressed map of
+    the history (raw tail, LOD1 gists, LOD2 gists; the oldest entries UNCOVERED only when even that does
+    not fit W) the best blocks are expanded with their LOD2 groups while they fit W
+    (`mc.allocator.descend_maps`). So the focus is a function of the history, not of earlier focus
+    decisions, and a question can pull any old block back in full. Capacity: history is dropped (oldest first) only when the raw tail, the
     gists of the newest incomplete LOD2 group and the LOD2 gists no longer fit W;
  3. KV reuse: a map change rebuilds the table, compares it with the old one (pos, lod: one vector
     compare), and the cache is kept up to the first changed entry; the next `logits()` recomputes
@@ -31,17 +31,20 @@ chunk when due) runs no GPT forward; the first `logits()` prefills at most W ent
 `recompute_logits()` (fresh materialisation + full forward) is the reference for tests.
 
 Choices recorded here:
-- `refocus_interval` (default 32 = the default K) and `refocus_rounds` (LensNet rounds per refocus,
-  default the config's `allocator_iterations`, as in training) are session arguments, not MCConfig fields.
+- `refocus_interval` (default 32 = the default K) is a session argument, not an MCConfig field.
 - Rotary tables come from `mc.positional.wc_rope`; appended raw tokens take rows of a standard-RoPE
   table computed ahead (span-1 `gaussian` = standard RoPE at the position, `index` = standard RoPE
-  at the entry index), so a decode step computes no tables.
+  at the entry index), so a decode step computes no tables. Past the GPT's training length the table
+  is laid out in a frame (`mc.positional.rope_frame`, fixed at each map change, moving in steps of
+  sequence_len/8) that keeps every distance in range; appended tokens are in its exact part, and a
+  frame move changes the older rows, so the cache is kept only up to the first changed row.
 - Dropped (UNCOVERED) history is not lost: the tree keeps its gists, and a refocus shows them again as
   soon as they fit (e.g. when a LOD2 group completes and compresses its K gists into one).
 - `save` stores ids, gists, the map and counters, not LOD0 (re-embedded exactly on load) nor the
   KV cache (one prefill). It records the MCConfig, the GPT config hash, a fingerprint of the weights
-  that made the stored gists (embedding + GistNet) and the tokenizer identity; `load` refuses any
-  mismatch, a wrong version and corrupt/truncated/foreign files with a ValueError saying which.
+  that made the stored gists (embedding + GistNet), the tokenizer identity and a digest of the whole
+  content; `load` refuses any mismatch, a wrong version, a changed digest and corrupt/truncated/foreign
+  files with a ValueError saying which.
 """
 
 import contextlib
@@ -56,9 +59,8 @@ from dataclasses import asdict, replace
 import torch
 import torch.nn.functional as F
 
-from mc.allocator import refocus as allocate
-from mc.config import MCConfig
-from mc.positional import wc_rope
+from mc.config import LEGACY_MC_CONFIG, MCConfig
+from mc.positional import rope_frame, wc_rope
 from mc.tree import MCTree, read_state_file
 from mc.working_context import (GIST, GROUP, RAW, UNCOVERED, WorkingContext, entry_counts, is_legal, materialize,
                                 most_compressed_map)
@@ -92,6 +94,27 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def content_digest(obj, h=None) -> str:
+    """SHA-256 of a saved state's content (tensors by dtype, shape and bytes; dicts, lists and scalars by value):
+    recorded in a session file and checked on load, so a file changed on disk is refused."""
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        h.update(f"tensor {obj.dtype} {tuple(obj.shape)};".encode())
+        h.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"dict {len(obj)};".encode())
+        for key in sorted(obj, key=str):
+            h.update(f"{key!r}:".encode())
+            content_digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"list {len(obj)};".encode())
+        for item in obj:
+            content_digest(item, h)
+    else:
+        h.update(f"{type(obj).__name__} {obj!r};".encode())
+    return h.hexdigest()
+
+
 def weights_fingerprint(controller) -> str:
     """Hash of the weights that made a tree's stored tensors: the GPT's embedding and the GistNet."""
     h = hashlib.sha256()
@@ -105,18 +128,17 @@ def weights_fingerprint(controller) -> str:
 class MCSession:
     """One growing stream decoded through a working context of at most W entries (see module docstring)."""
 
-    def __init__(self, controller, *, refocus_interval: int = DEFAULT_REFOCUS_INTERVAL, refocus_rounds: int | None = None,
+    def __init__(self, controller, *, refocus_interval: int = DEFAULT_REFOCUS_INTERVAL,
                  tokenizer_id: str | None = None, append_chunk: int | None = None, autocast=None, capacity: int = 1024):
         cfg: MCConfig = controller.cfg
         K, W, R = cfg.block_size, cfg.wc_budget, cfg.recent
         if R + K - 1 > W:
             raise ValueError(f"an MC session keeps the last --mc_recent={R} tokens plus up to K-1={K - 1} tokens of the "
                              f"current block raw: it needs --mc_wc_budget >= {R + K - 1}, got {W}")
-        refocus_rounds = cfg.allocator_iterations if refocus_rounds is None else refocus_rounds
-        if refocus_interval < 1 or refocus_rounds < 1:
-            raise ValueError(f"refocus_interval ({refocus_interval}) and refocus_rounds ({refocus_rounds}) must be >= 1")
+        if refocus_interval < 1:
+            raise ValueError(f"refocus_interval ({refocus_interval}) must be >= 1")
         self.controller, self.model, self.cfg = controller, controller.model, cfg
-        self.refocus_interval, self.refocus_rounds, self.tokenizer_id = refocus_interval, refocus_rounds, tokenizer_id
+        self.refocus_interval, self.tokenizer_id = refocus_interval, tokenizer_id
         self.append_chunk = append_chunk or W
         self.autocast = autocast  # context-manager factory (e.g. bf16 autocast), or None
         self.device = self.model.lm_head.weight.device
@@ -127,6 +149,8 @@ class MCSession:
         self._pos = torch.zeros(W, dtype=torch.long, device=self.device)  # entry table, first n_entries rows
         self._lod = torch.zeros(W, dtype=torch.long, device=self.device)
         self._rope = torch.zeros(W, 2, self.head_dim // 2, device=self.device)  # [W, (cos, sin), hd/2] fp32
+        self.max_len = cfg.rope_max_len(self.model.config.sequence_len)  # rotary distances stay below it
+        self._frame = rope_frame(0, self.max_len)  # the frame of the table's rotary rows
         self.n_entries = 0  # entries of the WC (may exceed W inside `_append`, until the budget fit)
         self._tab_len = 0  # rows of the table that describe the current WC's first entries
         self.cache = self.model.new_kv_cache(1, W)
@@ -231,12 +255,15 @@ class MCSession:
         self._logits = None
         self._since_refocus += c
 
-    def _set_map(self, new_map, kind: str | None) -> bool:
-        """Install map [n]: rebuild the entry table, keep the cache up to the first changed entry, log the
-        edits under `kind` (None: no log). Returns False (and does nothing) when the map is unchanged."""
+    def _set_map(self, new_map, kind: str | None, frame: int | None = None) -> bool:
+        """Install map [n] in rotary frame `frame` (default: the frame of the current history): rebuild the entry
+        table, keep the cache up to the first changed entry, log the edits under `kind` (None: no log).
+        Returns False (and does nothing) when neither the map nor the frame changes."""
         K, W, T = self.cfg.block_size, self.cfg.wc_budget, self.tree.T
         new_map = new_map.to(torch.int8)
-        if kind is not None and self._tab_len == self.n_entries and torch.equal(new_map, self.lod_map):
+        frame = rope_frame(T - 1, self.max_len) if frame is None else frame
+        if (kind is not None and self._tab_len == self.n_entries and torch.equal(new_map, self.lod_map)
+                and frame == self._frame):
             return False
         old_map = self.lod_map.clone()
         self._map[:self.n_blocks] = new_map
@@ -244,14 +271,17 @@ class MCSession:
         E = pos.numel()
         if E > W:
             raise ValueError(f"internal: a map of {E} entries exceeds --mc_wc_budget={W}")
-        m = min(self._tab_len, E)
-        differ = (self._pos[:m] != pos[:m]) | (self._lod[:m] != lod[:m])
-        first = int(torch.cat([differ, differ.new_ones(1)]).long().argmax())  # first changed entry (m if none)
+        self._frame = frame
         valid = torch.ones_like(pos, dtype=torch.bool)[None]  # the table starts at entry 0, so `index` mode works too
-        cos, sin = wc_rope(pos[None], torch.pow(K, lod)[None], lod[None], valid, self.head_dim, self.cfg.positional)
+        cos, sin = wc_rope(pos[None], torch.pow(K, lod)[None], lod[None], valid, self.head_dim, self.cfg.positional,
+                           max_len=self.max_len, frame=torch.tensor([self._frame], device=self.device))
+        rope = torch.stack([cos[0, :, 0], sin[0, :, 0]], dim=1)  # [E, 2, hd/2]
+        m = min(self._tab_len, E)
+        differ = (self._pos[:m] != pos[:m]) | (self._lod[:m] != lod[:m]) | (self._rope[:m] != rope[:m]).flatten(1).any(1)
+        first = int(torch.cat([differ, differ.new_ones(1)]).long().argmax())  # first changed entry (m if none)
         self._pos[:E], self._lod[:E] = pos, lod
         self._lod[E:] = RAW
-        self._rope[first:E] = torch.stack([cos[0, first:, 0], sin[0, first:, 0]], dim=1)
+        self._rope[first:E] = rope[first:]
         self.n_entries = self._tab_len = E
         self._valid = min(self._valid, first)
         self._logits = None
@@ -297,24 +327,18 @@ class MCSession:
         self.stats["append_seconds"] += time.perf_counter() - t0
 
     @torch.no_grad()
-    def refocus(self, rounds: int | None = None) -> bool:
-        """Decide the focus afresh: the most compressed map of the history, then LensNet + the greedy allocator
-        expand the best units within W, `rounds` rounds (default `refocus_rounds`), re-scored in between.
-        Returns whether the map changed."""
+    def refocus(self) -> bool:
+        """Decide the focus afresh (`MCController.focus_maps`: LensNet's best blocks of the history expanded,
+        with their groups, within W). Returns whether the map changed."""
         self._since_refocus = 0
         cfg, K = self.cfg, self.cfg.block_size
         t = self.tree.T % K
-        maps = most_compressed_map(self.n_blocks, cfg, tail_tokens=t, device=self.device)  # [n]
         with self._amp():
             if self.n_blocks > cfg.recent // K:  # something outside the raw tail to focus on
                 self.stats["refocus"] += 1
-                for _ in range(rounds or self.refocus_rounds):
-                    wc = self.working_context(maps)
-                    scores = self.controller.score(wc, grad=False)  # [1, W]
-                    expanded = allocate(maps[None], scores, wc, cfg, "greedy", None, tail_tokens=t, allow_collapse=False)[0]
-                    if torch.equal(expanded, maps):
-                        break
-                    maps = expanded
+                maps = self.controller.focus_maps(self.tree.levels(), tail_tokens=t)[0]
+            else:
+                maps = most_compressed_map(self.n_blocks, cfg, tail_tokens=t, device=self.device)  # [n]
             return self._set_map(maps, "refocus")
 
     # ---- decoding ------------------------------------------------------------------------------
@@ -380,7 +404,8 @@ class MCSession:
     def recompute_logits(self):
         """Reference next-token logits [vocab]: materialise the WC afresh and run a full forward, no cache."""
         wc = materialize(self.lod_map[None], self.tree.levels(), self.tree.token_ids, self.cfg)
-        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.head_dim, self.cfg.positional)
+        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.head_dim, self.cfg.positional,
+                           max_len=self.max_len, frame=torch.tensor([self._frame], device=self.device))
         with self._amp():
             out = self.model(inputs_embeds=wc.embeds, rope=(cos, sin))
         return out[0, int(wc.n_entries[0]) - 1].float()
@@ -419,12 +444,13 @@ class MCSession:
             "format": FORMAT, "version": FORMAT_VERSION, "mc_config": asdict(self.cfg),
             "model_config": asdict(self.model.config), "model_hash": config_hash(self.model.config),
             "weights": weights_fingerprint(self.controller), "tokenizer": self.tokenizer_id,
-            "num_tokens": tree.T, "ids": tree.token_ids.cpu(),
-            "gists": [g[:, :tree.num_nodes(l)].cpu() for l, g in enumerate(tree.gists, start=1)],
-            "lod_map": self.lod_map.cpu(),
-            "session": dict(refocus_interval=self.refocus_interval, since_refocus=self._since_refocus,
+            "num_tokens": tree.T, "ids": tree.token_ids.cpu().clone(),  # clones: a view would save its whole buffer
+            "gists": [g[:, :tree.num_nodes(l)].cpu().clone() for l, g in enumerate(tree.gists, start=1)],
+            "lod_map": self.lod_map.cpu().clone(),
+            "session": dict(refocus_interval=self.refocus_interval, since_refocus=self._since_refocus, frame=self._frame,
                             stats=dict(self.stats), edits=list(self.edits)),
         }
+        state["sha256"] = content_digest(state)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         atomic_write_bytes(os.fspath(path), buffer.getvalue())
@@ -442,6 +468,9 @@ class MCSession:
         if state.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} is a session of format version {state.get('version')}; "
                              f"this code reads version {FORMAT_VERSION}")
+        digest = state.pop("sha256", None)  # files saved before digests were recorded have none
+        if digest is not None and content_digest(state) != digest:
+            raise ValueError(f"{path} has changed since it was saved (its content digest differs): it is corrupt")
         model, cfg = controller.model, controller.cfg
         if state.get("tokenizer") != tokenizer_id:
             raise ValueError(f"{path} was saved with tokenizer {state.get('tokenizer')!r}, "
@@ -451,8 +480,8 @@ class MCSession:
             raise ValueError(f"{path} was saved for another model (width {saved.get('n_embd')}, depth "
                              f"{saved.get('n_layer')}, config hash {state.get('model_hash')}); this model has width "
                              f"{model.config.n_embd}, depth {model.config.n_layer}, hash {config_hash(model.config)}")
-        if state.get("mc_config") != asdict(cfg):
-            saved = state.get("mc_config") or {}
+        saved = {**LEGACY_MC_CONFIG, **state["mc_config"]} if isinstance(state.get("mc_config"), dict) else {}
+        if saved != asdict(cfg):
             diff = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in asdict(cfg).items() if saved.get(k) != v]
             raise ValueError(f"{path} was saved with another MegaContext config: {', '.join(diff) or 'unknown fields'}")
         if check_weights and state.get("weights") != weights_fingerprint(controller):
@@ -486,7 +515,7 @@ class MCSession:
             tree.T = T
             session._map = lod_map.to(device).clone()
             session.n_blocks = n
-            session._set_map(session.lod_map.clone(), None)
+            session._set_map(session.lod_map.clone(), None, extra.get("frame"))
         session._since_refocus = int(extra.get("since_refocus", 0))
         session.stats.update({k: v for k, v in extra.get("stats", {}).items() if k in session.stats})
         session.edits.extend(extra.get("edits", []))

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from mc.allocator import expanded_units, oracle_map, refocus, similarity_scores, unit_scores
+from mc.allocator import descend_maps, expanded_units, oracle_map, refocus, similarity_scores, unit_scores
 from mc.config import MCConfig
 from mc.working_context import (GIST, GROUP, RAW, UNCOVERED, collapse_blocks, edit_cost, entry_counts, expand_blocks,
                                 expand_groups, is_legal, materialize, most_compressed_map, random_maps)
@@ -250,6 +250,26 @@ def test_oracle_map_expands_answer_blocks_and_their_groups():
     over[0, [1, 9, 17]] = True  # three groups + three blocks: 18 + 18 > 33
     with pytest.raises(ValueError, match="oracle.*mc_wc_budget=33"):
         oracle_map(n, cfg, over)
+
+
+def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
+    K = 4
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1)
+    n = 36  # most compressed: 8 groups (blocks 0-31) + 2 loose gists + 8 tail tokens = 18 entries; 15 to spend
+    base = most_compressed_map(n, cfg).expand(3, n)
+    scores = torch.full((3, n), float("-inf"))
+    scores[0, [5, 6, 33]] = torch.tensor([3.0, 2.0, 1.0])  # group 1 (+3), block 5 (+3), block 6 (+3), gist 33 (+3)
+    scores[1, [9, 17, 2, 33]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # 9: +6, 17: +6, then 2 (+6) does not fit: stop
+    scores[2] = torch.arange(n, dtype=torch.float)  # every block ranked: the raw tail is never a candidate
+    maps = descend_maps(base, scores, cfg)
+    assert is_legal(maps, K, 2).all() and (entry_counts(maps, K) <= 33).all()
+    assert maps[0, 4:8].tolist() == [GIST, RAW, RAW, GIST] and maps[0, 33] == RAW and entry_counts(maps[:1], K) == 30
+    assert maps[1, 8:12].tolist() == [GIST, RAW, GIST, GIST] and maps[1, 16:20].tolist() == [GIST, RAW, GIST, GIST]
+    assert (maps[1, :8] == GROUP).all() and maps[1, 33] == GIST  # the prefix stops at the first pick that does not fit
+    assert maps[2, 32:].tolist() == [RAW] * 4  # the loose gists first (+3 each), the raw tail never a candidate
+    assert maps[2, 28:32].tolist() == [GIST, GIST, RAW, RAW] and (maps[2, :28] == GROUP).all()  # group 7 (+3), 31, 30
+    # no candidate scored: nothing changes
+    assert torch.equal(descend_maps(base, torch.full((3, n), float("-inf")), cfg), base)
 
 
 def test_similarity_scores_peak_at_a_gist_equal_to_the_tail_mean():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mc.config import MCConfig
-from mc.positional import wc_rope
+from mc.positional import compress_far, rope_frame, wc_rope
 from mc.working_context import materialize
 from nanochat.gpt import GPT, GPTConfig, rotary_frequencies, rotary_tables
 
@@ -66,6 +66,35 @@ def test_per_row_tables_and_padding():
     cos, sin = wc_rope(pos, span, (span > 1).long(), valid, HD, "gaussian")
     assert not torch.allclose(cos[0, :3], cos[1, :3])
     assert (cos[0, 3] == 1).all() and (sin[0, 3] == 0).all()  # padding: identity rotation
+
+
+def test_frame_moves_in_steps_of_an_eighth():
+    assert [rope_frame(t, 1024) for t in (0, 127, 128, 1023, 1024, 1151, 1152)] == [127, 127, 255, 1023, 1151, 1151, 1279]
+    assert torch.equal(rope_frame(torch.tensor([5, 1100]), 1024), torch.tensor([127, 1151]))
+
+
+def test_histories_within_the_training_length_are_unchanged():
+    pos = torch.tensor([[0, 512, 992, 1000, 1023]])
+    span, lod = torch.tensor([[512, 32, 1, 1, 1]]), torch.tensor([[2, 1, 0, 0, 0]])
+    valid = torch.ones_like(pos, dtype=torch.bool)
+    plain, framed = wc_rope(pos, span, lod, valid, HD, "gaussian"), wc_rope(pos, span, lod, valid, HD, "gaussian", max_len=1024)
+    assert torch.equal(plain[0], framed[0]) and torch.equal(plain[1], framed[1])
+
+
+def test_far_positions_are_compressed_into_the_training_length():
+    max_len, L = 1024, 20_000
+    centre = torch.cat([torch.arange(0, L - 64, 97), torch.arange(L - 64, L)]).float()[None]  # [1, n]
+    frame = rope_frame(torch.tensor([L - 1]), max_len)
+    var = torch.full_like(centre, 10.0)
+    new, new_var = compress_far(centre, var, frame, max_len)
+    assert float(frame[0] - new.min()) <= max_len - 1  # nothing max_len or more from the frame
+    assert (new.diff() > 0).all()  # order kept
+    near = centre >= frame[0] - max_len // 2 + 1
+    assert torch.equal(new[near], centre[near]) and torch.equal(new_var[near], var[near])  # the near half exact
+    assert (new_var[~near] < var[~near]).all()  # far spans shrink with their spacing
+    cos, _ = wc_rope(torch.tensor([[0, L - 1]]), torch.tensor([[1, 1]]), torch.zeros(1, 2, dtype=torch.long),
+                     torch.ones(1, 2, dtype=torch.bool), HD, "gaussian", max_len=max_len)
+    assert torch.equal(cos[0, 1, 0], rotary_tables(torch.tensor([L - 1]), HD)[0][0])  # the newest token: standard RoPE
 
 
 def test_rejects_bad_modes():

@@ -16,7 +16,7 @@ from mc.build import build_controller, load_controller
 from mc.config import MCConfig, MCConfigError
 from mc.runtime import ARMS, truncation_map
 from mc.tree import build_tree
-from mc.working_context import materialize
+from mc.working_context import GIST, RAW, entry_counts, materialize
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 
@@ -206,6 +206,27 @@ def test_evaluate_arms():
     bpb = controller.arms_bpb(iter([(x, y), (x, y)]), 2, token_bytes, torch.no_grad())
     assert set(bpb) == set(ARMS) and all(v == v and v > 0 for v in bpb.values())
     assert bpb["full"] == pytest.approx(full.mean().item() / math.log(2), rel=1e-5)
+
+
+def test_block_scores_read_every_old_block_as_a_lod1_gist():
+    """LensNet's block scores: in one window they are its scores of the LOD1 view materialised as a WC;
+    with a longer history every old block is scored once (several windows), the raw tail never."""
+    controller, x, y = make()
+    with torch.no_grad():
+        controller.lensnet.score_w.normal_()
+        levels = build_tree(controller.model.transformer.wte(x), controller.gistnet, controller.cfg)
+        K, n = controller.cfg.block_size, T // 8
+        scores = controller.block_scores(levels)  # T=256, K=8: 30 old blocks + 16 tail tokens, W=64: 1 window
+        view = torch.where(torch.arange(n) < n - 2, GIST, RAW).to(torch.int8).expand(B, n)
+        wc = materialize(view, levels, x, controller.cfg)
+        direct = controller.score(wc, grad=False)[:, :n - 2]
+        assert torch.allclose(scores[:, :n - 2], direct, atol=1e-5) and torch.isinf(scores[:, n - 2:]).all()
+        long_x = torch.cat([x, x, x, x], dim=1)  # 1024 tokens: 126 old blocks in windows of 48
+        long_levels = build_tree(controller.model.transformer.wte(long_x), controller.gistnet, controller.cfg)
+        long_scores = controller.block_scores(long_levels)
+        assert torch.isfinite(long_scores[:, :126]).all() and torch.isinf(long_scores[:, 126:]).all()
+        maps = controller.focus_maps(long_levels)
+        assert (entry_counts(maps, K) <= controller.cfg.wc_budget).all() and (maps == RAW).sum() > 2 * B
 
 
 BAD = [

@@ -7,6 +7,7 @@ block means and LensNet's scores are non-zero. LensNet's last layer is `score_w 
 """
 
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ import torch
 from mc.build import build_controller
 from mc.config import MCConfig
 from mc.focus_map import plot_focus
+from mc.positional import wc_rope
 from mc.session import MCSession, entry_table
 from mc.tree import MCTree
-from mc.working_context import GIST, GROUP, RAW, UNCOVERED, entry_counts, is_legal, materialize, validate_wc
+from mc.working_context import UNCOVERED, is_legal, materialize, validate_wc
 from nanochat.gpt import GPT, GPTConfig
 
 VOCAB = 97
@@ -133,6 +135,20 @@ def test_kv_reuse_equals_recompute(positional):
     assert kv["prefills"] > 5 and kv["reused"] > 2 * kv["computed"]  # the focus changed, most entries reused
 
 
+def test_session_frame_matches_evaluation_past_the_training_length(controller):
+    """After a refocus, the session's rotary frame is the one a one-shot WC (training, mc_eval) lays out,
+    so decoding past the GPT's training length (64 here) sees the same distances as evaluation."""
+    set_lens_sign(controller, 0)
+    s = MCSession.begin(controller, tokens(700, seed=9))
+    s.refocus()
+    assert s.num_tokens > 10 * s.max_len
+    wc = materialize(s.lod_map[None], s.tree.levels(), s.tree.token_ids, CFG)
+    rope = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, controller.model.config.head_dim, CFG.positional, max_len=s.max_len)
+    with torch.no_grad():
+        ref = controller.model(inputs_embeds=wc.embeds, rope=rope)[0, int(wc.n_entries[0]) - 1].float()
+    close(s.logits(), ref)
+
+
 def test_append_only_extends_the_cache(controller):
     set_lens_sign(controller, 0)
     s = MCSession.begin(controller, tokens(20), refocus_interval=1000)  # 20 raw entries, W = 32
@@ -245,7 +261,25 @@ def test_load_refuses_bad_files(controller, tmp_path):
     refused(good, "other MegaContext config: max_edits=4", ctl=make_controller(dataclasses.replace(CFG, max_edits=2)))
     refused(good, "another model .width 64", ctl=make_controller(width=128))
     refused(good, "other weights", ctl=make_controller(seed=1))
+    (tmp_path / "text.pt").write_text("hello world\n")  # unpickling text raises KeyError
+    refused(tmp_path / "text.pt", "corrupt or truncated")
+    rng = random.Random(0)
+    for trial in range(30):  # 16 random bytes anywhere: refused, or (zip padding) the content is unchanged
+        flipped = bytearray(data)
+        at = rng.randrange(len(data) - 16)
+        flipped[at:at + 16] = bytes(rng.randrange(256) for _ in range(16))
+        (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+        try:
+            loaded = MCSession.load(tmp_path / "flipped.pt", controller, tokenizer_id="tok-a")
+        except ValueError:
+            continue
+        assert torch.equal(loaded.tree.token_ids, s.tree.token_ids) and torch.equal(loaded.lod_map, s.lod_map)
     state = torch.load(good, weights_only=True)
+    state["ids"][0, 5] += 1
+    torch.save(state, tmp_path / "edited.pt")
+    refused(tmp_path / "edited.pt", "changed since it was saved")
+    state = torch.load(good, weights_only=True)
+    del state["sha256"]  # as saved before digests: the checks below still apply
     state["version"] = 99
     torch.save(state, tmp_path / "v99.pt")
     refused(tmp_path / "v99.pt", "version 99")
@@ -280,8 +314,9 @@ def test_engine_generates_a_batch_of_sessions(controller):
     columns = list(Engine(controller.model).generate_sessions(sessions, max_tokens=12, temperature=0.0))
     assert [list(row) for row in zip(*columns)] == alone
     assert [s.num_tokens for s in sessions] == [150 + 12, 97 + 12]
-    stop = alone[0][2]  # row 0 stops after its third token; row 1 goes on, row 0 is padded
+    i = next(i for i in range(1, 11) if alone[0][i] not in alone[0][:i])  # a token row 0 first samples at step i
+    stop = alone[0][i]  # row 0 stops after it and is padded; the other row goes on
     sessions = [MCSession.begin(controller, prompt) for prompt in prompts]
     columns = list(Engine(controller.model).generate_sessions(sessions, max_tokens=12, temperature=0.0, stop_tokens=[stop]))
-    assert [c[0] for c in columns][:3] == alone[0][:3] and all(c[0] == stop for c in columns[3:])
-    assert sessions[0].num_tokens == 150 + 3
+    assert [c[0] for c in columns][:i + 1] == alone[0][:i + 1] and all(c[0] == stop for c in columns[i + 1:])
+    assert sessions[0].num_tokens == 150 + i + 1
