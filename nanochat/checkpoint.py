@@ -5,8 +5,9 @@ A checkpoint of step S in a directory holds
     optim_S_rankR.pt    optimizer states and RNG state of rank R (only needed to resume)
     meta_S.json         model config, training config, loader state, metrics
 The meta file is written last, so a checkpoint counts as complete only once it exists. It records the
-SHA-256 of the files rank 0 wrote (`sha256`: file name -> digest), verified on every load, so a file
-changed on disk is refused instead of loading other weights (checkpoints from before load unchecked).
+SHA-256 of every file of the checkpoint (`sha256`: file name -> digest; other ranks' optimizer files
+as rank 0 reads them after a barrier), verified on every load, so a file changed on disk is refused
+instead of loading other weights (checkpoints from before load unchecked).
 """
 
 import hashlib
@@ -18,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import atomic_write_bytes, atomic_write_text, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
@@ -104,7 +106,11 @@ def save_checkpoint(directory, step: int, modules: dict, optimizers, meta: dict,
         state = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng, "rank_state": rank_state}
         optim_file = f"optim_{step:06d}_rank{rank}.pt"
         digests[optim_file] = _torch_save_atomic(state, directory / optim_file)
+    if optimizers is not None and dist.is_initialized():
+        dist.barrier()  # every rank's optimizer file is complete before rank 0 records its digest
     if rank == 0:
+        for other in sorted(directory.glob(f"optim_{step:06d}_rank*.pt")):
+            digests.setdefault(other.name, hashlib.sha256(other.read_bytes()).hexdigest())
         meta = dict(meta, step=step, format_version=FORMAT_VERSION, sha256=digests)
         atomic_write_text(directory / f"meta_{step:06d}.json", json.dumps(meta, indent=2))
 

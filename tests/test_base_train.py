@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from nanochat.checkpoint import CheckpointError, build_model, checkpoint_dir, load_module_states
+from nanochat.checkpoint import CheckpointError, build_model, checkpoint_dir, load_module_states, load_training_state
 from nanochat import report
 from scripts import base_eval, base_train
 
@@ -128,4 +128,8 @@ def test_torchrun_two_gloo_ranks(tiny_env):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (checkpoint_dir("base", "ddp") / "optim_000002_rank1.pt").exists()
     model, _, meta = build_model(checkpoint_dir("base", "ddp"), None, "cpu")
-    assert meta["step"] == 2
+    assert meta["step"] == 2 and set(meta["sha256"]) == {"model_000002.pt", "optim_000002_rank0.pt", "optim_000002_rank1.pt"}
+    rank1 = checkpoint_dir("base", "ddp") / "optim_000002_rank1.pt"
+    rank1.write_bytes(rank1.read_bytes()[:-1] + b"x")  # another rank's file changed on disk is refused too
+    with pytest.raises(CheckpointError, match="has changed since it was written"):
+        load_training_state(checkpoint_dir("base", "ddp"), 2, 1)
