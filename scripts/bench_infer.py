@@ -36,7 +36,7 @@ from mc.build import build_controller, load_controller
 from mc.config import MCConfig
 from mc.session import MCSession
 from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, synchronize
-from nanochat.configurator import FlagParser
+from nanochat.configurator import FlagParser, checked_number
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -161,20 +161,20 @@ def main(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tag", default="", help="checkpoint tag to benchmark (empty = random init)")
     parser.add_argument("--stage", default="base", help="checkpoint stage of --tag (base|mid|sft)")
-    parser.add_argument("--depth", type=int, default=4, help="model depth of the random model (width = 64 x depth)")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="vocabulary of the random model")
-    parser.add_argument("--block_size", type=int, default=32, help="K of the random model's MCConfig")
-    parser.add_argument("--wc_budget", type=int, default=128, help="W of the random model's MCConfig")
-    parser.add_argument("--recent", type=int, default=32, help="R of the random model's MCConfig (as in bench_mc)")
+    parser.add_argument("--depth", type=checked_number(int, 1), default=4, help="model depth of the random model (width = 64 x depth)")
+    parser.add_argument("--vocab_size", type=checked_number(int, 2), default=4096, help="vocabulary of the random model")
+    parser.add_argument("--block_size", type=checked_number(int, 2), default=32, help="K of the random model's MCConfig")
+    parser.add_argument("--wc_budget", type=checked_number(int, 4), default=128, help="W of the random model's MCConfig")
+    parser.add_argument("--recent", type=checked_number(int, 1), default=32, help="R of the random model's MCConfig (as in bench_mc)")
     parser.add_argument("--histories", default="4,16,64", help="MC/full-history lengths, in multiples of W")
-    parser.add_argument("--decode_tokens", type=int, default=32, help="tokens per timed decode round (a multiple of "
+    parser.add_argument("--decode_tokens", type=checked_number(int, 1), default=32, help="tokens per timed decode round (a multiple of "
                         "the refocus interval keeps the work of every MC round alike)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds (median reported), after one warm-up round")
-    parser.add_argument("--refocus_interval", type=int, default=32, help="session refocus interval")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--repeats", type=checked_number(int, 1), default=15, help="timed rounds (median reported), after one warm-up round")
+    parser.add_argument("--refocus_interval", type=checked_number(int, 1), default=32, help="session refocus interval")
+    parser.add_argument("--threads", type=checked_number(int, 0), default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--cpu_bf16", default="auto", choices=CPU_BF16_CHOICES, help="bf16 autocast on CPU (auto: where faster than fp32)")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=checked_number(int, 0), default=0)
     args = parser.parse_args(argv)
 
     if args.threads:

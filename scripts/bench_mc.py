@@ -34,7 +34,7 @@ from mc.runtime import MCController
 from mc.tree import build_tree
 from mc.working_context import materialize, most_compressed_map
 from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, synchronize
-from nanochat.configurator import FlagParser
+from nanochat.configurator import FlagParser, checked_number
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 
@@ -43,21 +43,21 @@ TARGETS = {"step_ratio": 1.15, "overhead_share": 0.10, "tokens_ratio": 0.6}
 
 def parse_args(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=4, help="model depth (width = 64 x depth)")
-    parser.add_argument("--seq_len", type=int, default=512, help="T: tokens per sequence (the MC history)")
-    parser.add_argument("--batch_size", type=int, default=8, help="B: sequences of the plain step")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size")
-    parser.add_argument("--block_size", type=int, default=32, help="K (--mc_block_size)")
-    parser.add_argument("--wc_budget", type=int, default=128, help="W (--mc_wc_budget)")
-    parser.add_argument("--recent", type=int, default=32, help="R (--mc_recent)")
-    parser.add_argument("--horizon", type=int, default=32, help="H (--mc_horizon)")
-    parser.add_argument("--num_variants", type=int, default=3, help="N (--mc_num_variants)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps of each kind")
+    parser.add_argument("--depth", type=checked_number(int, 1), default=4, help="model depth (width = 64 x depth)")
+    parser.add_argument("--seq_len", type=checked_number(int, 2), default=512, help="T: tokens per sequence (the MC history)")
+    parser.add_argument("--batch_size", type=checked_number(int, 1), default=8, help="B: sequences of the plain step")
+    parser.add_argument("--vocab_size", type=checked_number(int, 2), default=4096, help="vocabulary size")
+    parser.add_argument("--block_size", type=checked_number(int, 2), default=32, help="K (--mc_block_size)")
+    parser.add_argument("--wc_budget", type=checked_number(int, 4), default=128, help="W (--mc_wc_budget)")
+    parser.add_argument("--recent", type=checked_number(int, 1), default=32, help="R (--mc_recent)")
+    parser.add_argument("--horizon", type=checked_number(int, 1), default=32, help="H (--mc_horizon)")
+    parser.add_argument("--num_variants", type=checked_number(int, 1), default=3, help="N (--mc_num_variants)")
+    parser.add_argument("--steps", type=checked_number(int, 1), default=6, help="timed steps of each kind")
+    parser.add_argument("--warmup", type=checked_number(int, 0), default=2, help="untimed warm-up steps of each kind")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     parser.add_argument("--cpu_bf16", default="auto", choices=CPU_BF16_CHOICES, help="bf16 autocast on CPU (auto: where faster than fp32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the GPT (both modes)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument("--threads", type=checked_number(int, 0), default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time, robust to other processes on a "
                              "shared CPU (use with --threads=1: idle OpenMP threads spin)")

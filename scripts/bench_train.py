@@ -13,7 +13,7 @@ import time
 import torch
 
 from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, measure_matmul_flops, synchronize
-from nanochat.configurator import FlagParser
+from nanochat.configurator import FlagParser, checked_number
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 
@@ -31,12 +31,12 @@ def timed(fn, device, repeats: int):
 
 def main(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=4, help="model depth (width = 64 x depth)")
-    parser.add_argument("--seq_len", type=int, default=512, help="training sequence length")
-    parser.add_argument("--batch_size", type=int, default=8, help="sequences per step")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
-    parser.add_argument("--decode_tokens", type=int, default=64, help="tokens decoded in the decode benchmark")
+    parser.add_argument("--depth", type=checked_number(int, 1), default=4, help="model depth (width = 64 x depth)")
+    parser.add_argument("--seq_len", type=checked_number(int, 2), default=512, help="training sequence length")
+    parser.add_argument("--batch_size", type=checked_number(int, 1), default=8, help="sequences per step")
+    parser.add_argument("--vocab_size", type=checked_number(int, 2), default=4096, help="vocabulary size")
+    parser.add_argument("--steps", type=checked_number(int, 1), default=5, help="timed training steps")
+    parser.add_argument("--decode_tokens", type=checked_number(int, 1), default=64, help="tokens decoded in the decode benchmark")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training model (CUDA)")
     parser.add_argument("--cpu_bf16", default="auto", choices=CPU_BF16_CHOICES, help="bf16 autocast on CPU (auto: where faster than fp32)")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")

@@ -39,6 +39,9 @@ BAD_FLAGS = [  # (script, flags, what the message says)
     ("chat_eval", ["--num_arc=-1"], "--num_arc: must be >= 0"),
     ("tok_train", ["--vocab_size=0"], "--vocab_size: must be >= 1"),
     ("tok_eval", ["--max_docs=-1"], "--max_docs: must be >= 0"),
+    ("bench_train", ["--steps=0"], "--steps: must be >= 1"),
+    ("bench_mc", ["--wc_budget=-8"], "--wc_budget: must be >= 4"),
+    ("bench_infer", ["--repeats=0"], "--repeats: must be >= 1"),
 ]
 
 
