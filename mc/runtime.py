@@ -148,8 +148,8 @@ class MCController:
         n, device = lod1.size(1), lod0.device
         older = n - min(cfg.recent // K, n)  # blocks before the raw tail
         raw = T - older * K  # raw tail tokens (with the partial block)
-        per = W - raw  # gists per window
-        C = max(1, -(-older // per))
+        per = max(W - raw, 1)  # gists per window (W - raw is 0 only when W = R + K - 1 and the partial block is full)
+        C, W = max(1, -(-older // per)), raw + per  # windows, entries per window
         j = torch.arange(W, device=device)
         first = torch.arange(C, device=device)[:, None] * per  # [C, 1] first block of each window
         gists = (older - first).clamp(0, per)  # [C, 1]

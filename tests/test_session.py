@@ -101,6 +101,19 @@ def test_invariants_over_thousands_of_appends_and_refocuses(controller):
     assert st["lod_mix"]["raw"] + st["lod_mix"]["lod1"] + st["lod_mix"]["lod2"] == st["wc_entries"]
 
 
+def test_the_smallest_budget_a_session_allows():
+    """W = R + K - 1: with a full partial block no gist fits beside the raw tail; refocus still works."""
+    cfg = MCConfig(block_size=4, wc_budget=11, recent=8, horizon=4, gist_layers=1, lens_layers=1, lens_width=32)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=VOCAB, n_layer=1, n_embd=64))
+    model.init_weights()
+    s = MCSession.begin(build_controller(model, cfg), tokens(20), refocus_interval=1)
+    for tok in tokens(40, seed=5).tolist():
+        s.append([tok])
+        assert s.n_entries <= 11
+    check_session(s, cfg)
+
+
 def test_refocus_runs_every_interval(controller):
     set_lens_sign(controller, 0)
     s = MCSession.begin(controller, tokens(40), refocus_interval=7)
