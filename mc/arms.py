@@ -11,8 +11,8 @@ arm was skipped for this batch. Arms:
                  working context of W raw tokens)
   full           the GPT on the whole history, when L <= full_max_len (rotary tables grow on demand,
                  but beyond a few times the trained length the model is out of distribution)
-  mc             the full system: most compressed map, then LensNet-guided greedy expansion
-                 (MCController.guided_maps, `allocator_iterations` rounds of at most `max_edits`)
+  mc             the full system, as sessions run it: LensNet scores every old block as a LOD1 gist and
+                 the best blocks are expanded with their groups while they fit W (MCController.focus_maps)
   gists_only     the most compressed map (recency baseline: everything old as gists, nothing expanded)
   random         random legal maps that use the budget (working_context.random_maps)
   similarity     greedy expansion ranked by cosine(gist, mean of the raw tail) instead of LensNet
@@ -143,10 +143,6 @@ class ArmEvaluator:
         base = most_compressed_map(L // cfg.block_size, cfg, device=x.device).expand(B, -1)
         return levels, base, y[:, -1]
 
-    @staticmethod
-    def _mc_maps(controller, levels, focus_end):
-        return controller.focus_maps(levels, focus_end)
-
     def _similarity_maps(self, levels, base, x, next_token, focus_end):
         cfg, maps = self.cfg, base
         for _ in range(cfg.allocator_iterations):
@@ -188,8 +184,8 @@ class ArmEvaluator:
                 out[arm] = f"history {L} does not fit W={W} even fully compressed"
                 continue
             if arm == "mean_gist":
-                m_levels, m_base, nt = self._tree(self.mean, x, y)
-                maps = self._mc_maps(self.mean, m_levels, focus_end)
+                m_levels, _, nt = self._tree(self.mean, x, y)
+                maps = self.mean.focus_maps(m_levels, focus_end)
                 out[arm] = (*_score(self._wc_tail(self.mean, materialize(maps, m_levels, x, self.mean.cfg, nt)), target), maps)
                 continue
             if tree is None:
@@ -198,9 +194,9 @@ class ArmEvaluator:
             n = base.size(1)
             if arm == "shuffled":
                 levels = shuffle_gists(levels, gen)
-                maps = self._mc_maps(ctl, levels, focus_end)
+                maps = ctl.focus_maps(levels, focus_end)
             elif arm == "mc":
-                maps = self._mc_maps(ctl, levels, focus_end)
+                maps = ctl.focus_maps(levels, focus_end)
             elif arm == "gists_only":
                 maps = base
             elif arm == "random":
