@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from mc.allocator import refocus, similarity_scores
 from mc.lensnet import tail_mask
-from mc.positional import wc_rope
 from mc.runtime import visible_entries
 from mc.tree import build_tree
 from mc.working_context import (RAW, UNCOVERED, entry_counts, expand_blocks, expand_groups, materialize,
@@ -130,9 +129,7 @@ class ArmEvaluator:
 
     def _wc_tail(self, controller, wc):
         """Logits [V, E, vocab] of the last E entries of materialised WCs (raw tail tokens)."""
-        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, controller.model.config.head_dim, controller.cfg.positional,
-                           max_len=controller.cfg.rope_max_len(controller.model.config.sequence_len))
-        logits = controller.model(inputs_embeds=wc.embeds, rope=(cos, sin))  # [V, W, vocab]
+        logits = controller.model(inputs_embeds=wc.embeds, rope=controller.rope(wc))  # [V, W, vocab]
         return logits[tail_mask(wc.valid, self.tail)].view(wc.valid.size(0), self.tail, -1)
 
     @staticmethod

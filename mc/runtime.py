@@ -119,6 +119,7 @@ class MCController:
     def __init__(self, model, gistnet, lensnet, cfg: MCConfig, rank: int = 0):
         cfg.validate(model.config.sequence_len, model.config.head_dim)
         self.model, self.gistnet, self.lensnet, self.cfg = model, gistnet, lensnet, cfg
+        self.max_len = cfg.rope_max_len(model.config.sequence_len)  # rotary distances in a WC stay below it
         self.rank = rank
         self.timer = PhaseTimer(model.lm_head.weight.device)
 
@@ -142,31 +143,31 @@ class MCController:
         tail, and blocks ending after focus_end [B]). The blocks are scored in windows of at most W - raw
         gists followed by the raw tail (the WCs LensNet trains on), all windows of all rows in one batch,
         so the cost grows linearly with the history. levels: the tree's [LOD0 [B, T, D], LOD1 [B, n, D], ...]."""
-        cfg, K, W = self.cfg, self.cfg.block_size, self.cfg.wc_budget
+        K = self.cfg.block_size
         lod0, lod1 = levels[0], levels[1]
         B, T, D = lod0.shape
         n, device = lod1.size(1), lod0.device
-        older = n - min(cfg.recent // K, n)  # blocks before the raw tail
+        older = n - min(self.cfg.recent // K, n)  # blocks before the raw tail
         raw = T - older * K  # raw tail tokens (with the partial block)
-        per = max(W - raw, 1)  # gists per window (W - raw is 0 only when W = R + K - 1 and the partial block is full)
-        C, W = max(1, -(-older // per)), raw + per  # windows, entries per window
-        j = torch.arange(W, device=device)
+        per = max(self.cfg.wc_budget - raw, 1)  # gists per window (W - raw is 0 only when W = R + K - 1, full partial block)
+        C, width = max(1, -(-older // per)), raw + per  # windows, entries per window
+        j = torch.arange(width, device=device)
         first = torch.arange(C, device=device)[:, None] * per  # [C, 1] first block of each window
         gists = (older - first).clamp(0, per)  # [C, 1]
-        is_gist, is_tail = j < gists, (j >= gists) & (j < gists + raw)  # [C, W]
-        block = (first + j).clamp(max=max(n - 1, 0))  # [C, W]
-        pos = torch.where(is_gist, block * K, (older * K + j - gists).clamp(0, T - 1))  # [C, W]
-        embeds = torch.where(is_gist[..., None], lod1[:, block], lod0[:, pos])  # [B, C, W, D]
-        valid = (is_gist | is_tail).expand(B, C, W).reshape(B * C, W)
-        wc = WorkingContext(torch.where(valid[..., None], embeds.reshape(B * C, W, D), 0.0), pos.expand(B, C, W).reshape(B * C, W),
-                            torch.where(is_gist, K, 1).expand(B, C, W).reshape(B * C, W), is_gist.long().expand(B, C, W).reshape(B * C, W),
-                            torch.full((B * C, W), -1, device=device), valid,
+        is_gist, is_tail = j < gists, (j >= gists) & (j < gists + raw)  # [C, width]
+        block = (first + j).clamp(max=max(n - 1, 0))  # [C, width]
+        pos = torch.where(is_gist, block * K, (older * K + j - gists).clamp(0, T - 1))  # [C, width]
+        rows = lambda t: t.expand(B, C, width).reshape(B * C, width)  # noqa: E731  the windows of every row
+        valid = rows(is_gist | is_tail)
+        embeds = torch.where(is_gist[..., None], lod1[:, block], lod0[:, pos]).reshape(B * C, width, D)
+        wc = WorkingContext(torch.where(valid[..., None], embeds, 0.0), rows(pos), rows(torch.where(is_gist, K, 1)),
+                            rows(is_gist.long()), torch.full((B * C, width), -1, device=device), valid,
                             torch.arange(B, device=device).repeat_interleave(C), None, T)
-        scores = self.score(wc, grad=False, focus_end=focus_end)  # [B * C, W]
+        scores = self.score(wc, grad=False, focus_end=focus_end)  # [B * C, width]
         readable = visible_entries(wc, focus_end) & (wc.lod == 1)
-        column = torch.where(readable, wc.pos // K, n).view(B, C * W)  # column n collects the rest
+        column = torch.where(readable, wc.pos // K, n).view(B, C * width)  # column n collects the rest
         out = torch.full((B, n + 1), NEG, device=device)
-        return out.scatter_reduce(1, column, torch.where(readable, scores, NEG).view(B, C * W), "amax")[:, :n]
+        return out.scatter_reduce(1, column, torch.where(readable, scores, NEG).view(B, C * width), "amax")[:, :n]
 
     def focus_maps(self, levels, focus_end=None, tail_tokens: int = 0):
         """The inference focus [B, n]: the most compressed map, then LensNet's best blocks expanded with their
@@ -191,12 +192,16 @@ class MCController:
             maps = refocus(maps, scores, wc, self.cfg, policy, generator, allow_collapse=False)
         return maps
 
+    def rope(self, wc, frame=None):
+        """Rotary tables (cos, sin) of materialised WCs (mc.positional.wc_rope), distances kept below max_len;
+        frame [V]: the rows' frames (default: each row's own)."""
+        return wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.model.config.head_dim, self.cfg.positional,
+                       max_len=self.max_len, frame=frame)
+
     def forward_wc(self, wc, forward_fn=None):
         """Per-position loss [V, W] of the GPT over materialised working contexts."""
-        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.model.config.head_dim, self.cfg.positional,
-                           max_len=self.cfg.rope_max_len(self.model.config.sequence_len))
         forward_fn = forward_fn or self.model
-        return forward_fn(inputs_embeds=wc.embeds, rope=(cos, sin), targets=wc.targets, loss_reduction="none")
+        return forward_fn(inputs_embeds=wc.embeds, rope=self.rope(wc), targets=wc.targets, loss_reduction="none")
 
     def history_lm_loss(self, x, y, weights=None, forward_fn=None):
         """LM loss over every target of the micro-batch, read in windows of W raw tokens ([B·T/W, W], standard

@@ -149,7 +149,7 @@ class MCSession:
         self._pos = torch.zeros(W, dtype=torch.long, device=self.device)  # entry table, first n_entries rows
         self._lod = torch.zeros(W, dtype=torch.long, device=self.device)
         self._rope = torch.zeros(W, 2, self.head_dim // 2, device=self.device)  # [W, (cos, sin), hd/2] fp32
-        self.max_len = cfg.rope_max_len(self.model.config.sequence_len)  # rotary distances stay below it
+        self.max_len = controller.max_len  # rotary distances stay below it
         self._frame = rope_frame(0, self.max_len)  # the frame of the table's rotary rows
         self.n_entries = 0  # entries of the WC (may exceed W inside `_append`, until the budget fit)
         self._tab_len = 0  # rows of the table that describe the current WC's first entries
@@ -404,10 +404,8 @@ class MCSession:
     def recompute_logits(self):
         """Reference next-token logits [vocab]: materialise the WC afresh and run a full forward, no cache."""
         wc = materialize(self.lod_map[None], self.tree.levels(), self.tree.token_ids, self.cfg)
-        cos, sin = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.head_dim, self.cfg.positional,
-                           max_len=self.max_len, frame=torch.tensor([self._frame], device=self.device))
         with self._amp():
-            out = self.model(inputs_embeds=wc.embeds, rope=(cos, sin))
+            out = self.model(inputs_embeds=wc.embeds, rope=self.controller.rope(wc, torch.tensor([self._frame], device=self.device)))
         return out[0, int(wc.n_entries[0]) - 1].float()
 
     # ---- inspection ----------------------------------------------------------------------------

@@ -82,9 +82,12 @@ def test_corrupt_tokenizer_files_are_named(tmp_path, monkeypatch, capsys):
         assert code != 0 and "corrupt tokenizer file" in message and "Traceback" not in message, message
 
 
+TINY_GPT = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_embd=64)
+
+
 def tiny_checkpoint(directory):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_embd=64))
+    model = GPT(TINY_GPT)
     model.init_weights()
     save_checkpoint(directory, 3, {"gpt": model}, None, {"model_config": {}})
     return directory / "model_000003.pt"
@@ -93,7 +96,7 @@ def tiny_checkpoint(directory):
 def test_changed_checkpoint_bytes_are_refused(tmp_path):
     path = tiny_checkpoint(tmp_path)
     good = path.read_bytes()
-    assert set(load_module_states(tmp_path, 3)["gpt"]) == set(GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_embd=64)).state_dict())
+    assert set(load_module_states(tmp_path, 3)["gpt"]) == set(GPT(TINY_GPT).state_dict())
     rng = random.Random(0)
     for _ in range(20):  # 16 random bytes anywhere in the file: every trial is refused
         data = bytearray(good)
