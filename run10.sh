@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on one machine: tokenizer -> base pretraining -> evaluation -> mid-training -> SFT ->
-# chat evaluation -> report/report.md; then chat with `uv run python -m scripts.chat_cli`.
+# chat evaluation -> report/report.md; then chat with `.venv/bin/python -m scripts.chat_cli` (add --mc after --mc).
 #
 #   bash run10.sh              GPU if one is present (d12-class run), else the CPU preset (8 min on 2 cores)
 #   bash run10.sh --mc         with MegaContext: a GPT that copies (copy curriculum at T=256, then long-range
@@ -125,13 +125,13 @@ if [ "$MC" -eq 1 ]; then
     # the chat stages fine-tune the MC model; its GistNet and LensNet ride along for chat_cli --mc
     run uv run python -m scripts.mid_train $NEW --source_tag=mc "${MC_MID[@]}"
     run uv run python -m scripts.chat_sft $NEW --source_tag=mc "${MC_SFT[@]}"
-    CHAT="uv run python -m scripts.chat_cli --mc"
+    CHAT=".venv/bin/python -m scripts.chat_cli --mc"
 else
     run uv run python -m scripts.base_train --data="$DATA" $NEW "${TRAIN[@]}"
     run uv run python -m scripts.base_eval "${EVAL[@]}"
     run uv run python -m scripts.mid_train $NEW "${MID[@]}"
     run uv run python -m scripts.chat_sft $NEW "${SFT[@]}"
-    CHAT="uv run python -m scripts.chat_cli"
+    CHAT=".venv/bin/python -m scripts.chat_cli"
 fi
 run uv run python -m scripts.chat_eval "${CHAT_EVAL[@]}"
 run uv run python -m nanochat.report generate

@@ -1,35 +1,17 @@
-"""Per-phase timing of the MegaContext step, mirrored as OpenTelemetry spans when asked for.
+"""Per-phase timing of the MegaContext step, each phase also a span of the step's trace (nanochat.tracing).
 
-`PhaseTimer.phase(name)` times a block (synchronising CUDA so GPU work is counted where it
-happens) and accumulates seconds per phase name. When $MC_OTEL_ENDPOINT is set (an OTLP/HTTP
-traces endpoint, e.g. http://localhost:4318/v1/traces) each phase is also exported as a span;
-otherwise the tracer is a no-op and costs nothing.
+`PhaseTimer.phase(name)` times a block (synchronising CUDA so GPU work is counted where it happens),
+accumulates seconds per phase name and, when tracing is on, wraps the block in a span `mc.<name>`.
+`format_log` turns a step's MC metrics and phase times into one console line.
 """
 
 import contextlib
-import os
 import time
 from collections import defaultdict
 
 import torch
 
-_tracer = None
-
-
-def get_tracer():
-    """The process-wide tracer: OTLP-exporting when $MC_OTEL_ENDPOINT is set, else None."""
-    global _tracer
-    endpoint = os.environ.get("MC_OTEL_ENDPOINT")
-    if _tracer is None and endpoint:
-        from opentelemetry import trace
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        provider = TracerProvider(resource=Resource.create({"service.name": "megacontext"}))
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-        _tracer = provider.get_tracer("megacontext")
-    return _tracer
+from nanochat import tracing
 
 
 class PhaseTimer:
@@ -43,9 +25,7 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        tracer = get_tracer()
-        span = tracer.start_as_current_span(f"mc.{name}") if tracer else contextlib.nullcontext()
-        with span:
+        with tracing.span(f"mc.{name}"):
             self._sync()
             t0 = time.perf_counter()
             yield
@@ -57,3 +37,14 @@ class PhaseTimer:
         out = dict(self.seconds)
         self.seconds.clear()
         return out
+
+
+def format_log(metrics: dict, times: dict, step_seconds: float) -> str:
+    """One console line of MegaContext telemetry: losses, counterfactual NLLs, LOD mix, phase shares."""
+    lod = "/".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.startswith("lod"))
+    phases = " ".join(f"{k} {100 * v / step_seconds:.0f}%" for k, v in times.items())
+    bag = f"bag {metrics['bag_loss']:.3f} | " if "bag_loss" in metrics else ""
+    return (f"      mc | lm {metrics['lm_loss']:.3f} | lens {metrics['lens_loss']:.3f} hit {metrics['lens_hit']:.2f} | "
+            f"last-H nll trunc {metrics['nll_h_truncation']:.3f} var {metrics['nll_h_variants']:.3f} "
+            f"best {metrics['nll_h_best']:.3f} |dnll| {metrics['dnll_abs']:.4f} | expansions {metrics['expansions']:.1f} | "
+            f"lod mix {lod} | {bag}{phases}")

@@ -26,9 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from nanochat import report
+from nanochat import report, tracing
 from nanochat.chat_data import load_conversations
 from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, claim_run_dir, config_changes, find_last_step,
                                  load_training_state, model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint)
@@ -37,7 +36,9 @@ from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, com
 from nanochat.dataset import DataError, filler_paragraphs, prepare
 from nanochat.longdoc_qa import LongDocQAConfig, longdoc_qa
 from nanochat.optim import allreduce_grads, build_optimizers
+from nanochat.progress import Progress
 from nanochat.tokenizer import TokenizerError, get_tokenizer
+from nanochat.tracking import run_link, start_run
 
 
 class ConfigError(ValueError):
@@ -258,6 +259,7 @@ class ChatTrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint of --tag (every flag but the logging ones must match)"})
     overwrite: bool = field(default=False, metadata={"help": "a new run into a --tag that holds checkpoints moves them aside (to <tag>.replaced-<time>); without it such a run is refused"})
     tag: str = field(default="", metadata={"help": "checkpoint directory name (default: the source's tag)"})
+    wandb_run: str = field(default="", metadata={"help": "wandb run name; empty = wandb off"})
     device_type: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
     cpu_bf16: str = field(default="auto", metadata={"help": "bf16 autocast on CPU: auto = where this CPU's bf16 matmuls are faster than fp32", "choices": CPU_BF16_CHOICES})
     compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA, packed rows only)"})
@@ -265,7 +267,8 @@ class ChatTrainConfig:
 
 
 # flags that may differ on --resume (how it starts, what it logs); every other flag must match the saved run
-RESUME_FREE = ("resume", "overwrite", "tag", "source_tag", "source_step", "eval_every", "save_every", "log_every")
+RESUME_FREE = ("resume", "overwrite", "tag", "source_tag", "source_step", "eval_every", "save_every", "log_every",
+               "wandb_run")
 
 
 def validate(cfg: ChatTrainConfig, world_size: int) -> int:
@@ -371,41 +374,49 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
                           history=history, val_loss=val_loss, tokenizer=tokenizer.identity(), **mc_info)
         save_checkpoint(ckpt_dir, step, {"gpt": model, **mc_modules}, optimizers, meta, rank, {"batcher": batcher.state_dict()})
 
+    wandb_run = start_run(cfg.wandb_run, stage, {"train": asdict(cfg), "model": asdict(model.config),
+                                                  "mc": meta.get("mc_config"), "source": source}, master)
     val_loss, train_time, smooth_loss, step = float("nan"), 0.0, 0.0, start_step
-    progress = tqdm(total=cfg.num_iterations, initial=start_step, disable=not master, desc=stage, mininterval=1.0)
+    progress = Progress(cfg.num_iterations, start_step, stage, enabled=master)
     while True:
         last = step == cfg.num_iterations
-        if last or step == 0 or (cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > start_step):
-            val_loss = validation_loss()
-            history["val_step"].append(step)
-            history["val_loss"].append(val_loss)
-            progress.write(f"step {step:5d} | val loss {val_loss:.4f}") if master else None
-        if last or (cfg.save_every > 0 and step % cfg.save_every == 0 and step > start_step):
-            save(step, val_loss)
-        if last:
-            break
+        with tracing.span("train.step", step=step, rank=rank, micro_batches=grad_accum, rows=cfg.rows_per_step):
+            if last or step == 0 or (cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > start_step):
+                with tracing.span("validation", step=step):
+                    val_loss = validation_loss()
+                history["val_step"].append(step)
+                history["val_loss"].append(val_loss)
+                progress.log(f"val loss {val_loss:.4f}")
+                wandb_run.log({"step": step, "val/loss": val_loss})
+            if last or (cfg.save_every > 0 and step % cfg.save_every == 0 and step > start_step):
+                with tracing.span("checkpoint", step=step):
+                    save(step, val_loss)
+            if last:
+                break
 
-        synchronize(device)
-        t0 = time.perf_counter()
-        lrm = lr_multiplier(step, cfg.num_iterations, cfg)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            x, y = next(batcher)
-            with amp:
-                loss = train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
-            (loss / grad_accum).backward()
-            loss_sum += loss.detach()
-        allreduce_grads(list(model.parameters()))
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        train_loss = (loss_sum / grad_accum).item()
-        synchronize(device)
+            synchronize(device)
+            t0 = time.perf_counter()
+            lrm = lr_multiplier(step, cfg.num_iterations, cfg)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                x, y = next(batcher)
+                with tracing.span("micro_batch", index=micro, rows=x.size(0), tokens=x.numel()):
+                    with amp:
+                        loss = train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
+                    (loss / grad_accum).backward()
+                loss_sum += loss.detach()
+            with tracing.span("optimizer", step=step):
+                allreduce_grads(list(model.parameters()))
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                for opt in optimizers:
+                    opt.step()
+                model.zero_grad(set_to_none=True)
+                train_loss = (loss_sum / grad_accum).item()
+                synchronize(device)
         dt, step = time.perf_counter() - t0, step + 1
         if not math.isfinite(train_loss):
             raise RuntimeError(f"training loss became {train_loss} at step {step}; lower --init_lr_frac")
@@ -414,11 +425,11 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
         debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
         history["step"].append(step)
         history["loss"].append(train_loss)
-        progress.update(1)
-        progress.set_postfix(loss=f"{debiased:.3f}", epoch=batcher.epoch)
-        if master and step % cfg.log_every == 0:
-            progress.write(f"step {step:5d}/{cfg.num_iterations} | loss {debiased:.4f} | lr x{lrm:.2f} | "
-                           f"{dt * 1000:.0f} ms | epoch {batcher.epoch}")
+        progress.update(loss=f"{debiased:.3f}", epoch=batcher.epoch)
+        if step % cfg.log_every == 0:
+            progress.log(f"loss {debiased:.4f} | lr x{lrm:.2f} | {dt * 1000:.0f} ms | epoch {batcher.epoch}")
+        wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/step_ms": dt * 1000,
+                       "train/epoch": batcher.epoch})
     progress.close()
 
     if master:
@@ -433,12 +444,15 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
              "steps": cfg.num_iterations, "rows per step": cfg.rows_per_step, "epochs seen": batcher.epoch,
              "dropped as longer than the context": dropped, "row fill (non-padding tokens)": f"{fill:.1%}"},
             {"initial val loss": history["val_loss"][0], "final val loss": val_loss,
-             "training time": f"{train_time / 60:.2f} min", "checkpoint": str(ckpt_dir)},
+             "training time": f"{train_time / 60:.2f} min", "checkpoint": str(ckpt_dir),
+             **({"wandb run": run_link(wandb_run)} if run_link(wandb_run) else {})},
             ("img", f"{stage}_loss.png"),
             "Config: `" + json.dumps(asdict(cfg)) + "`",
         ])
         print0(f"done: val loss {val_loss:.4f}, {dropped} conversations dropped as longer than the context, "
                f"row fill {fill:.1%}, checkpoint in {ckpt_dir}")
+    wandb_run.finish()
+    tracing.shutdown()
     compute_cleanup()
     return val_loss
 

@@ -21,11 +21,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from mc.build import build_controller, load_controller, mc_meta, mc_micro_batch
 from mc.config import LEGACY_MC_CONFIG, MCConfig, MCConfigError
-from nanochat import report
+from mc.telemetry import format_log
+from nanochat import report, tracing
 from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, claim_run_dir, config_changes, find_last_step,
                                  load_state_strict, load_training_state, model_meta, resolve_checkpoint_dir, restore_rng,
                                  save_checkpoint)
@@ -39,7 +39,9 @@ from nanochat.gpt import GPT, SMEAR_MODES, GPTConfig
 from nanochat.longrange import DataMixError, MixedLoader, parse_mix, target_weights, weighted_lm_loss
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import allreduce_grads, build_optimizers
+from nanochat.progress import Progress
 from nanochat.tokenizer import TokenizerError, get_tokenizer
+from nanochat.tracking import run_link, start_run
 
 
 class ConfigError(ValueError):
@@ -151,17 +153,6 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     return cfg.total_batch_size // tokens_per_fwd
 
 
-def format_mc_log(metrics: dict, times: dict, step_seconds: float) -> str:
-    """One console line of MegaContext telemetry: losses, counterfactual NLLs, LOD mix, phase shares."""
-    lod = "/".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.startswith("lod"))
-    phases = " ".join(f"{k} {100 * v / step_seconds:.0f}%" for k, v in times.items())
-    bag = f"bag {metrics['bag_loss']:.3f} | " if "bag_loss" in metrics else ""
-    return (f"      mc | lm {metrics['lm_loss']:.3f} | lens {metrics['lens_loss']:.3f} hit {metrics['lens_hit']:.2f} | "
-            f"last-H nll trunc {metrics['nll_h_truncation']:.3f} var {metrics['nll_h_variants']:.3f} "
-            f"best {metrics['nll_h_best']:.3f} |dnll| {metrics['dnll_abs']:.4f} | expansions {metrics['expansions']:.1f} | "
-            f"lod mix {lod} | {bag}{phases}")
-
-
 def lr_multiplier(step: int, num_iterations: int, cfg: TrainConfig) -> float:
     warmup = round(cfg.warmup_ratio * num_iterations)
     warmdown = round(cfg.warmdown_ratio * num_iterations)
@@ -176,14 +167,6 @@ def lr_multiplier(step: int, num_iterations: int, cfg: TrainConfig) -> float:
 def muon_momentum(step: int) -> float:
     frac = min(step / 300, 1)
     return (1 - frac) * 0.85 + frac * 0.95
-
-
-class NoWandb:
-    def log(self, *args, **kwargs):
-        pass
-
-    def finish(self):
-        pass
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, MCConfig | None]:
@@ -316,10 +299,8 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     batches = iter(loader)
     eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world_size))
     engine = Engine(model, autocast=lambda: autocast_ctx(device.type, amp_dtype))
-    wandb_run = NoWandb()
-    if cfg.wandb_run and master:
-        import wandb
-        wandb_run = wandb.init(project="megacontext", name=cfg.wandb_run, config=asdict(cfg))
+    wandb_run = start_run(cfg.wandb_run, "base_train", {"train": asdict(cfg), "model": asdict(model_config),
+                                                         "mc": asdict(mc_cfg) if mc_cfg else None}, master)
 
     def validation_bpb():
         val_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, data_dir, split="val",
@@ -354,72 +335,79 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
 
     val_bpb, arms, sample_texts = float("nan"), {}, []
     train_time, smooth_loss, tokens_per_sec, mfu = 0.0, 0.0, 0.0, 0.0
-    progress = tqdm(total=num_iterations, initial=start_step, disable=not master, desc="base_train",
-                    dynamic_ncols=True, mininterval=1.0)
+    progress = Progress(num_iterations, start_step, "base_train", enabled=master)
     step = start_step
     while True:
         last = step == num_iterations
-        if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > start_step) or step == 0:
-            val_bpb, arms = validation_bpb()
-            history["val_step"].append(step)
-            history["val_bpb"].append(val_bpb)
-            for arm, value in arms.items():
-                history.setdefault(f"val_{arm}", []).append(value)
-            arm_text = "".join(f" | {arm} {value:.4f}" for arm, value in arms.items())
-            progress.write(f"step {step:5d} | val bpb {val_bpb:.4f}" + (f" | last-H bpb:{arm_text}" if arms else "")) if master else None
-            wandb_run.log({"step": step, "val/bpb": val_bpb, **{f"val/h_bpb_{a}": v for a, v in arms.items()}})
-        if master and (last or (cfg.sample_every > 0 and step % cfg.sample_every == 0 and step > start_step)):
-            sample_texts = samples()
-            for text in sample_texts:
-                progress.write(f"  sample: {text!r}")
-        if last or (cfg.save_every > 0 and step % cfg.save_every == 0 and step > start_step):
-            save(step, val_bpb)
-        if last:
-            break
+        # one trace per step: validation, sampling and saving when due, then the micro-batches and the update
+        with tracing.span("train.step", step=step, rank=rank, micro_batches=grad_accum, tokens=cfg.total_batch_size):
+            if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0 and step > start_step) or step == 0:
+                with tracing.span("validation", step=step):
+                    val_bpb, arms = validation_bpb()
+                history["val_step"].append(step)
+                history["val_bpb"].append(val_bpb)
+                for arm, value in arms.items():
+                    history.setdefault(f"val_{arm}", []).append(value)
+                arm_text = "".join(f" | {arm} {value:.4f}" for arm, value in arms.items())
+                progress.log(f"val bpb {val_bpb:.4f}" + (f" | last-H bpb:{arm_text}" if arms else ""))
+                wandb_run.log({"step": step, "val/bpb": val_bpb, **{f"val/h_bpb_{a}": v for a, v in arms.items()}})
+            if master and (last or (cfg.sample_every > 0 and step % cfg.sample_every == 0 and step > start_step)):
+                sample_texts = samples()
+                for text in sample_texts:
+                    progress.write(f"  sample: {text!r}")
+            if last or (cfg.save_every > 0 and step % cfg.save_every == 0 and step > start_step):
+                with tracing.span("checkpoint", step=step):
+                    save(step, val_bpb)
+            if last:
+                break
 
-        synchronize(device)
-        t0 = time.perf_counter()
-        lrm = lr_multiplier(step, num_iterations, cfg)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        optimizers[1].param_groups[0]["momentum"] = muon_momentum(step)
-        loss_sum = torch.zeros((), device=device)
-        mc_metrics, mc_times = {}, {}
-        for micro in range(grad_accum):
-            x, y, *answers = next(batches)  # a --data_mix loader also marks the answer targets
-            answers = answers[0] if answers else None
-            weights = target_weights(answers, cfg.answer_weight, cfg.filler_weight) if answers is not None else None
+            synchronize(device)
+            t0 = time.perf_counter()
+            lrm = lr_multiplier(step, num_iterations, cfg)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+            optimizers[1].param_groups[0]["momentum"] = muon_momentum(step)
+            loss_sum = torch.zeros((), device=device)
+            mc_metrics, mc_times = {}, {}
+            for micro in range(grad_accum):
+                x, y, *answers = next(batches)  # a --data_mix loader also marks the answer targets
+                answers = answers[0] if answers else None
+                weights = target_weights(answers, cfg.answer_weight, cfg.filler_weight) if answers is not None else None
+                if controller:
+                    with tracing.span("micro_batch", index=micro, sequences=x.size(0), variants=1 + mc_cfg.num_variants,
+                                      wc_budget=mc_cfg.wc_budget, entries=x.size(0) * (1 + mc_cfg.num_variants) * mc_cfg.wc_budget):
+                        with amp:
+                            out = controller.process_batch(x, y, step * grad_accum + micro, forward_fn=train_model,
+                                                           answers=answers, weights=weights,
+                                                           history_lm_weight=cfg.history_lm_weight)
+                        with controller.timer.phase("backward"):
+                            (out.loss / grad_accum).backward()
+                    loss_sum += out.metrics["lm_loss"]
+                    for key, value in out.metrics.items():
+                        mc_metrics[key] = mc_metrics.get(key, 0.0) + value / grad_accum
+                    for key, value in [*out.timings.items(), *controller.timer.pop().items()]:
+                        mc_times[key] = mc_times.get(key, 0.0) + value
+                else:
+                    with tracing.span("micro_batch", index=micro, sequences=x.size(0), tokens=x.numel()):
+                        with amp:
+                            loss = weighted_lm_loss(train_model, x, y, weights)
+                        (loss / grad_accum).backward()
+                    loss_sum += loss.detach()
+            t_opt = time.perf_counter()
+            with tracing.span("optimizer", step=step):
+                allreduce_grads(params)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                for opt in optimizers:
+                    opt.step()
+                for module in (model, *mc_modules.values()):
+                    module.zero_grad(set_to_none=True)
+                train_loss = (loss_sum / grad_accum).item()
+                synchronize(device)
+            dt = time.perf_counter() - t0
             if controller:
-                with amp:
-                    out = controller.process_batch(x, y, step * grad_accum + micro, forward_fn=train_model,
-                                                   answers=answers, weights=weights,
-                                                   history_lm_weight=cfg.history_lm_weight)
-                with controller.timer.phase("backward"):
-                    (out.loss / grad_accum).backward()
-                loss_sum += out.metrics["lm_loss"]
-                for key, value in out.metrics.items():
-                    mc_metrics[key] = mc_metrics.get(key, 0.0) + value / grad_accum
-                for key, value in [*out.timings.items(), *controller.timer.pop().items()]:
-                    mc_times[key] = mc_times.get(key, 0.0) + value
-            else:
-                with amp:
-                    loss = weighted_lm_loss(train_model, x, y, weights)
-                (loss / grad_accum).backward()
-                loss_sum += loss.detach()
-        t_opt = time.perf_counter()
-        allreduce_grads(params)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        for opt in optimizers:
-            opt.step()
-        for module in (model, *mc_modules.values()):
-            module.zero_grad(set_to_none=True)
-        train_loss = (loss_sum / grad_accum).item()
-        synchronize(device)
-        dt = time.perf_counter() - t0
-        if controller:
-            mc_times["optimizer"] = time.perf_counter() - t_opt
+                mc_times["optimizer"] = time.perf_counter() - t_opt
 
         step += 1
         if not math.isfinite(train_loss):
@@ -429,23 +417,24 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
         tokens_per_sec = cfg.total_batch_size / dt
-        mfu = flops_per_token * entries_per_token * tokens_per_sec / peak_flops
+        mfu = 100 * flops_per_token * entries_per_token * tokens_per_sec / peak_flops
         history["step"].append(step)
         history["loss"].append(train_loss)
-        progress.update(1)
-        progress.set_postfix(loss=f"{debiased:.3f}", tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{mfu:.2f}")
-        if master and step % cfg.log_every == 0:
-            progress.write(f"step {step:5d}/{num_iterations} | loss {debiased:.4f} | lr x{lrm:.2f} | "
-                           f"{dt * 1000:.0f} ms | {tokens_per_sec:,.0f} tok/s | mfu {mfu:.3f}")
+        progress.update(loss=f"{debiased:.3f}", tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{mfu:.1f}%")
+        if step % cfg.log_every == 0:
+            progress.log(f"loss {debiased:.4f} | lr x{lrm:.2f} | {dt * 1000:.0f} ms | {tokens_per_sec:,.0f} tok/s | "
+                         f"mfu {mfu:.1f}%")
             if controller:
-                progress.write(format_mc_log(mc_metrics, mc_times, dt))
-        wandb_run.log({"step": step, "train/loss": train_loss, "train/tok_per_s": tokens_per_sec, "train/mfu": mfu,
-                       "train/lrm": lrm, **{f"mc/{k}": v for k, v in mc_metrics.items()},
+                progress.write(format_log(mc_metrics, mc_times, dt))
+        wandb_run.log({"step": step, "train/loss": train_loss, "train/tok_per_s": tokens_per_sec, "train/mfu_percent": mfu,
+                       "train/lrm": lrm, "train/step_ms": dt * 1000, **{f"mc/{k}": v for k, v in mc_metrics.items()},
                        **{f"mc_time/{k}": v for k, v in mc_times.items()}})
     progress.close()
 
     if master:
         steps_timed = max(1, step - start_step - 1)
+        mean_tok_s = cfg.total_batch_size * steps_timed / train_time if train_time > 0 else float("nan")  # nan: one step
+        mean_mfu = 100 * flops_per_token * entries_per_token * mean_tok_s / peak_flops
         report_dir = get_report_dir()
         # an --mc run has its own section and plots, so a recipe can report it next to a plain run
         name, title = ("base_mc", " with MegaContext") if controller else ("base", "")
@@ -460,8 +449,9 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
              "steps": num_iterations, "tokens per step": cfg.total_batch_size, "micro-batches": grad_accum,
              "ranks": world_size, "device": str(device), "autocast": str(amp_dtype)},
             {"initial val bpb": history["val_bpb"][0], "final val bpb": val_bpb,
-             "training time": f"{train_time / 60:.2f} min", "tokens/s (mean)": f"{cfg.total_batch_size * steps_timed / max(train_time, 1e-9):,.0f}",
-             "MFU (last step)": f"{mfu:.3f}", "checkpoint": str(ckpt_dir)},
+             "training time": f"{train_time / 60:.2f} min", "tokens/s (mean)": f"{mean_tok_s:,.0f}",
+             "MFU (mean)": f"{mean_mfu:.2f}%", "checkpoint": str(ckpt_dir),
+             **({"wandb run": run_link(wandb_run)} if run_link(wandb_run) else {})},
             *([{f"final last-H bpb ({arm}, W={mc_cfg.wc_budget})": v for arm, v in arms.items()},
                "MegaContext config: `" + json.dumps(asdict(mc_cfg)) + "`"] if controller else []),
             ("img", f"{name}_loss.png"), ("img", f"{name}_val_bpb.png"),
@@ -470,6 +460,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         ])
         print0(f"done: val bpb {val_bpb:.4f}, checkpoint in {ckpt_dir}")
     wandb_run.finish()
+    tracing.shutdown()
     compute_cleanup()
     return val_bpb
 
