@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# 8-GPU recipe, d32 class (~1.9B parameters) on fineweb-edu.
-#   bash run1000.sh            run it (needs 8 CUDA GPUs and the hub)
-#   bash run1000.sh --dry-run  print every command
+# 8-GPU recipe, d32 class (~1.9B parameters) on fineweb-edu:
+# tokenizer -> base pretraining -> base evaluation -> report/report.md (the steps: scripts/multi_gpu.sh).
+#
+#   bash run1000.sh            run it (needs 8 CUDA GPUs and the hub; NPROC=<n> for another count)
+#   bash run1000.sh --dry-run  print every command without running it
+#   bash run1000.sh --help     this help
 set -euo pipefail
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) ;;
+        -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+        *) echo "run1000.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+    esac
+done
 cd "$(dirname "$0")"
 DEPTH=32 SHARDS=800 DEVICE_BATCH=8 exec bash scripts/multi_gpu.sh "$@"

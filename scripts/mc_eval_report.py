@@ -1,17 +1,23 @@
-"""Output of scripts/mc_eval.py (a helper module, not an entry point): summaries, JSON, PNGs, report section.
+"""Output of scripts/mc_eval.py: summaries, JSON, PNGs, report section.
 
 `write_outputs(results, report_dir)` turns the raw needle records into accuracy tables (per length,
 per length x depth bin, per offset bin), writes report_dir/mc_eval.json atomically (NaN -> null),
 the plots mc_eval_*.png, and the markdown tables as the report section "mc-eval".
+
+Run as a script, it rewrites the section and plots from a saved mc_eval.json (no model needed):
+
+    python -m scripts.mc_eval_report [--json=report/mc_eval.json]
 """
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 
 from nanochat import report
-from nanochat.common import atomic_write_text
+from nanochat.common import atomic_write_text, get_report_dir
+from nanochat.configurator import FlagParser
 from nanochat.eval_plots import heatmap, markdown_table
 
 
@@ -78,11 +84,16 @@ def write_outputs(results: dict, report_dir) -> dict:
               "R": results["mc_config"]["recent"], "scored tail E": E, "full_max_len": results["full_max_len"],
               "arms": ", ".join(results["arms"]), "filler": cfg["filler"]}]
     if "needle" in results:
-        nd = results["needle"] = summarize_needle(results["needle"], results["lengths"], cfg["depth_bins"],
-                                                  cfg["offset_bins"], K)
+        if "accuracy" not in results["needle"]:  # raw records; a saved mc_eval.json holds the summary already
+            results["needle"] = summarize_needle(results["needle"], results["lengths"], cfg["depth_bins"],
+                                                 cfg["offset_bins"], K)
+        nd = results["needle"]
         cols = list(nd["examples"])
         items += [f"**Needle accuracy** (exact match of the value) by history length in tokens "
                   f"(examples per length: {nd['examples']}):", _arm_table(nd["accuracy"], cols, "arm")]
+        at_8w = {f"needle accuracy at 8W ({arm})": acc[8 * W] for arm, acc in nd["accuracy"].items() if 8 * W in acc}
+        if at_8w:  # the headline of the run's summary table
+            items += [f"Needle accuracy at 8W = {8 * W} tokens:", at_8w]
         items += _lines(report_dir / "mc_eval_needle_length.png", nd["accuracy"], "history length (tokens)",
                         "needle accuracy", f"Needle accuracy vs history length (W={W})")
         if nd["hit_rate"]:
@@ -133,3 +144,41 @@ def write_outputs(results: dict, report_dir) -> dict:
     atomic_write_text(report_dir / "mc_eval.json", json.dumps(_clean(results), indent=2))
     report.log_section("mc-eval", "MegaContext evaluation", items)
     return results
+
+
+def _restore(obj):
+    """A saved mc_eval.json as write_outputs made it: keys of digits -> int, null -> NaN (undoes _clean)."""
+    if isinstance(obj, dict):
+        return {int(k) if k.isdigit() else k: _restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore(v) for v in obj]
+    return math.nan if obj is None else obj
+
+
+REQUIRED = ["checkpoint", "mc_config", "eval_config", "W", "K", "tail", "full_max_len", "arms", "lengths", "skipped"]
+
+
+def main(argv=None):
+    parser = FlagParser(prog="python -m scripts.mc_eval_report", description="Rewrite the report section "
+                        "'mc-eval' and the mc_eval_*.png plots from a saved mc_eval.json, e.g. after a change to how "
+                        "they are drawn. The evaluation itself is `python -m scripts.mc_eval`.")
+    parser.add_argument("--json", type=str, default="", help="the mc_eval.json to read (default: mc_eval.json in "
+                        "the report dir, $MC_REPORT_DIR or ./report)")
+    args = parser.parse_args(argv)
+    report_dir = get_report_dir()
+    path = Path(args.json) if args.json else report_dir / "mc_eval.json"
+    try:
+        results = json.loads(path.read_text())
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path} ({e.strerror or e}): run `python -m scripts.mc_eval` first")
+    except ValueError as e:
+        raise SystemExit(f"error: {path} is not JSON ({e})")
+    missing = [k for k in REQUIRED if not isinstance(results, dict) or k not in results]
+    if missing:
+        raise SystemExit(f"error: {path} is not an mc_eval.json (no {', '.join(missing)})")
+    write_outputs(_restore(results), report_dir)
+    print(f"rewrote the mc-eval section and plots in {report_dir} from {path}")
+
+
+if __name__ == "__main__":
+    main()

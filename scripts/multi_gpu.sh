@@ -1,14 +1,28 @@
 #!/usr/bin/env bash
-# The shared body of speedrun.sh and run1000.sh: DEPTH, SHARDS and DEVICE_BATCH come from them.
+# The shared body of speedrun.sh and run1000.sh: tokenizer -> base pretraining -> base evaluation -> report.
+#
+#   DEPTH=20 SHARDS=240 DEVICE_BATCH=32 bash scripts/multi_gpu.sh [--dry-run]
+#
+#   DEPTH         model depth (the checkpoint is checkpoints/base/d$DEPTH)
+#   SHARDS        fineweb-edu train shards to download and train on
+#   DEVICE_BATCH  rows per GPU per micro-batch
+#   NPROC         GPUs (default 8)
+#   --dry-run     print every command without running it
+#   -h, --help    this help
 set -euo pipefail
 DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        *) echo "unknown option $arg (only --dry-run)" >&2; exit 2 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        *) echo "multi_gpu.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     esac
 done
+for var in DEPTH SHARDS DEVICE_BATCH; do
+    if [ -z "${!var:-}" ]; then echo "multi_gpu.sh: $var is not set (use speedrun.sh or run1000.sh, or see --help)" >&2; exit 2; fi
+done
 NPROC=${NPROC:-8}
+cd "$(dirname "$0")/.."
 run() {
     echo "+ $*"
     if [ "$DRY_RUN" -eq 0 ]; then "$@"; fi

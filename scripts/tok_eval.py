@@ -1,5 +1,6 @@
 """Compression of the trained tokenizer (UTF-8 bytes per token, higher is better) on built-in
-samples and on the train/val splits, next to GPT-2 and GPT-4 when tiktoken has them cached.
+samples and on the train/val splits, next to GPT-2 and GPT-4 when tiktoken has them cached; printed
+and written to the report section "tokenizer-eval".
 
     uv run python -m scripts.tok_eval --max_docs=200
 """
@@ -9,7 +10,9 @@ import itertools
 
 import tiktoken
 
+from nanochat import report
 from nanochat.configurator import FlagParser, checked_number
+from nanochat.eval_plots import markdown_table
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 PROSE = """The old lighthouse keeper climbed the spiral stairs each evening, counting the steps as his
@@ -33,19 +36,22 @@ NUMBERS = "In 2023 revenue rose 14.7% to $3,482,915.26; Q4 units: 18204, 99731, 
 SAMPLES = {"prose": PROSE, "code": CODE, "numbers": NUMBERS}
 
 
-def load_comparisons() -> dict:
-    """tiktoken's reference encodings; they download on first use, so offline they are usually missing."""
-    encodings = {}
+def load_comparisons() -> tuple[dict, list]:
+    """tiktoken's reference encodings that load, and the names of those that do not: they download on
+    first use, so offline they are usually missing."""
+    encodings, missing = {}, []
     for name in ["gpt2", "cl100k_base"]:
         try:
             encodings[name] = tiktoken.get_encoding(name)
         except OSError:  # requests' connection errors are OSErrors
             print(f"{name}: not available offline, skipped")
-    return encodings
+            missing.append(name)
+    return encodings, missing
 
 
 def main(argv=None):
-    parser = FlagParser(description="Print the tokenizer's compression ratio (bytes per token).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = FlagParser(description="Print the tokenizer's compression ratio (bytes per token) and write it to the report.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=str, default="books", help="dataset source passed to nanochat.dataset.prepare")
     parser.add_argument("--max_docs", type=checked_number(int, 0), default=200, help="documents read from each split (0 skips the data)")
     args = parser.parse_args(argv)
@@ -56,28 +62,41 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     print(f"tokenizer vocab_size={tokenizer.vocab_size} identity={tokenizer.identity()}")
     texts = {label: [text] for label, text in SAMPLES.items()}  # label -> list of documents
-    if args.max_docs > 0:
+    splits = {f"{args.data}/{split}": split for split in ["train", "val"]} if args.max_docs > 0 else {}  # label -> split
+    if splits:
         from nanochat import dataset
-        data_dir = dataset.prepare(args.data)
-        for split in ["train", "val"]:
-            docs = itertools.islice(dataset.iter_documents(data_dir, split=split), args.max_docs)
-            texts[f"{args.data}/{split}"] = list(docs)
+        try:
+            data_dir = dataset.prepare(args.data)
+        except (dataset.DataError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+        for label, split in splits.items():
+            texts[label] = list(itertools.islice(dataset.iter_documents(data_dir, split=split), args.max_docs))
 
     columns = {"ours": tokenizer.encode}  # name -> batch encoder, list[str] -> list[list[int]]
-    for name, enc in load_comparisons().items():
+    references, missing = load_comparisons()
+    for name, enc in references.items():
         columns[name] = enc.encode_ordinary_batch
 
     # one row per text: its size, then bytes/token for each tokenizer
+    rows = []
+    for label, docs in texts.items():
+        n_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
+        n_tokens = [sum(len(ids) for ids in encode(docs)) for encode in columns.values()]
+        rows.append([label, n_bytes, *(n_bytes / max(n, 1) for n in n_tokens)])
     header = f"{'text':<16}{'bytes':>12}" + "".join(f"{name:>14}" for name in columns)
     print(header)
     print("-" * len(header))
-    for label, docs in texts.items():
-        n_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
-        row = f"{label:<16}{n_bytes:>12,}"
-        for encode in columns.values():
-            n_tokens = sum(len(ids) for ids in encode(docs))
-            row += f"{n_bytes / max(n_tokens, 1):>14.2f}"
-        print(row)
+    for label, n_bytes, *ratios in rows:
+        print(f"{label:<16}{n_bytes:>12,}" + "".join(f"{r:>14.2f}" for r in ratios))
+
+    report.log_section("tokenizer-eval", "Tokenizer evaluation", [
+        {"vocab size": f"{tokenizer.vocab_size:,}", "identity": tokenizer.identity(),
+         **{f"bytes/token, {label}": ours for label, _, ours, *_ in rows if label in splits}},
+        "Compression: UTF-8 bytes per token (higher is better) on built-in samples"
+        + (f" and {args.max_docs} documents of each split" if splits else "")
+        + (f"; not available offline: {', '.join(missing)}" if missing else "") + ":",
+        markdown_table(["text", "bytes", *columns], [[label, f"{n:,}", *ratios] for label, n, *ratios in rows], digits=2),
+    ])
 
 
 if __name__ == "__main__":

@@ -8,22 +8,25 @@ import time
 
 from tqdm import tqdm
 
+from nanochat import report
 from nanochat.common import get_base_dir
 from nanochat.configurator import FlagParser, checked_number
-from nanochat.tokenizer import Tokenizer
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
-def capped_text(documents, max_chars: int, doc_cap: int):
-    """Yield documents in pieces of at most doc_cap characters, until max_chars characters in total."""
-    n_chars = 0
+def capped_text(documents, max_chars: int, doc_cap: int, read: dict):
+    """Yield documents in pieces of at most doc_cap characters, until max_chars characters in total;
+    `read` counts the characters and documents read so far (for the report)."""
+    read.update(chars=0, docs=0)
     with tqdm(total=max_chars, unit="char", unit_scale=True, desc="training text") as progress:
         for doc in documents:
+            read["docs"] += 1
             for start in range(0, len(doc), doc_cap):
                 piece = doc[start:start + doc_cap]
-                n_chars += len(piece)
+                read["chars"] += len(piece)
                 progress.update(len(piece))
                 yield piece
-                if n_chars >= max_chars:
+                if read["chars"] >= max_chars:
                     return
 
 
@@ -41,14 +44,16 @@ def main(argv=None):
         data_dir = dataset.prepare(args.data)
     except (dataset.DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    text = capped_text(dataset.iter_documents(data_dir, split="train"), max_chars, args.doc_cap)
+    read = {}
+    text = capped_text(dataset.iter_documents(data_dir, split="train"), max_chars, args.doc_cap, read)
 
     t0 = time.time()
     try:
         tokenizer = Tokenizer.train_from_iterator(text, args.vocab_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    print(f"trained vocab_size={tokenizer.vocab_size} in {time.time() - t0:.1f}s")
+    train_time = time.time() - t0
+    print(f"trained vocab_size={tokenizer.vocab_size} in {train_time:.1f}s")
 
     out_dir = get_base_dir() / "tokenizer"
     tokenizer.save(out_dir)
@@ -59,10 +64,20 @@ def main(argv=None):
         "def add(a, b):\n    return a + b  # 12345",
         "Naïve café — 你好 🙂",
     ]
+    lines = []
     for sample in samples:
         ids = tokenizer.encode(sample, prepend="<|bos|>")
         pieces = [tokenizer.id_to_token(i) for i in ids]
-        print(f"{len(sample.encode('utf-8'))} bytes -> {len(ids) - 1} tokens: {pieces}")
+        lines.append(f"{len(sample.encode('utf-8'))} bytes -> {len(ids) - 1} tokens: {pieces}")
+        print(lines[-1])
+
+    report.log_section("tokenizer", "Tokenizer training", [
+        {"data": args.data, "vocab size": f"{tokenizer.vocab_size:,} ({len(SPECIAL_TOKENS)} special tokens)",
+         "training text": f"{read['chars']:,} characters from {read['docs']:,} documents (--max_chars={max_chars:,}, "
+                          f"--doc_cap={args.doc_cap:,})",
+         "training time": f"{train_time:.1f} s", "identity": tokenizer.identity(), "saved to": str(out_dir)},
+        "Samples:", *[f"    {line}" for line in lines],
+    ])
 
 
 if __name__ == "__main__":

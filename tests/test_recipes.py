@@ -1,4 +1,5 @@
-"""The shell recipes parse and, in --dry-run, print the commands they would run."""
+"""The shell recipes parse, answer --help, reject unknown options in one line and, in --dry-run, print the
+commands they would run."""
 
 import subprocess
 
@@ -26,9 +27,26 @@ def test_run10_dry_run_cpu_preset():
     assert "--depth=4" in out and "--data=books" in out
 
 
-def test_run10_rejects_unknown_option():
-    result = subprocess.run(["bash", "run10.sh", "--bogus"], capture_output=True, text=True)
-    assert result.returncode == 2 and "unknown option" in result.stderr
+@pytest.mark.parametrize("recipe, options", [("run10.sh", ["--mc", "--cpu", "--dry-run"]),
+                                             ("speedrun.sh", ["--dry-run", "--help", "NPROC"]),
+                                             ("run1000.sh", ["--dry-run", "--help", "NPROC"]),
+                                             ("scripts/multi_gpu.sh", ["DEPTH", "SHARDS", "DEVICE_BATCH", "NPROC",
+                                                                       "--dry-run", "--help"])])
+def test_help_and_unknown_options(recipe, options):
+    for flag in ["--help", "-h"]:
+        result = subprocess.run(["bash", recipe, flag], capture_output=True, text=True)
+        assert result.returncode == 0 and all(option in result.stdout for option in options), result.stdout
+        assert "+ " not in result.stdout  # nothing ran
+    result = subprocess.run(["bash", recipe, "--dry-run", "--bogus"], capture_output=True, text=True)
+    name = recipe.rsplit("/", 1)[-1]
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"{name}: unknown option --bogus (see --help)"]
+
+
+def test_multi_gpu_needs_its_settings():
+    result = subprocess.run(["bash", "scripts/multi_gpu.sh", "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "multi_gpu.sh: DEPTH is not set (use speedrun.sh or run1000.sh, or see --help)"]
 
 
 def test_run10_mc_dry_run():
