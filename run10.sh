@@ -7,12 +7,11 @@
 #                              pretraining at T=1024), from it an MC model (then a LensNet focus phase) and
 #                              its plain twin (same data and steps), mc_eval comparing them (needle,
 #                              recall, loss vs history), then mid/SFT of the MC model for chat_cli --mc; CPU 44 min
-#   bash run10.sh --cpu        force the CPU preset
+#   bash run10.sh --cpu        force the CPU preset (--gpu: the GPU preset)
 #   bash run10.sh --dry-run    print every command without running it
 #
 # Artifacts (tokenizer, data, checkpoints) go to $MC_BASE_DIR (default ~/.cache/megacontext).
 set -euo pipefail
-cd "$(dirname "$0")"
 
 DRY_RUN=0
 PRESET=auto
@@ -27,6 +26,7 @@ for arg in "$@"; do
         *) echo "run10.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     esac
 done
+cd "$(dirname "$0")"
 
 run() {
     echo "+ $*"
