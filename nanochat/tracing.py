@@ -18,6 +18,20 @@ _tracer = None
 _configured = False
 
 
+class SystemRandomIds:
+    """Trace and span ids from the OS's randomness: OpenTelemetry's default draws them from Python's `random`,
+    which training seeds, so every run of a script would reuse the same trace ids."""
+
+    def generate_span_id(self) -> int:
+        return int.from_bytes(os.urandom(8), "big") or 1
+
+    def generate_trace_id(self) -> int:
+        return int.from_bytes(os.urandom(16), "big") or 1
+
+    def is_trace_id_random(self) -> bool:  # W3C "random" trace flag
+        return True
+
+
 def configure(exporter=None):
     """Install the process's tracer: spans go to exporter (exported as each span ends), or by default to
     the OTLP endpoint of the environment (in batches); returns the tracer, or None when tracing is off."""
@@ -37,7 +51,7 @@ def configure(exporter=None):
     else:
         processor = SimpleSpanProcessor(exporter)
     service = os.environ.get("OTEL_SERVICE_NAME") or SERVICE_NAME
-    _provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    _provider = TracerProvider(resource=Resource.create({"service.name": service}), id_generator=SystemRandomIds())
     _provider.add_span_processor(processor)
     _tracer = _provider.get_tracer("megacontext")
     return _tracer

@@ -5,6 +5,7 @@ and the MC metrics, one OpenTelemetry trace per step with child spans per phase,
 import glob
 import json
 import os
+import random
 import re
 import struct
 import subprocess
@@ -130,6 +131,18 @@ def test_one_trace_per_step_with_phase_spans(tiny_env):
     assert all(s.context.trace_id == steps[1].context.trace_id for s in children(micro))
     assert "checkpoint" in [s.name for s in children(steps[2])] and "micro_batch" not in [s.name for s in children(steps[2])]
     assert all(s.parent is None or s.parent.span_id in by_id for s in spans), "every parent was exported"
+
+
+def test_trace_ids_differ_between_seeded_runs():
+    """Training seeds Python's random; trace ids must not repeat from one run to the next."""
+    ids = []
+    for _ in range(2):
+        random.seed(42)
+        tracing.configure(InMemorySpanExporter())
+        with tracing.span("train.step") as span:
+            ids.append(span.get_span_context().trace_id)
+        tracing.shutdown()
+    assert ids[0] != ids[1]
 
 
 def test_tracing_reads_the_standard_variables(monkeypatch):
