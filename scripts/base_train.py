@@ -50,6 +50,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # data and model
     data: str = field(default="fineweb-edu", metadata={"help": "training data: fineweb-edu[:N shards], books, or a directory of .txt/.jsonl/.parquet"})
+    text_column: str = field(default="text", metadata={"help": "with a directory --data: the .jsonl field / .parquet column holding the documents"})
     data_mix: str = field(default="", metadata={"help": "mix long-range synthetic rows into training, e.g. books:0.6,needle:0.2,recall:0.1,facts:0.1 "
                                                         "(natural text = the --data value or 'text'; see nanochat/longrange.py); empty = --data only"})
     warmup_mix: str = field(default="", metadata={"help": "a --data_mix spec for the first --warmup_mix_steps steps (a curriculum), e.g. copy:1 until the copy circuit forms"})
@@ -213,10 +214,10 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
 
     tokenizer = get_tokenizer()
     token_bytes = tokenizer.token_bytes(device)
-    data_dir = prepare(cfg.data) if master else None
+    data_dir = prepare(cfg.data, cfg.text_column) if master else None
     if ddp:
         torch.distributed.barrier()
-        data_dir = prepare(cfg.data)
+        data_dir = prepare(cfg.data, cfg.text_column)
 
     # model, optimizers, and (on --resume) their saved states
     seed_everything(cfg.seed)

@@ -47,6 +47,7 @@ def load_comparisons() -> dict:
 def main(argv=None):
     parser = FlagParser(description="Print the tokenizer's compression ratio (bytes per token).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=str, default="books", help="dataset source passed to nanochat.dataset.prepare")
+    parser.add_argument("--text_column", type=str, default="text", help="with a directory --data: the .jsonl field / .parquet column holding the documents")
     parser.add_argument("--max_docs", type=checked_number(int, 0), default=200, help="documents read from each split (0 skips the data)")
     args = parser.parse_args(argv)
 
@@ -58,7 +59,7 @@ def main(argv=None):
     texts = {label: [text] for label, text in SAMPLES.items()}  # label -> list of documents
     if args.max_docs > 0:
         from nanochat import dataset
-        data_dir = dataset.prepare(args.data)
+        data_dir = dataset.prepare(args.data, args.text_column)
         for split in ["train", "val"]:
             docs = itertools.islice(dataset.iter_documents(data_dir, split=split), args.max_docs)
             texts[f"{args.data}/{split}"] = list(docs)
