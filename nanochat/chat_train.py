@@ -186,12 +186,12 @@ def fit_longdoc(tokenizer, seq_len: int, filler=None, fill: float = 0.85) -> Lon
     return replace(cfg, doc_words=max(1, words), seed=0)
 
 
-def longdoc_setup(tokenizer, seq_len: int, filler_source: str, pretrain_data: str):
+def longdoc_setup(tokenizer, seq_len: int, filler_source: str, pretrain_data: str, text_column: str = "text"):
     """(train filler, val filler, LongDocQAConfig) for a context of seq_len tokens; fillers are
     paragraphs of the pretraining corpus' train/val splits, or None for synthetic text."""
     train_filler = val_filler = None
     if filler_source == "pretraining":
-        data_dir = prepare(pretrain_data)
+        data_dir = prepare(pretrain_data, text_column)
         train_filler, val_filler = filler_paragraphs(data_dir, "train"), filler_paragraphs(data_dir, "val")
     cfg = fit_longdoc(tokenizer, seq_len, train_filler)
     print0(f"longdoc_qa: documents of {cfg.doc_words} words ({cfg.n_facts} facts, {cfg.n_distractors} distractors) "
@@ -219,9 +219,11 @@ def evaluate_loss(model, batches, amp) -> float:
     return total.item() / max(count.item(), 1)
 
 
-def pretraining_data(meta: dict) -> str:
-    """The pretraining data source behind a checkpoint of any stage."""
-    return meta.get("pretrain_data") or meta["train_config"]["data"]
+def pretraining_data(meta: dict) -> tuple[str, str]:
+    """The pretraining data source behind a checkpoint of any stage, and its --text_column."""
+    if meta.get("pretrain_data"):
+        return meta["pretrain_data"], meta.get("pretrain_text_column", "text")
+    return meta["train_config"]["data"], meta["train_config"].get("text_column", "text")
 
 
 # -----------------------------------------------------------------------------
@@ -314,7 +316,7 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
     if cfg.resume:
         start_step = find_last_step(ckpt_dir)
         model, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
-        if changes := config_changes(meta["train_config"], asdict(cfg), RESUME_FREE):
+        if changes := config_changes(meta["train_config"], asdict(cfg), RESUME_FREE, asdict(type(cfg)())):
             raise ConfigError(f"--resume: the run in {ckpt_dir} was trained with other flags (saved -> given): "
                               f"{'; '.join(changes)}")
         source = meta["source"]
@@ -333,11 +335,11 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
     if meta.get("tokenizer") != tokenizer.identity():
         raise CheckpointError("the checkpoint was trained with a different tokenizer than the one in "
                               "$MC_BASE_DIR/tokenizer")
-    pretrain_data = pretraining_data(meta)
+    pretrain_data, pretrain_text_column = pretraining_data(meta)
     seq_len = model.config.sequence_len
 
     # conversations: train and held-out val mixes from the same spec
-    filler, val_filler, longdoc_cfg = longdoc_setup(tokenizer, seq_len, cfg.longdoc_filler, pretrain_data)
+    filler, val_filler, longdoc_cfg = longdoc_setup(tokenizer, seq_len, cfg.longdoc_filler, pretrain_data, pretrain_text_column)
     try:
         train_convs = load_conversations(cfg.data, cfg.num_conversations, cfg.seed, "train", filler, longdoc_cfg)
         val_convs = load_conversations(cfg.data, cfg.val_conversations, cfg.seed, "val", val_filler, longdoc_cfg)
@@ -371,7 +373,8 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
 
     def save(step: int, val_loss: float):
         meta = model_meta(model, train_config=asdict(cfg), source=source, pretrain_data=pretrain_data,
-                          history=history, val_loss=val_loss, tokenizer=tokenizer.identity(), **mc_info)
+                          pretrain_text_column=pretrain_text_column, history=history, val_loss=val_loss,
+                          tokenizer=tokenizer.identity(), **mc_info)
         save_checkpoint(ckpt_dir, step, {"gpt": model, **mc_modules}, optimizers, meta, rank, {"batcher": batcher.state_dict()})
 
     wandb_run = start_run(cfg.wandb_run, stage, {"train": asdict(cfg), "model": asdict(model.config),

@@ -140,9 +140,12 @@ def claim_run_dir(directory, overwrite: bool, rank: int = 0):
     print(f"--overwrite: moved the previous run in {directory} to {aside}", flush=True)
 
 
-def config_changes(saved: dict, given: dict, free=()) -> list[str]:
-    """'flag: saved -> given' for every field that differs between two training configs, except those in `free`."""
-    return [f"--{k}: {saved.get(k)!r} -> {v!r}" for k, v in given.items() if k not in free and saved.get(k) != v]
+def config_changes(saved: dict, given: dict, free=(), defaults=None) -> list[str]:
+    """'flag: saved -> given' for every field that differs between two training configs, except those in `free`;
+    a field the saved config lacks (added to the code after that run started) counts as its value in `defaults`."""
+    defaults = defaults or {}
+    return [f"--{k}: {saved.get(k, defaults.get(k))!r} -> {v!r}" for k, v in given.items()
+            if k not in free and saved.get(k, defaults.get(k)) != v]
 
 
 def load_meta(directory, step: int) -> dict:

@@ -45,7 +45,8 @@ def main(argv=None):
                  f"{get_base_dir() / 'tokenizer'}")
     amp_dtype = autocast_dtype(device.type)
     seq_len = model.config.sequence_len
-    data_dir = prepare(args.data or meta["train_config"]["data"])
+    trained_on = meta["train_config"]
+    data_dir = prepare(args.data) if args.data else prepare(trained_on["data"], trained_on.get("text_column", "text"))
     loader = DataLoader(tokenizer, args.batch_size, seq_len, data_dir, split="val", rank=rank, world_size=world_size,
                         device=device)
     steps = max(1, args.eval_tokens // (args.batch_size * seq_len * world_size))

@@ -52,6 +52,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     # data and model
     data: str = field(default="fineweb-edu", metadata={"help": "training data: fineweb-edu[:N shards], books, or a directory of .txt/.jsonl/.parquet"})
+    text_column: str = field(default="text", metadata={"help": "with a directory --data: the .jsonl field / .parquet column holding the documents"})
     data_mix: str = field(default="", metadata={"help": "mix long-range synthetic rows into training, e.g. books:0.6,needle:0.2,recall:0.1,facts:0.1 "
                                                         "(natural text = the --data value or 'text'; see nanochat/longrange.py); empty = --data only"})
     warmup_mix: str = field(default="", metadata={"help": "a --data_mix spec for the first --warmup_mix_steps steps (a curriculum), e.g. copy:1 until the copy circuit forms"})
@@ -196,10 +197,10 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
 
     tokenizer = get_tokenizer()
     token_bytes = tokenizer.token_bytes(device)
-    data_dir = prepare(cfg.data) if master else None
+    data_dir = prepare(cfg.data, cfg.text_column) if master else None
     if ddp:
         torch.distributed.barrier()
-        data_dir = prepare(cfg.data)
+        data_dir = prepare(cfg.data, cfg.text_column)
 
     # model, optimizers, and (on --resume) their saved states
     seed_everything(cfg.seed)
@@ -249,7 +250,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         if saved_mc != (asdict(mc_cfg) if mc_cfg else None):
             raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} was trained with MegaContext config "
                               f"{meta.get('mc_config')}, but the flags give {asdict(mc_cfg) if mc_cfg else None}")
-        if changes := config_changes(meta.get("train_config", {}), asdict(cfg), RESUME_FREE):
+        if changes := config_changes(meta.get("train_config", {}), asdict(cfg), RESUME_FREE, asdict(TrainConfig())):
             raise ConfigError(f"--resume: the run in {ckpt_dir} was trained with other flags (saved -> given): "
                               f"{'; '.join(changes)}")
         load_state_strict(model, states["gpt"], f"{ckpt_dir}/model_{start_step:06d}.pt")

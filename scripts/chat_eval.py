@@ -118,7 +118,7 @@ def main(argv=None):
     t0 = time.perf_counter()
 
     try:
-        _, val_filler, longdoc_cfg = longdoc_setup(tokenizer, context, args.longdoc_filler, pretraining_data(meta))
+        _, val_filler, longdoc_cfg = longdoc_setup(tokenizer, context, args.longdoc_filler, *pretraining_data(meta))
     except DataError as e:
         sys.exit(f"error: {e}")
     longdoc = eval_longdoc(engine, tokenizer, longdoc_qa_eval(args.num_longdoc, longdoc_cfg, val_filler), context,

@@ -384,7 +384,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         print0(m)
     items = load_tasks_file(cfg.tasks_file) if cfg.tasks_file else []
     task_rows = tokenize_items(items, tokenizer, K, ev.tail, cfg.tasks_file)
-    data_dir = prepare(cfg.data or meta["train_config"]["data"])
+    trained_on = meta["train_config"]
+    data_dir = prepare(cfg.data) if cfg.data else prepare(trained_on["data"], trained_on.get("text_column", "text"))
     gen = LongRange(tokenizer, K)
     amp = autocast_ctx(device.type, autocast_dtype(device.type))
     r = Runner(cfg, ev, gen, arms, data_dir, tokenizer, device, amp)

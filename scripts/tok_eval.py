@@ -53,6 +53,7 @@ def main(argv=None):
     parser = FlagParser(description="Print the tokenizer's compression ratio (bytes per token) and write it to the report.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=str, default="books", help="dataset source passed to nanochat.dataset.prepare")
+    parser.add_argument("--text_column", type=str, default="text", help="with a directory --data: the .jsonl field / .parquet column holding the documents")
     parser.add_argument("--max_docs", type=checked_number(int, 0), default=200, help="documents read from each split (0 skips the data)")
     args = parser.parse_args(argv)
 
@@ -66,7 +67,7 @@ def main(argv=None):
     if splits:
         from nanochat import dataset
         try:
-            data_dir = dataset.prepare(args.data)
+            data_dir = dataset.prepare(args.data, args.text_column)
         except (dataset.DataError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}")
         for label, split in splits.items():

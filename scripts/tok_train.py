@@ -36,12 +36,13 @@ def main(argv=None):
     parser.add_argument("--max_chars", type=checked_number(float, 1), default=2e9, help="total characters of training text to read (scientific notation ok)")
     parser.add_argument("--doc_cap", type=checked_number(int, 1), default=10_000, help="long documents are fed to the trainer in pieces of at most this many characters")
     parser.add_argument("--data", type=str, default="books", help="dataset source passed to nanochat.dataset.prepare")
+    parser.add_argument("--text_column", type=str, default="text", help="with a directory --data: the .jsonl field / .parquet column holding the documents")
     args = parser.parse_args(argv)
     max_chars = int(args.max_chars)
 
     from nanochat import dataset  # imported here so --help works before the data module is in place
     try:
-        data_dir = dataset.prepare(args.data)
+        data_dir = dataset.prepare(args.data, args.text_column)
     except (dataset.DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     read = {}

@@ -137,3 +137,14 @@ def test_failed_and_killed_writes_leave_no_temp_files(tmp_path):
     with pytest.raises(OSError, match=f"could not write {tmp_path / 'dir'}"):
         atomic_write_bytes(tmp_path / "dir", b"data")  # replacing a directory fails
     assert not list(tmp_path.glob("dir.tmp*"))
+
+
+def test_resume_reads_a_field_added_since_as_its_default():
+    """A run saved before a flag existed resumes when the flag keeps its default, and names it when it does not."""
+    from nanochat.checkpoint import config_changes
+    saved = {"data": "books", "depth": 4}
+    defaults = {"data": "fineweb-edu", "depth": 12, "text_column": "text"}
+    assert config_changes(saved, {"data": "books", "depth": 4, "text_column": "text"}, (), defaults) == []
+    assert config_changes(saved, {"data": "books", "depth": 4, "text_column": "body"}, (), defaults) == \
+        ["--text_column: 'text' -> 'body'"]
+    assert config_changes(saved, {"data": "books", "depth": 2}, (), defaults) == ["--depth: 4 -> 2"]

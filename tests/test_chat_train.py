@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanochat.chat_data import identity_conversation
-from nanochat.chat_train import ChatBatcher, fit_longdoc
+from nanochat.chat_train import ChatBatcher, fit_longdoc, pretraining_data
 from nanochat.checkpoint import build_model, checkpoint_dir, load_module_states
 from nanochat.common import get_report_dir
 from nanochat.longdoc_qa import longdoc_qa
@@ -162,10 +162,18 @@ def test_sft_smoke_and_resume(tiny_base):
 def test_mid_smoke_packs_rows(tiny_base):
     mid_train.main([*CHAT, "--num_iterations=3", "--tag=mid_smoke", "--data=identity,longdoc_qa"])
     _, _, meta = build_model(checkpoint_dir("mid", "mid_smoke"), None, "cpu")
-    assert meta["step"] == 3 and meta["pretrain_data"] == tiny_base["data"]
+    assert meta["step"] == 3 and (meta["pretrain_data"], meta["pretrain_text_column"]) == (tiny_base["data"], "text")
     assert len(meta["history"]["loss"]) == 3 and all(math.isfinite(v) for v in meta["history"]["loss"])
     section = (get_report_dir() / "section-mid-train.md").read_text()
     assert "packed rows" in section and "row fill" in section
+
+
+def test_pretraining_data_carries_the_text_column():
+    """The chat stages read filler from the pretraining corpus with the column it was built from."""
+    assert pretraining_data({"train_config": {"data": "/corpus", "text_column": "body"}}) == ("/corpus", "body")
+    assert pretraining_data({"train_config": {"data": "books"}}) == ("books", "text")  # a checkpoint from before the flag
+    sft_meta = {"pretrain_data": "/corpus", "pretrain_text_column": "body", "train_config": {"data": "identity"}}
+    assert pretraining_data(sft_meta) == ("/corpus", "body")
 
 
 def test_user_errors(tiny_base):
