@@ -19,7 +19,7 @@ gist (a 1,024-token summary it cannot rank: the greedy policy found the needle's
 4–24 % of rows at the CPU preset, descent in 33–43 %, mc exact match 0.08–0.38 -> 0.66–0.71). Below
 K²+R tokens (no LOD2 group) descent and one greedy iteration without an edit cap coincide.
 
-Evaluation baselines build maps directly: `recency` (the most compressed map: gists only),
+Evaluation baselines build maps directly: `gists_only` (the most compressed map: nothing expanded),
 `random` (working_context.random_maps), `similarity` (scores = cosine of each gist with the mean of
 the tail, then greedy) and `oracle` (expands the blocks it is told hold the answer).
 """
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from mc.config import MCConfig
 from mc.working_context import (GIST, GROUP, RAW, collapse_blocks, collapse_groups, edit_cost,
-                                entry_counts, expand_blocks, expand_groups, most_compressed_map)
+                                entry_counts, expand_blocks, expand_groups, most_compressed_map, tail_mask)
 
 NEG = float("-inf")
 
@@ -80,8 +80,8 @@ def choose(scores, n_take, cfg: MCConfig, policy: str, generator=None):
     return select_top(keys, n_take)
 
 
-def refocus(lod_map, scores, wc, cfg: MCConfig, policy: str, generator=None, tail_tokens: int = 0,
-            allow_collapse: bool = True):
+def edit_maps(lod_map, scores, wc, cfg: MCConfig, policy: str, generator=None, tail_tokens: int = 0,
+              allow_collapse: bool = True):
     """One allocator iteration on maps [V, n_blocks] given entry scores [V, W] of their WCs; returns new maps."""
     K, W = cfg.block_size, cfg.wc_budget
     cost = edit_cost(K)
@@ -128,7 +128,6 @@ def expanded_units(lod_map, base_map, K: int):
 def similarity_scores(wc, tail_len: int, visible=None):
     """Cosine of every entry with the mean of the last tail_len visible entries (the query; visible [V, W], default
     the valid ones): [V, W]."""
-    from mc.lensnet import tail_mask
     tail = tail_mask(wc.valid if visible is None else visible, tail_len).unsqueeze(-1)  # [V, W, 1]
     query = (wc.embeds.float() * tail).sum(1) / tail.sum(1).clamp(min=1)  # [V, D]
     sim = F.cosine_similarity(wc.embeds.float(), query[:, None, :], dim=-1)
@@ -149,7 +148,7 @@ def overlap_block_scores(tokens, K: int, tail_len: int, vocab: int):
 
 
 def block_entry_scores(block_scores, wc, K: int):
-    """Per-block scores [V, n] -> entry scores [V, W] that `refocus` reads: a LOD1 gist gets its block's
+    """Per-block scores [V, n] -> entry scores [V, W] that `edit_maps` reads: a LOD1 gist gets its block's
     score, a LOD2 gist the best of its group's blocks, raw entries and padding 0."""
     V, n = block_scores.shape
     G = -(-n // K)

@@ -13,7 +13,7 @@ arm was skipped for this batch. Arms:
                  but beyond a few times the trained length the model is out of distribution)
   mc             the full system, as sessions run it: LensNet scores every old block as a LOD1 gist and
                  the best blocks are expanded with their groups while they fit W (MCController.focus_maps)
-  gists_only     the most compressed map (recency baseline: everything old as gists, nothing expanded)
+  gists_only     the most compressed map (everything old as gists, nothing expanded)
   random         random legal maps that use the budget (working_context.random_maps)
   similarity     greedy expansion ranked by cosine(gist, mean of the raw tail) instead of LensNet
   oracle         the most compressed map with the blocks holding the answer (and their groups)
@@ -38,12 +38,11 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from mc.allocator import refocus, similarity_scores
-from mc.lensnet import tail_mask
+from mc.allocator import edit_maps, similarity_scores
 from mc.runtime import visible_entries
 from mc.tree import build_tree
-from mc.working_context import (RAW, UNCOVERED, entry_counts, expand_blocks, expand_groups, materialize,
-                                most_compressed_map, random_maps)
+from mc.working_context import (RAW, entry_counts, expand_blocks, expand_groups, materialize,
+                                most_compressed_map, random_maps, tail_mask)
 
 MC_ARMS = ("mc", "gists_only", "random", "similarity", "oracle", "shuffled")  # read the MC checkpoint's tree
 ARMS = ("truncation", "full", *MC_ARMS, "mean_gist", "plain_truncation", "plain_full")
@@ -58,12 +57,6 @@ def shuffle_gists(levels, generator=None):
         perm = torch.rand(B, m, generator=generator, device=level.device).argsort(1)  # [B, m]
         out.append(level.gather(1, perm.unsqueeze(-1).expand(B, m, D)))
     return out
-
-
-def none_map(n_blocks: int, cfg, device=None):
-    """[n_blocks] int8: only the raw tail (the last R // K blocks); everything older uncovered."""
-    b = torch.arange(n_blocks, device=device)
-    return torch.where(b >= n_blocks - min(cfg.recent // cfg.block_size, n_blocks), RAW, UNCOVERED).to(torch.int8)
 
 
 def fitting_oracle_maps(n_blocks: int, cfg, evidence):
@@ -146,7 +139,7 @@ class ArmEvaluator:
             wc = materialize(maps, levels, x, cfg, next_token)
             # cosine in [-1, 1], shifted positive so the whole budget is spent on the most similar gists
             scores = similarity_scores(wc, cfg.recent, visible_entries(wc, focus_end)) + 2.0 * (wc.valid & (wc.lod > 0))
-            maps = refocus(maps, scores, wc, cfg, "greedy", allow_collapse=False)
+            maps = edit_maps(maps, scores, wc, cfg, "greedy", allow_collapse=False)
         return maps
 
     # ---- running ---------------------------------------------------------------------------------

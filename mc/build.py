@@ -13,6 +13,7 @@ from mc.config import LEGACY_MC_CONFIG, MCConfig, MCConfigError
 from mc.gistnet import GistNet
 from mc.lensnet import LensNet
 from mc.runtime import MCController
+from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer, load_module_states, load_state_strict
 
 AUX_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -30,7 +31,6 @@ def build_controller(model, cfg: MCConfig, rank: int = 0) -> MCController:
 
 def load_controller(model, states: dict, meta: dict, rank: int = 0) -> MCController:
     """The controller of a checkpoint trained with --mc (module states from checkpoint.load_module_states)."""
-    from nanochat.checkpoint import CheckpointError, load_state_strict
     if "mc_config" not in meta or "mc_gist" not in states:
         raise CheckpointError("this checkpoint was trained without --mc: it has no GistNet/LensNet to load")
     try:
@@ -46,7 +46,6 @@ def load_controller(model, states: dict, meta: dict, rank: int = 0) -> MCControl
 def load_mc_model(stage: str, tag: str = "", step: int | None = None, device="cpu"):
     """(model, controller, tokenizer, meta, directory) of a checkpoint with MegaContext nets (trained with
     --mc, or fine-tuned from one by mid/SFT, which carry the nets along); CheckpointError otherwise."""
-    from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer, load_module_states
     model, tokenizer, meta, directory = load_model_and_tokenizer(stage, tag, step, device)
     if "mc_config" not in meta:
         raise CheckpointError(f"checkpoint {directory} has no MegaContext nets (it was not trained with --mc): "

@@ -11,6 +11,8 @@ a sequence (where counterfactual NLLs are compared).
 
 from dataclasses import dataclass, field
 
+from mc.positional import check_mode
+
 
 LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "max_distance": 0}  # settings of checkpoints saved before the field existed
 
@@ -104,7 +106,6 @@ class MCConfig:
         if self.num_variants < 2 and self.lens_loss_weight > 0:
             fail(f"--mc_num_variants={self.num_variants} leaves LensNet no pair of variants to compare (its loss "
                  "would always be 0): use >= 2, or --mc_lens_loss_weight=0")
-        from mc.positional import check_mode
         try:
             check_mode(self.positional, head_dim if head_dim is not None else 2)
         except ValueError as e:

@@ -29,16 +29,10 @@ import torch.nn.functional as F
 
 from mc.config import MCConfig
 from mc.gistnet import EncoderBlock, init_linear, num_heads
+from mc.working_context import tail_mask
 from nanochat.gpt import norm
 
 N_FREQ = 8  # Fourier frequencies of log1p(rel_pos): 2^-4 .. 2^3
-
-
-def tail_mask(valid, tail_len):
-    """The last tail_len (int or [V]) valid entries of each row of valid [V, W] -> [V, W] bool."""
-    from_end = valid.flip(-1).long().cumsum(-1).flip(-1)  # [V, W] valid entries at or after each slot
-    tail_len = torch.as_tensor(tail_len, device=valid.device).view(-1, 1)  # [V|1, 1]
-    return valid & (from_end <= tail_len)
 
 
 def key_mask(keys):

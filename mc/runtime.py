@@ -32,28 +32,23 @@ Per micro-batch x, y [B, T] (history T > W):
 Errors raise; there is no fallback to vanilla training.
 """
 
-import dataclasses
+import math
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 
-from mc.allocator import NEG, block_entry_scores, descend_maps, expanded_units, overlap_block_scores, refocus, unit_scores
+from mc.allocator import NEG, block_entry_scores, descend_maps, edit_maps, expanded_units, overlap_block_scores, unit_scores
 from mc.config import MCConfig
-from mc.lensnet import tail_mask
 from mc.positional import wc_rope
 from mc.telemetry import PhaseTimer
 from mc.tree import build_tree
-from mc.working_context import RAW, UNCOVERED, WorkingContext, materialize, most_compressed_map, random_maps
+from mc.working_context import (WorkingContext, materialize, most_compressed_map, random_maps, tail_mask,
+                                truncation_map)
 from nanochat.longrange import weighted_lm_loss
 
-ARMS = ("truncation", "mc", "full")  # the three validation arms at budget W
+VALIDATION_ARMS = ("truncation", "mc", "full")  # the arms of training-time validation at budget W (mc/arms.py: evaluation)
 NEG_LOGIT = -1e9  # the score of a unit LensNet cannot expand
-
-
-def truncation_map(n_blocks: int, cfg: MCConfig, device=None):
-    """[n_blocks] int8: the last W // K blocks raw, everything before uncovered (the truncation arm)."""
-    keep = min(cfg.wc_budget // cfg.block_size, n_blocks)
-    b = torch.arange(n_blocks, device=device)
-    return torch.where(b >= n_blocks - keep, RAW, UNCOVERED).to(torch.int8)
 
 
 def rel_pos(wc):
@@ -106,11 +101,11 @@ def best_variant_lens_loss(unit_scores, expanded, nll):
     return loss, hit.float().sum() / decided.sum().clamp(min=1)
 
 
-@dataclasses.dataclass
-class StepOutput:
+class StepOutput(NamedTuple):
+    """A micro-batch's training step, the shape of a plain model's (`loss, metrics = ...`); the seconds of its
+    phases stay in the controller's timer (`timer.pop()`), so a backward pass timed there joins them."""
     loss: torch.Tensor  # scalar to backpropagate: LM loss + weight x LensNet loss
-    metrics: dict  # floats for logging
-    timings: dict  # seconds per phase
+    metrics: dict  # floats for logging, among them lm_loss
 
 
 class MCController:
@@ -176,8 +171,8 @@ class MCController:
         base = most_compressed_map(n, self.cfg, tail_tokens, device=levels[0].device).expand(levels[0].size(0), n)
         return descend_maps(base, self.block_scores(levels, focus_end), self.cfg, tail_tokens)
 
-    def guided_maps(self, base_map, base_scores, levels, x, next_token, sample, policy, generator, block_scores=None,
-                    focus_end=None):
+    def guided_maps(self, base_map, base_scores, levels, x, next_token, sample, *, policy, generator=None,
+                    block_scores=None, focus_end=None):
         """Maps grown from base_map [V, n] by the allocator; LensNet re-scores between iterations (reading up to
         focus_end [B]), or, given block_scores [V, n] (the teacher), every iteration reads those."""
         detached = [level.detach() for level in levels]
@@ -189,7 +184,7 @@ class MCController:
             elif it > 0:
                 with torch.no_grad():
                     scores = self.score(wc, grad=False, focus_end=focus_end)
-            maps = refocus(maps, scores, wc, self.cfg, policy, generator, allow_collapse=False)
+            maps = edit_maps(maps, scores, wc, self.cfg, policy, generator, allow_collapse=False)
         return maps
 
     def rope(self, wc, frame=None):
@@ -241,11 +236,12 @@ class MCController:
             overlap = overlap_block_scores(x, K, cfg.recent, self.model.config.vocab_size)  # [B, n]
             teacher = self.guided_maps(base_map.repeat_interleave(n_teacher, 0),
                                        base_scores.repeat_interleave(n_teacher, 0), levels, x, next_token,
-                                       seq.repeat_interleave(n_teacher), "greedy", None,
-                                       overlap.repeat_interleave(n_teacher, 0))
+                                       seq.repeat_interleave(n_teacher), policy="greedy",
+                                       block_scores=overlap.repeat_interleave(n_teacher, 0))
             guided = self.guided_maps(base_map.repeat_interleave(n_guided, 0),
                                       base_scores.repeat_interleave(n_guided, 0), levels, x, next_token,
-                                      seq.repeat_interleave(n_guided), cfg.allocator, generator, focus_end=focus_end)
+                                      seq.repeat_interleave(n_guided), policy=cfg.allocator, generator=generator,
+                                      focus_end=focus_end)
             randoms = random_maps(B * n_random, n, cfg, generator, device=device)
             variants = torch.cat([teacher.view(B, n_teacher, n), guided.view(B, n_guided, n),
                                   randoms.view(B, n_random, n)], 1)  # [B, N, n]
@@ -280,7 +276,7 @@ class MCController:
         extra = {"history_lm_loss": history_lm, "bag_loss": bag}
         metrics = self._metrics(lm_loss, lens_loss, lens_hit, nll_h, wc, blocks, groups, base_scores,
                                 {k: v for k, v in extra.items() if v is not None})
-        return StepOutput(loss, metrics, timer.pop())
+        return StepOutput(loss, metrics)
 
     def _metrics(self, lm_loss, lens_loss, lens_hit, nll_h, wc, blocks, groups, base_scores, extra: dict) -> dict:
         """Every logged number in one host transfer."""
@@ -321,8 +317,6 @@ class MCController:
     @torch.no_grad()
     def arms_bpb(self, batches, steps: int, token_bytes, autocast_ctx) -> dict:
         """Bits per byte of the final H tokens under the three arms, over `steps` (x, y) batches (summed over ranks)."""
-        import math
-        import torch.distributed as dist
         H = self.cfg.horizon
         device = token_bytes.device
         nats = torch.zeros(3, dtype=torch.float64, device=device)
@@ -333,10 +327,10 @@ class MCController:
                 arms = self.evaluate_arms(x, y)
             nbytes = token_bytes[y[:, -H:]]
             counted = (nbytes > 0).float()
-            nats += torch.stack([(arms[arm].float() * counted).sum() for arm in ARMS]).double()
+            nats += torch.stack([(arms[arm].float() * counted).sum() for arm in VALIDATION_ARMS]).double()
             total_bytes += nbytes.sum()
         if dist.is_initialized():
             dist.all_reduce(nats)
             dist.all_reduce(total_bytes)
         bpb = (nats / (math.log(2) * total_bytes.clamp(min=1))).tolist()
-        return dict(zip(ARMS, bpb))
+        return dict(zip(VALIDATION_ARMS, bpb))

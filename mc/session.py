@@ -54,16 +54,17 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
 from mc.config import LEGACY_MC_CONFIG, MCConfig
 from mc.positional import rope_frame, wc_rope
-from mc.tree import MCTree, read_state_file
+from mc.tree import MCTree
 from mc.working_context import (GIST, GROUP, RAW, UNCOVERED, WorkingContext, entry_counts, is_legal, materialize,
                                 most_compressed_map)
+from nanochat.checkpoint import load_error_reason
 from nanochat.common import atomic_write_bytes
 from nanochat.engine import sample_next_token
 
@@ -124,6 +125,16 @@ def weights_fingerprint(controller) -> str:
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
+
+def read_session_file(path: str):
+    """The object torch saved at `path` (weights only), or a clear error for a missing, corrupt or truncated file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"MegaContext session file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any parse failure of foreign bytes (pickle raises a zoo of types)
+        raise ValueError(f"{path} is not a readable MegaContext session: corrupt or truncated "
+                         f"({load_error_reason(e)})") from None
 
 class MCSession:
     """One growing stream decoded through a working context of at most W entries (see module docstring)."""
@@ -458,11 +469,10 @@ class MCSession:
              check_weights: bool = True, **kwargs) -> "MCSession":
         """Continue a saved session with `controller` (same model, MCConfig and tokenizer); ValueError if incompatible."""
         path = os.fspath(path)
-        state = read_state_file(path, "session")
-        fmt = state.get("format") if isinstance(state, dict) else None
-        if fmt != FORMAT:
-            what = "a MegaContext tree file" if fmt == "megacontext-tree" else "a model checkpoint or other file"
-            raise ValueError(f"{path} is not a MegaContext session file (no '{FORMAT}' marker; it looks like {what})")
+        state = read_session_file(path)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a MegaContext session file (no '{FORMAT}' marker; it looks like a model "
+                             "checkpoint or other file)")
         if state.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path} is a session of format version {state.get('version')}; "
                              f"this code reads version {FORMAT_VERSION}")

@@ -11,27 +11,15 @@ Two ways to build it:
   `append(ids)`. Each gist is computed once, under no_grad, when its block completes; storage is
   preallocated and doubles when full, so appending costs O(1) amortised per token. With
   `cfg.cache_lod0=False` the tree keeps only token ids and re-embeds tokens when they are needed
-  (completing a block, `levels()`, `block(1, i)`, `lod0(...)`).
+  (completing a block, `levels()`, `lod0(...)`).
 
-`MCTree.save` / `MCTree.load` keep a session across restarts: one torch file with the filled parts
-of the tensors, the MCConfig and a format version, written atomically and read with
-`weights_only=True`. Corrupt, truncated, foreign or inconsistent files raise ValueError naming
-the file.
+A tree is saved as part of its session (`mc.session.MCSession.save`: token ids and gists).
 """
-
-import os
-import tempfile
-from dataclasses import asdict, fields
 
 import torch
 import torch.nn as nn
 
 from mc.config import MCConfig
-from nanochat.checkpoint import load_error_reason
-
-FORMAT = "megacontext-tree"
-FORMAT_VERSION = 1
-
 
 def gist_level(prev, gistnet, level: int, K: int):
     """Gists of the complete K-blocks of prev [B, n, D] -> [B, n // K, D] (one GistNet call)."""
@@ -49,18 +37,6 @@ def build_tree(embeds, gistnet, cfg: MCConfig):
     for level in range(1, cfg.max_lod + 1):
         levels.append(gist_level(levels[-1], gistnet, level, cfg.block_size))
     return levels
-
-
-def read_state_file(path: str, what: str):
-    """The object torch saved at `path` (weights only), or a clear error for a missing, corrupt or truncated
-    MegaContext `what` file (tree, session)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"MegaContext {what} file {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any parse failure of foreign bytes (pickle raises a zoo of types)
-        raise ValueError(f"{path} is not a readable MegaContext {what}: corrupt or truncated "
-                         f"({load_error_reason(e)})") from None
 
 
 class MCTree:
@@ -131,20 +107,6 @@ class MCTree:
         """[lod0 [B, T, D], lod1 [B, T//K, D], ...]: views of the filled parts (LOD0 re-embedded if not cached)."""
         return [self.lod0()] + [g[:, :self.num_nodes(l)] for l, g in enumerate(self.gists, start=1)]
 
-    def block(self, level: int, i: int):
-        """The K children of node i of `level` (whose gist that node is) -> [B, K, D].
-
-        block(1, i) = embeddings of tokens [i*K, (i+1)*K); block(2, i) = LOD1 gists [i*K, (i+1)*K).
-        """
-        K = self.cfg.block_size
-        if not 1 <= level <= self.cfg.max_lod:
-            raise ValueError(f"level must be in [1, {self.cfg.max_lod}], got {level}")
-        if not 0 <= i < self.num_nodes(level):
-            raise ValueError(f"node {i} of level {level} does not exist ({self.num_nodes(level)} complete)")
-        if level == 1:
-            return self.lod0(i * K, (i + 1) * K)
-        return self.gists[level - 2][:, i * K:(i + 1) * K]
-
     # ---- growing -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -185,63 +147,3 @@ class MCTree:
             g = gist_level(children, self.gistnet, level, K)  # [B, new-old, D]
             self.gists[level - 1] = self._grow(self.gists[level - 1], new)
             self.gists[level - 1][:, old:new] = g.to(self.dtype)
-
-    # ---- persistence ---------------------------------------------------------------------------
-
-    def save(self, path):
-        """Write the filled tensors + config + format version to `path` atomically (temp file, then os.replace)."""
-        path = os.fspath(path)
-        state = {
-            "format": FORMAT, "version": FORMAT_VERSION, "config": asdict(self.cfg),
-            "num_tokens": self.T, "d_model": self.d_model,
-            "ids": self.token_ids.cpu(),
-            "lod0": None if self.lod0_cache is None else self.lod0_cache[:, :self.T].cpu(),
-            "gists": [g[:, :self.num_nodes(l)].cpu() for l, g in enumerate(self.gists, start=1)],
-        }
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                                   dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    @classmethod
-    def load(cls, path, embedding: nn.Embedding | None = None, gistnet: nn.Module | None = None, device=None):
-        """Read a tree saved by `save`; tensors go to the embedding's device (or `device`, default CPU)."""
-        path = os.fspath(path)
-        state = read_state_file(path, "tree")
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a MegaContext tree file (no '{FORMAT}' format marker)")
-        if state.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} is a MegaContext tree of format version {state.get('version')}; "
-                             f"this code reads version {FORMAT_VERSION}")
-        try:
-            known = {f.name for f in fields(MCConfig)}
-            cfg = MCConfig(**{k: v for k, v in state["config"].items() if k in known})
-            T, D, ids, lod0, gists = (state[k] for k in ("num_tokens", "d_model", "ids", "lod0", "gists"))
-            B, K = ids.size(0), cfg.block_size
-            shapes_ok = (ids.shape == (B, T) and len(gists) == cfg.max_lod
-                         and all(g.shape == (B, T // K ** l, D) for l, g in enumerate(gists, start=1))
-                         and (lod0 is None if not cfg.cache_lod0 else lod0.shape == (B, T, D)))
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path} is an incomplete MegaContext tree file ({type(e).__name__}: {e})") from None
-        if not shapes_ok:
-            raise ValueError(f"{path} holds inconsistent MegaContext tree tensors (T={T}, K={K}, D={D})")
-        if embedding is not None and embedding.embedding_dim != D:
-            raise ValueError(f"{path} holds a tree of width {D} but the embedding has width {embedding.embedding_dim}")
-        dtype = gists[0].dtype
-        tree = cls(cfg, embedding, gistnet, batch_size=B, capacity=max(T, 1), d_model=D,
-                   device=device or (embedding.weight.device if embedding is not None else "cpu"), dtype=dtype)
-        tree.T = T
-        tree.ids[:, :T] = ids.to(tree.device)
-        if lod0 is not None:
-            tree.lod0_cache[:, :T] = lod0.to(tree.device, dtype)
-        for l, g in enumerate(gists, start=1):
-            tree.gists[l - 1][:, :g.size(1)] = g.to(tree.device, dtype)
-        return tree

@@ -342,3 +342,23 @@ def validate_wc(wc: WorkingContext, tokens, cfg: MCConfig, next_token=None):
     _check(valid & (tgt != expected), "5 (targets)",
            lambda v, w: f"LOD{int(lod[v, w])} entry at position {int(pos[v, w])} has target {int(tgt[v, w])}, "
                         f"expected {int(expected[v, w])}")
+
+
+def tail_mask(valid, tail_len):
+    """The last tail_len (int or [V]) valid entries of each row of valid [V, W] -> [V, W] bool."""
+    from_end = valid.flip(-1).long().cumsum(-1).flip(-1)  # [V, W] valid entries at or after each slot
+    tail_len = torch.as_tensor(tail_len, device=valid.device).view(-1, 1)  # [V|1, 1]
+    return valid & (from_end <= tail_len)
+
+
+def truncation_map(n_blocks: int, cfg: MCConfig, device=None):
+    """[n_blocks] int8: the last W // K blocks raw, everything before uncovered (the truncation arm)."""
+    keep = min(cfg.wc_budget // cfg.block_size, n_blocks)
+    b = torch.arange(n_blocks, device=device)
+    return torch.where(b >= n_blocks - keep, RAW, UNCOVERED).to(torch.int8)
+
+
+def none_map(n_blocks: int, cfg: MCConfig, device=None):
+    """[n_blocks] int8: only the raw tail (the last R // K blocks); everything older uncovered."""
+    b = torch.arange(n_blocks, device=device)
+    return torch.where(b >= n_blocks - min(cfg.recent // cfg.block_size, n_blocks), RAW, UNCOVERED).to(torch.int8)

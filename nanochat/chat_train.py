@@ -32,10 +32,10 @@ from nanochat.chat_data import load_conversations
 from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, claim_run_dir, config_changes, find_last_step,
                                  load_training_state, model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint)
 from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir, print0,
-                             synchronize)
+                             resumed_autocast_dtype, synchronize)
 from nanochat.dataset import DataError, filler_paragraphs, prepare
 from nanochat.longdoc_qa import LongDocQAConfig, longdoc_qa
-from nanochat.optim import allreduce_grads, build_optimizers
+from nanochat.optim import build_optimizers, lr_multiplier, optimizer_step, set_lr
 from nanochat.progress import Progress
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import run_link, start_run
@@ -290,16 +290,6 @@ def validate(cfg: ChatTrainConfig, world_size: int) -> int:
     return cfg.rows_per_step // rows_per_fwd
 
 
-def lr_multiplier(step: int, num_iterations: int, cfg: ChatTrainConfig) -> float:
-    warmup, warmdown = round(cfg.warmup_ratio * num_iterations), round(cfg.warmdown_ratio * num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - step) / warmdown
-    return progress + (1 - progress) * cfg.final_lr_frac
-
-
 def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, title: str):
     """Fine-tune the source checkpoint on conversations into checkpoints/<stage>/<tag>."""
     _, rank, _, world_size, device = compute_init(cfg.device_type)
@@ -320,18 +310,17 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
             raise ConfigError(f"--resume: the run in {ckpt_dir} was trained with other flags (saved -> given): "
                               f"{'; '.join(changes)}")
         source = meta["source"]
+        amp_dtype = resumed_autocast_dtype(amp_dtype, cfg.cpu_bf16, meta.get("autocast"))
+        amp = autocast_ctx(device.type, amp_dtype)
     else:
         claim_run_dir(ckpt_dir, cfg.overwrite, rank)
         start_step = 0
         model, states, meta = build_model(source_dir, None if cfg.source_step < 0 else cfg.source_step, device, phase="train")
         source = {"stage": cfg.source, "dir": str(source_dir), "step": meta["step"]}
-    # a MegaContext checkpoint's GistNet and LensNet ride along unchanged (not fine-tuned here), so the
-    # chat model keeps its unbounded-history memory (scripts/chat_cli.py --mc)
-    mc_modules, mc_info = {}, {}
-    if "mc_config" in meta:
-        from mc.build import load_controller, mc_meta
-        controller = load_controller(model, states, meta)
-        mc_modules, mc_info = controller.modules(), mc_meta(controller.cfg)
+    # the checkpoint's other modules (a MegaContext checkpoint's GistNet and LensNet) ride along as saved, as
+    # plain state dicts (not fine-tuned here), so the chat model keeps its unbounded-history memory (chat_cli --mc)
+    carried = {name: state for name, state in states.items() if name != "gpt"}
+    carried_meta = {"mc_config": meta["mc_config"]} if "mc_config" in meta else {}
     if meta.get("tokenizer") != tokenizer.identity():
         raise CheckpointError("the checkpoint was trained with a different tokenizer than the one in "
                               "$MC_BASE_DIR/tokenizer")
@@ -374,8 +363,9 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
     def save(step: int, val_loss: float):
         meta = model_meta(model, train_config=asdict(cfg), source=source, pretrain_data=pretrain_data,
                           pretrain_text_column=pretrain_text_column, history=history, val_loss=val_loss,
-                          tokenizer=tokenizer.identity(), **mc_info)
-        save_checkpoint(ckpt_dir, step, {"gpt": model, **mc_modules}, optimizers, meta, rank, {"batcher": batcher.state_dict()})
+                          autocast=str(amp_dtype),
+                          tokenizer=tokenizer.identity(), **carried_meta)
+        save_checkpoint(ckpt_dir, step, {"gpt": model, **carried}, optimizers, meta, rank, {"batcher": batcher.state_dict()})
 
     wandb_run = start_run(cfg.wandb_run, stage, {"train": asdict(cfg), "model": asdict(model.config),
                                                   "mc": meta.get("mc_config"), "source": source}, master)
@@ -399,10 +389,8 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
 
             synchronize(device)
             t0 = time.perf_counter()
-            lrm = lr_multiplier(step, cfg.num_iterations, cfg)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lrm
+            lrm = lr_multiplier(step, cfg.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+            set_lr(optimizers, lrm)
             loss_sum = torch.zeros((), device=device)
             for micro in range(grad_accum):
                 x, y = next(batcher)
@@ -412,12 +400,7 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
                     (loss / grad_accum).backward()
                 loss_sum += loss.detach()
             with tracing.span("optimizer", step=step):
-                allreduce_grads(list(model.parameters()))
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                for opt in optimizers:
-                    opt.step()
-                model.zero_grad(set_to_none=True)
+                optimizer_step(optimizers, list(model.parameters()), cfg.grad_clip)
                 train_loss = (loss_sum / grad_accum).item()
                 synchronize(device)
         dt, step = time.perf_counter() - t0, step + 1

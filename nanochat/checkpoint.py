@@ -1,7 +1,7 @@
 """Checkpoints: atomic save, safe load (weights_only), clear errors for corrupt or foreign files.
 
 A checkpoint of step S in a directory holds
-    model_S.pt          {name: state_dict} of every module ("gpt", and e.g. "mc" when MegaContext is on)
+    model_S.pt          {name: state_dict} of every module ("gpt"; with MegaContext also "mc_gist", "mc_lens")
     optim_S_rankR.pt    optimizer states and RNG state of rank R (only needed to resume)
     meta_S.json         model config, training config, loader state, metrics
 The meta file is written last, so a checkpoint counts as complete only once it exists. It records the
@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from nanochat.common import atomic_write_bytes, atomic_write_text, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer
 
 FORMAT_VERSION = 1
 LEGACY_MODEL_CONFIG = {"smear": "none"}  # fields a checkpoint written before they existed was trained without
@@ -92,13 +93,14 @@ def load_error_reason(e: Exception) -> str:
 
 
 def save_checkpoint(directory, step: int, modules: dict, optimizers, meta: dict, rank: int = 0, rank_state=None):
-    """Save module state dicts (rank 0), this rank's optimizer + RNG + `rank_state` (e.g. its data loader
-    position), then the meta file (rank 0)."""
+    """Save the state dicts of modules {name: module or a state dict} (rank 0), this rank's optimizer + RNG +
+    `rank_state` (e.g. its data loader position), then the meta file (rank 0)."""
     directory = Path(directory)
     digests = {}
     if rank == 0:
         model_file = f"model_{step:06d}.pt"
-        digests[model_file] = _torch_save_atomic({key: m.state_dict() for key, m in modules.items()}, directory / model_file)
+        digests[model_file] = _torch_save_atomic({key: m if isinstance(m, dict) else m.state_dict() for key, m in modules.items()},
+                                                     directory / model_file)
     if optimizers is not None:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -236,7 +238,6 @@ def load_model(stage: str, tag: str = "", step: int | None = None, device="cpu")
 def load_model_and_tokenizer(stage: str, tag: str = "", step: int | None = None, device="cpu"):
     """load_model plus the tokenizer it was trained with: (model, tokenizer, meta, directory).
     A missing tokenizer is a FileNotFoundError, a different one a CheckpointError."""
-    from nanochat.tokenizer import get_tokenizer
     model, meta, directory = load_model(stage, tag, step, device)
     tokenizer = get_tokenizer()
     if meta.get("tokenizer") != tokenizer.identity():

@@ -80,6 +80,15 @@ def autocast_dtype(device_type: str, cpu_bf16: str = "auto"):
     return None
 
 
+def resumed_autocast_dtype(dtype, cpu_bf16: str, saved: str | None):
+    """The autocast dtype of a resumed run: the one its first run chose (saved: that dtype's str, as
+    checkpoints record it) when the choice was "auto", since "auto" measures speed and a busy machine can
+    tip it the other way, which would break exact resume."""
+    if cpu_bf16 != "auto" or saved is None:
+        return dtype
+    return {str(d): d for d in (None, torch.bfloat16, torch.float16)}.get(saved, dtype)
+
+
 def autocast_ctx(device_type: str, dtype):
     if dtype is None:
         return contextlib.nullcontext()
@@ -126,14 +135,6 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated accelerator memory, or the process's max RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def atomic_write_bytes(path: Path, data: bytes):

@@ -32,8 +32,9 @@ without it the directory is rebuilt, as is a directory whose files or text colum
 source ahead of training and prints what it holds.
 """
 
-import glob
+import argparse
 import contextlib
+import glob
 import os
 import bz2
 import lzma
@@ -59,6 +60,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from nanochat.common import get_base_dir, atomic_write_text, print0
+from nanochat.configurator import FlagParser
 
 SHARD_CHARS = 64 * 2**20  # at most ~64 MB of text per shard (a longer document gets a shard of its own)
 ROW_GROUP_DOCS = 1024  # documents per parquet row group; a row group is the unit of shuffling
@@ -370,7 +372,8 @@ def _prepare_fineweb(n_train: int) -> Path:
         return _prepare_books()
     with ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
         futures = [pool.submit(_download, url, path) for url, path in missing]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="fineweb-edu shards", disable=int(os.environ.get("RANK", 0)) != 0):
+        for future in tqdm(as_completed(futures), total=len(futures), desc="fineweb-edu shards",
+                           disable=int(os.environ.get("RANK", 0)) != 0 or not sys.stderr.isatty()):
             future.result()
     return out_dir
 
@@ -563,8 +566,6 @@ Shards go to $MC_BASE_DIR/data/<name>/ (default ~/.cache/megacontext/data)."""
 
 
 def main(argv=None):
-    import argparse
-    from nanochat.configurator import FlagParser
     parser = FlagParser(prog="python -m nanochat.dataset", description=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="books, fineweb-edu[:N] or a directory")
     parser.add_argument("--text_column", default="text", help="the .jsonl field / .parquet column holding a directory's documents (default: text)")

@@ -120,3 +120,37 @@ def allreduce_grads(params, bucket_numel: int = 2**25):
         flat.div_(world)
         for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             g.copy_(synced)
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
+                  final_lr_frac: float) -> float:
+    """The LR schedule as a multiple of each group's initial LR: linear warmup over warmup_ratio of the steps,
+    constant, then linear decay over the last warmdown_ratio of the steps to final_lr_frac."""
+    warmup, warmdown = round(warmup_ratio * num_iterations), round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def set_lr(optimizers, multiplier: float, muon_momentum: float | None = None):
+    """Every param group's LR = its initial LR x multiplier; Muon's momentum too when given."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+            if muon_momentum is not None and isinstance(opt, Muon):
+                group["momentum"] = muon_momentum
+
+
+def optimizer_step(optimizers, params: list, grad_clip: float):
+    """One update: average the gradients over ranks, clip their global norm (0: no clipping), step every
+    optimizer, then drop the gradients."""
+    allreduce_grads(params)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    for opt in optimizers:
+        opt.step()
+    for p in params:
+        p.grad = None

@@ -14,6 +14,7 @@ shrinks automatically so an MC forward sees no more entries than a plain one (mc
 """
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -22,15 +23,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from mc.build import build_controller, load_controller, mc_meta, mc_micro_batch
+from mc.build import build_controller, mc_meta, mc_micro_batch
 from mc.config import LEGACY_MC_CONFIG, MCConfig, MCConfigError
-from mc.telemetry import format_log
+from mc.telemetry import NoTelemetry, StepTelemetry
 from nanochat import report, tracing
 from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, claim_run_dir, config_changes, find_last_step,
                                  load_state_strict, load_training_state, model_meta, resolve_checkpoint_dir, restore_rng,
                                  save_checkpoint)
 from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir,
-                             measure_matmul_flops, print0, seed_everything, synchronize)
+                             measure_matmul_flops, print0, resumed_autocast_dtype, seed_everything, synchronize)
 from nanochat.configurator import FlagParser, add_dataclass_args, dataclass_from_args
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, prepare
@@ -38,7 +39,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, SMEAR_MODES, GPTConfig
 from nanochat.longrange import DataMixError, MixedLoader, parse_mix, target_weights, weighted_lm_loss
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import allreduce_grads, build_optimizers
+from nanochat.optim import build_optimizers, lr_multiplier, optimizer_step, set_lr
 from nanochat.progress import Progress
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import run_link, start_run
@@ -154,17 +155,6 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
     return cfg.total_batch_size // tokens_per_fwd
 
 
-def lr_multiplier(step: int, num_iterations: int, cfg: TrainConfig) -> float:
-    warmup = round(cfg.warmup_ratio * num_iterations)
-    warmdown = round(cfg.warmdown_ratio * num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - step) / warmdown
-    return progress + (1 - progress) * cfg.final_lr_frac
-
-
 def muon_momentum(step: int) -> float:
     frac = min(step / 300, 1)
     return (1 - frac) * 0.85 + frac * 0.95
@@ -242,7 +232,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
                 print0(f"GistNet and LensNet start fresh: {init_dir} built them with other --mc_* settings ({', '.join(differ)})")
     if cfg.resume:
         start_step = find_last_step(ckpt_dir)
-        saved, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
+        _, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
         if meta["model_config"] != asdict(model_config):
             raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} has model config {meta['model_config']}, "
                               f"but the flags give {asdict(model_config)}")
@@ -253,11 +243,10 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         if changes := config_changes(meta.get("train_config", {}), asdict(cfg), RESUME_FREE, asdict(TrainConfig())):
             raise ConfigError(f"--resume: the run in {ckpt_dir} was trained with other flags (saved -> given): "
                               f"{'; '.join(changes)}")
-        load_state_strict(model, states["gpt"], f"{ckpt_dir}/model_{start_step:06d}.pt")
-        if controller:
-            resumed = load_controller(model, states, meta, rank)
-            controller.gistnet.load_state_dict(resumed.gistnet.state_dict())
-            controller.lensnet.load_state_dict(resumed.lensnet.state_dict())
+        for name, module in {"gpt": model, **mc_modules}.items():
+            load_state_strict(module, states[name], f"{ckpt_dir}/model_{start_step:06d}.pt ({name})")
+        amp_dtype = resumed_autocast_dtype(amp_dtype, cfg.cpu_bf16, meta.get("autocast"))
+        amp = autocast_ctx(device.type, amp_dtype)
         training_state = load_training_state(ckpt_dir, start_step, rank, device)
         for opt, state in zip(optimizers, training_state["optimizers"]):
             opt.load_state_dict(state)
@@ -266,11 +255,28 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         print0(f"resumed from {ckpt_dir} at step {start_step}")
     train_model = torch.compile(model, dynamic=False) if cfg.compile and device.type == "cuda" else model
     params = [p for module in (model, *mc_modules.values()) for p in module.parameters()]
-
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
-    # MFU counts the GPT's work: with --mc it runs over (1+N) working contexts of W entries per T-token history
-    entries_per_token = (1 + mc_cfg.num_variants) * mc_cfg.wc_budget / cfg.max_seq_len if mc_cfg else 1.0
+    # the micro-step, loss, metrics = step_fn(x, y, index, answers=, weights=): with --mc the controller's (tree,
+    # working contexts, LensNet, one batched forward over (1+N) WCs of W entries per history), with its phase timings
+    if controller:
+        step_fn = functools.partial(controller.process_batch, forward_fn=train_model, history_lm_weight=cfg.history_lm_weight)
+        telemetry = StepTelemetry(controller.timer)
+        W = mc_cfg.wc_budget
+        entries_per_row = (1 + mc_cfg.num_variants) * W
+        micro_batch_attributes = {"variants": 1 + mc_cfg.num_variants, "wc_budget": W}
+        # MFU counts the GPT's work: attention over W entries, the history LM's windows too, only the forward
+        # pass when the GPT is frozen (a focus phase)
+        history_entries = cfg.max_seq_len // W * W if cfg.history_lm_weight > 0 else 0
+        per_entry = flops_per_token - 12 * model.config.n_layer * model.config.n_embd * (cfg.max_seq_len - W)
+        passes = 1 / 3 if "gpt" in cfg.freeze.split(",") else 1
+        step_flops_per_token = per_entry * passes * (entries_per_row + history_entries) / cfg.max_seq_len
+    else:
+        def step_fn(x, y, index, answers=None, weights=None):
+            loss = weighted_lm_loss(train_model, x, y, weights)
+            return loss, {"lm_loss": loss.detach()}
+        telemetry, entries_per_row, micro_batch_attributes = NoTelemetry(), cfg.max_seq_len, {}
+        step_flops_per_token = flops_per_token
     if cfg.num_iterations > 0:
         num_iterations = cfg.num_iterations
     else:
@@ -289,7 +295,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     if cfg.data_mix:
         loader = MixedLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, parse_mix(cfg.data_mix, cfg.data),
                              seed=cfg.seed, rank=rank, world_size=world_size, device=device,
-                             block_size=mc_cfg.block_size if mc_cfg else 32,
+                             block_size=(mc_cfg or MCConfig()).block_size,
                              warmup_mix=parse_mix(cfg.warmup_mix, cfg.data, "--warmup_mix") if cfg.warmup_mix else None,
                              warmup_rows=cfg.warmup_mix_steps * batch_size * grad_accum, pack=cfg.pack_rows)
     else:
@@ -329,7 +335,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         return texts
 
     def save(step: int, val_bpb: float):
-        meta = model_meta(model, train_config=asdict(cfg), history=history, val_bpb=val_bpb,
+        meta = model_meta(model, train_config=asdict(cfg), history=history, val_bpb=val_bpb, autocast=str(amp_dtype),
                           tokenizer=tokenizer.identity(), **(mc_meta(mc_cfg) if mc_cfg else {}))
         save_checkpoint(ckpt_dir, step, {"gpt": model, **mc_modules}, optimizers, meta, rank,
                         {"loader": loader.state_dict()})
@@ -364,51 +370,28 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
 
             synchronize(device)
             t0 = time.perf_counter()
-            lrm = lr_multiplier(step, num_iterations, cfg)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lrm
-            optimizers[1].param_groups[0]["momentum"] = muon_momentum(step)
+            lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+            set_lr(optimizers, lrm, muon_momentum(step))
             loss_sum = torch.zeros((), device=device)
-            mc_metrics, mc_times = {}, {}
+            telemetry.reset()
             for micro in range(grad_accum):
                 x, y, *answers = next(batches)  # a --data_mix loader also marks the answer targets
                 answers = answers[0] if answers else None
                 weights = target_weights(answers, cfg.answer_weight, cfg.filler_weight) if answers is not None else None
-                if controller:
-                    with tracing.span("micro_batch", index=micro, sequences=x.size(0), variants=1 + mc_cfg.num_variants,
-                                      wc_budget=mc_cfg.wc_budget, entries=x.size(0) * (1 + mc_cfg.num_variants) * mc_cfg.wc_budget):
-                        with amp:
-                            out = controller.process_batch(x, y, step * grad_accum + micro, forward_fn=train_model,
-                                                           answers=answers, weights=weights,
-                                                           history_lm_weight=cfg.history_lm_weight)
-                        with controller.timer.phase("backward"):
-                            (out.loss / grad_accum).backward()
-                    loss_sum += out.metrics["lm_loss"]
-                    for key, value in out.metrics.items():
-                        mc_metrics[key] = mc_metrics.get(key, 0.0) + value / grad_accum
-                    for key, value in [*out.timings.items(), *controller.timer.pop().items()]:
-                        mc_times[key] = mc_times.get(key, 0.0) + value
-                else:
-                    with tracing.span("micro_batch", index=micro, sequences=x.size(0), tokens=x.numel()):
-                        with amp:
-                            loss = weighted_lm_loss(train_model, x, y, weights)
+                with tracing.span("micro_batch", index=micro, sequences=x.size(0), entries=x.size(0) * entries_per_row,
+                                  **micro_batch_attributes):
+                    with amp:
+                        loss, metrics = step_fn(x, y, step * grad_accum + micro, answers=answers, weights=weights)
+                    with telemetry.phase("backward"):
                         (loss / grad_accum).backward()
-                    loss_sum += loss.detach()
-            t_opt = time.perf_counter()
-            with tracing.span("optimizer", step=step):
-                allreduce_grads(params)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                for opt in optimizers:
-                    opt.step()
-                for module in (model, *mc_modules.values()):
-                    module.zero_grad(set_to_none=True)
+                loss_sum += metrics["lm_loss"]
+                telemetry.add(metrics, grad_accum)
+            with tracing.span("optimizer", step=step), telemetry.phase("optimizer"):
+                optimizer_step(optimizers, params, cfg.grad_clip)
                 train_loss = (loss_sum / grad_accum).item()
                 synchronize(device)
+            telemetry.collect()
             dt = time.perf_counter() - t0
-            if controller:
-                mc_times["optimizer"] = time.perf_counter() - t_opt
 
         step += 1
         if not math.isfinite(train_loss):
@@ -418,24 +401,23 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
         tokens_per_sec = cfg.total_batch_size / dt
-        mfu = 100 * flops_per_token * entries_per_token * tokens_per_sec / peak_flops
+        mfu = 100 * step_flops_per_token * tokens_per_sec / peak_flops
         history["step"].append(step)
         history["loss"].append(train_loss)
         progress.update(loss=f"{debiased:.3f}", tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{mfu:.1f}%")
         if step % cfg.log_every == 0:
             progress.log(f"loss {debiased:.4f} | lr x{lrm:.2f} | {dt * 1000:.0f} ms | {tokens_per_sec:,.0f} tok/s | "
                          f"mfu {mfu:.1f}%")
-            if controller:
-                progress.write(format_log(mc_metrics, mc_times, dt))
+            if mc_line := telemetry.log_line(dt):
+                progress.write(mc_line)
         wandb_run.log({"step": step, "train/loss": train_loss, "train/tok_per_s": tokens_per_sec, "train/mfu_percent": mfu,
-                       "train/lrm": lrm, "train/step_ms": dt * 1000, **{f"mc/{k}": v for k, v in mc_metrics.items()},
-                       **{f"mc_time/{k}": v for k, v in mc_times.items()}})
+                       "train/lrm": lrm, "train/step_ms": dt * 1000, **telemetry.wandb()})
     progress.close()
 
     if master:
         steps_timed = max(1, step - start_step - 1)
         mean_tok_s = cfg.total_batch_size * steps_timed / train_time if train_time > 0 else float("nan")  # nan: one step
-        mean_mfu = 100 * flops_per_token * entries_per_token * mean_tok_s / peak_flops
+        mean_mfu = 100 * step_flops_per_token * mean_tok_s / peak_flops
         report_dir = get_report_dir()
         # an --mc run has its own section and plots, so a recipe can report it next to a plain run
         name, title = ("base_mc", " with MegaContext") if controller else ("base", "")

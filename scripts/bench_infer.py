@@ -35,6 +35,7 @@ import torch
 from mc.build import build_controller, load_controller
 from mc.config import MCConfig
 from mc.session import MCSession
+from nanochat.checkpoint import build_model, checkpoint_dir
 from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, synchronize
 from nanochat.configurator import FlagParser, checked_number
 from nanochat.gpt import GPT, GPTConfig
@@ -43,7 +44,6 @@ from nanochat.gpt import GPT, GPTConfig
 def build(args, device):
     """(controller, description) from a checkpoint (--tag) or a random model of the CPU preset size."""
     if args.tag:
-        from nanochat.checkpoint import build_model, checkpoint_dir
         model, states, meta = build_model(checkpoint_dir(args.stage, args.tag), None, device)
         return load_controller(model, states, meta), f"checkpoint {args.stage}/{args.tag}"
     torch.manual_seed(args.seed)

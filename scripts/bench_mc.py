@@ -126,7 +126,7 @@ class Bench:
             for opt in self.opt_mc:
                 opt.step()
             self.zero_grad()
-        return {**out.timings, **timer.pop()}
+        return timer.pop()
 
     # ---- the nets alone, on the inputs they see inside the MC step -------------------------------
 

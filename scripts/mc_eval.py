@@ -4,7 +4,7 @@
 
 Every task scores the same final E tokens (--tail, default R = the checkpoint's --mc_recent) of each
 history under every arm (see mc/arms.py): truncation (last W tokens), mc (LensNet-guided focus), full
-(whole history, up to --full_max_len), the ablations gists_only (recency: most compressed map),
+(whole history, up to --full_max_len), the ablations gists_only (the most compressed map),
 random, similarity, oracle (the answer's blocks expanded), shuffled (gists permuted across positions),
 mean_gist (a second checkpoint trained with --mc_gist_type=mean: --mean_gist_tag) and, with
 --plain_tag, plain_truncation / plain_full of a checkpoint trained without --mc on the same data.
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mc.arms import ARMS, ArmEvaluator, none_map
+from mc.arms import ARMS, ArmEvaluator
 from mc.build import load_controller
 from mc.config import MCConfigError
-from mc.working_context import RAW, most_compressed_map
+from mc.working_context import RAW, most_compressed_map, none_map
 from nanochat.checkpoint import CheckpointError, build_model, resolve_checkpoint_dir
 from nanochat.common import autocast_ctx, autocast_dtype, compute_init, get_report_dir, print0
 from nanochat.configurator import FlagParser, add_dataclass_args, dataclass_from_args

@@ -1,6 +1,6 @@
 """Focus allocator (docs/architecture.md §5): legal budgeted edits from scores, policies and baselines.
 
-A seeded loop over random configs, maps and scores checks the properties every refocus must keep
+A seeded loop over random configs, maps and scores checks the properties every edit_maps call must keep
 (legal maps, budget W, at most max_edits edits of each kind, greedy = the best candidates);
 small hand-built cases check the exact choices, thresholds, collapses and baselines.
 """
@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from mc.allocator import descend_maps, expanded_units, oracle_map, refocus, similarity_scores, unit_scores
+from mc.allocator import descend_maps, expanded_units, oracle_map, edit_maps, similarity_scores, unit_scores
 from mc.config import MCConfig
 from mc.working_context import (GIST, GROUP, RAW, UNCOVERED, collapse_blocks, edit_cost, entry_counts, expand_blocks,
                                 expand_groups, is_legal, materialize, most_compressed_map, random_maps)
@@ -74,11 +74,11 @@ def test_refocus_keeps_maps_legal_and_within_budget():
         K, W = cfg.block_size, cfg.wc_budget
         for policy in ("greedy", "stochastic_greedy"):
             for allow_collapse in (True, False):
-                new = refocus(maps, scores, wc, cfg, policy, g, tail_tokens=t, allow_collapse=allow_collapse)
+                new = edit_maps(maps, scores, wc, cfg, policy, g, tail_tokens=t, allow_collapse=allow_collapse)
                 assert new.shape == maps.shape and new.dtype == maps.dtype
                 assert is_legal(new, K, cfg.recent // K, cfg.max_lod).all(), (seed, policy, new.tolist())
                 assert (entry_counts(new, K, t) <= W).all(), seed
-                assert torch.equal(new == UNCOVERED, maps == UNCOVERED)  # refocus never uncovers or re-covers
+                assert torch.equal(new == UNCOVERED, maps == UNCOVERED)  # edit_maps never uncovers or re-covers
                 exp_b, exp_g, col_b, col_g = n_edits(maps, new, K)
                 assert (exp_b + exp_g <= cfg.max_edits).all()
                 assert (col_b <= cfg.max_edits).all() and (col_g <= cfg.max_edits).all()
@@ -96,7 +96,7 @@ def test_greedy_expands_the_best_candidates():
         K, W = cfg.block_size, cfg.wc_budget
         V, n = maps.shape
         G = n // K
-        new = refocus(maps, scores, wc, cfg, "greedy", tail_tokens=t, allow_collapse=False)
+        new = edit_maps(maps, scores, wc, cfg, "greedy", tail_tokens=t, allow_collapse=False)
         gist_block, group_entry, _, _ = unit_scores(scores, wc, K)
         unit_score = torch.cat([gist_block, group_entry[:, :G]], 1)  # [V, n + G]
         is_unit = torch.cat([maps == GIST, maps[:, :G * K].view(V, G, K)[..., 0] == GROUP], 1)
@@ -133,18 +133,18 @@ def test_greedy_picks_highest_scores_within_budget_and_max_edits():
     maps = most_compressed_map(11, cfg)[None]  # 10 gists + 1 raw tail block = 14 entries, free 9 = 3 edits
     wc = wc_of(maps, cfg)
     s = [0.1, 0.9, -1.0, 0.5, 0.7, 0.2, 0.8, 0.0, 0.3, 0.4]
-    new = refocus(maps, gist_scores(wc, s), wc, cfg, "greedy")
+    new = edit_maps(maps, gist_scores(wc, s), wc, cfg, "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 4, 6]
     # a tighter budget affords two, max_edits=1 one
-    new = refocus(maps, gist_scores(wc, s), wc, line_cfg(wc_budget=4 + 10 + 6), "greedy")
+    new = edit_maps(maps, gist_scores(wc, s), wc, line_cfg(wc_budget=4 + 10 + 6), "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 6]
-    new = refocus(maps, gist_scores(wc, s), wc, line_cfg(max_edits=1), "greedy")
+    new = edit_maps(maps, gist_scores(wc, s), wc, line_cfg(max_edits=1), "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1]
     # the default threshold (-inf) spends the budget whatever the sign of the scores; threshold 0 keeps
     # non-positive scores unexpanded, even with budget to spare
-    new = refocus(maps, gist_scores(wc, [-0.5] * 9 + [-0.2]), wc, cfg, "greedy")
+    new = edit_maps(maps, gist_scores(wc, [-0.5] * 9 + [-0.2]), wc, cfg, "greedy")
     assert (new[0, :10] == RAW).sum() == 3 and new[0, 9] == RAW
-    new = refocus(maps, gist_scores(wc, [0.0] * 9 + [0.2]), wc, line_cfg(expand_threshold=0.0), "greedy")
+    new = edit_maps(maps, gist_scores(wc, [0.0] * 9 + [0.2]), wc, line_cfg(expand_threshold=0.0), "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [9]
 
 
@@ -154,7 +154,7 @@ def test_groups_compete_with_blocks():
     assert maps.tolist() == [[2] * 8 + [0]]
     wc = wc_of(maps, cfg)
     scores = torch.where(wc.valid & (wc.lod == 2), torch.where(wc.pos == 0, 0.3, 0.6), 0.0)
-    new = refocus(maps, scores, wc, cfg, "greedy")  # budget for one edit: the better group
+    new = edit_maps(maps, scores, wc, cfg, "greedy")  # budget for one edit: the better group
     assert new.tolist() == [[2, 2, 2, 2, 1, 1, 1, 1, 0]]
 
 
@@ -162,7 +162,7 @@ def test_thresholds():
     cfg = line_cfg(expand_threshold=0.5)
     maps = most_compressed_map(11, cfg)[None]
     wc = wc_of(maps, cfg)
-    new = refocus(maps, gist_scores(wc, [0.4, 0.6, 0.5, 0.9] + [0.0] * 6), wc, cfg, "greedy")
+    new = edit_maps(maps, gist_scores(wc, [0.4, 0.6, 0.5, 0.9] + [0.0] * 6), wc, cfg, "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 3]
     # collapse only below -collapse_threshold
     cfg = line_cfg(collapse_threshold=0.5, expand_threshold=0.0, max_edits=8, wc_budget=44)
@@ -170,7 +170,7 @@ def test_thresholds():
     wc = wc_of(maps, cfg)
     block_score = torch.tensor([-0.4, -0.6, -0.5, -0.9, 0.0, -2.0] + [0.0] * 5)
     scores = torch.where(wc.valid & (wc.lod == 0), block_score[(wc.pos // 4).clamp(max=10)], 0.0)
-    new = refocus(maps, scores, wc, cfg, "greedy")
+    new = edit_maps(maps, scores, wc, cfg, "greedy")
     assert new.tolist() == [[RAW, GIST, RAW, GIST, RAW, GIST] + [GIST] * 4 + [RAW]]
 
 
@@ -182,21 +182,21 @@ def test_negative_scores_collapse_raw_blocks_and_all_gist_groups():
     assert is_legal(maps, K, 2).all()
     wc = wc_of(maps, cfg)
     scores = torch.where(wc.valid, -1.0, 0.0)
-    new = refocus(maps, scores, wc, cfg, "greedy")
+    new = edit_maps(maps, scores, wc, cfg, "greedy")
     # raw blocks outside the tail become gists, the all-gist group 0 collapses, the tail stays raw
     assert new.tolist() == [[GROUP] * 4 + [GIST] * 4 + [GIST, GIST, RAW, RAW]]
     assert is_legal(new, K, 2).all()
     # allow_collapse=False leaves the map alone (nothing positive to expand)
-    assert torch.equal(refocus(maps, scores, wc, cfg, "greedy", allow_collapse=False), maps)
+    assert torch.equal(edit_maps(maps, scores, wc, cfg, "greedy", allow_collapse=False), maps)
     # max_edits bounds the collapses, the most negative first
     cfg1 = MCConfig(block_size=K, recent=2 * K, wc_budget=200, horizon=1, max_edits=1, expand_threshold=0.0)
     raw_score = torch.tensor([0, 0, 0, 0, -1, -3, -1, -2, 0, 0, 0, 0], dtype=torch.float)
     scores = torch.where(wc.valid & (wc.lod == 0), raw_score[(wc.pos // K).clamp(max=11)], torch.where(wc.valid, -0.5, 0.0))
-    new = refocus(maps, scores, wc, cfg1, "greedy")
+    new = edit_maps(maps, scores, wc, cfg1, "greedy")
     assert ((maps == RAW) & (new == GIST)).nonzero()[:, 1].tolist() == [5]
     assert new[0, :4].tolist() == [GROUP] * 4
     # positive scores on the tail never collapse it, negative ones neither
-    assert (refocus(maps, torch.where(wc.valid, -5.0, 0.0), wc, cfg, "greedy")[0, -2:] == RAW).all()
+    assert (edit_maps(maps, torch.where(wc.valid, -5.0, 0.0), wc, cfg, "greedy")[0, -2:] == RAW).all()
 
 
 def test_stochastic_greedy_samples_among_top_k_reproducibly():
@@ -207,22 +207,22 @@ def test_stochastic_greedy_samples_among_top_k_reproducibly():
     scores = gist_scores(wc, s)
     seen = set()
     for seed in range(60):
-        new = refocus(maps, scores, wc, cfg, "stochastic_greedy", torch.Generator().manual_seed(seed))
+        new = edit_maps(maps, scores, wc, cfg, "stochastic_greedy", torch.Generator().manual_seed(seed))
         picked = tuple((new[0, :10] == RAW).nonzero().view(-1).tolist())
         assert len(picked) == 2 and set(picked) <= {1, 4, 6}, picked
-        again = refocus(maps, scores, wc, cfg, "stochastic_greedy", torch.Generator().manual_seed(seed))
+        again = edit_maps(maps, scores, wc, cfg, "stochastic_greedy", torch.Generator().manual_seed(seed))
         assert torch.equal(new, again)
         seen.add(picked)
     assert len(seen) == 3, "every pair of the top-3 is sampled sometimes"
     # a batch of variants draws independently; a tiny temperature is greedy
-    many = refocus(maps.expand(16, -1), scores.expand(16, -1), wc_of(maps.expand(16, -1).clone(), cfg), cfg,
+    many = edit_maps(maps.expand(16, -1), scores.expand(16, -1), wc_of(maps.expand(16, -1).clone(), cfg), cfg,
                    "stochastic_greedy", torch.Generator().manual_seed(0))
     assert len({tuple(m.tolist()) for m in many}) > 1
-    cold = refocus(maps, scores, wc, line_cfg(top_k=3, max_edits=2, temperature=1e-4), "stochastic_greedy",
+    cold = edit_maps(maps, scores, wc, line_cfg(top_k=3, max_edits=2, temperature=1e-4), "stochastic_greedy",
                    torch.Generator().manual_seed(0))
     assert (cold[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 6]
     with pytest.raises(ValueError, match="policy"):
-        refocus(maps, scores, wc, cfg, "telepathy")
+        edit_maps(maps, scores, wc, cfg, "telepathy")
 
 
 def test_oracle_map_expands_answer_blocks_and_their_groups():
@@ -288,7 +288,7 @@ def test_similarity_scores_peak_at_a_gist_equal_to_the_tail_mean():
     torch.testing.assert_close(sim[0, best], torch.tensor(1.0))
     assert (sim[~(wc.valid & (wc.lod > 0))] == 0).all()
     # greedy on similarity expands that block first
-    new = refocus(maps, sim, wc, MCConfig(block_size=K, recent=2 * K, wc_budget=40, horizon=1, max_lod=1, max_edits=1), "greedy")
+    new = edit_maps(maps, sim, wc, MCConfig(block_size=K, recent=2 * K, wc_budget=40, horizon=1, max_lod=1, max_edits=1), "greedy")
     assert (new[0, :8] == RAW).nonzero().view(-1).tolist() == [3]
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from nanochat.checkpoint import CheckpointError, build_model, checkpoint_dir, load_module_states, load_training_state
+from nanochat.checkpoint import CheckpointError, build_model, checkpoint_dir, load_meta, load_module_states, load_training_state
 from nanochat import report
 from scripts import base_eval, base_train
 
@@ -53,7 +53,9 @@ def test_resume_is_exact(tiny_env):
 def test_runs_killed_at_random_points_resume_to_the_same_weights(tiny_env):
     """SIGKILL a training run three times at random moments (mid-step or mid-checkpoint), resume after each:
     the final weights equal those of a run never interrupted."""
-    args = [f"--data={tiny_env['data']}", *TINY, "--num_iterations=10", "--save_every=1", "--eval_every=100"]
+    # a fixed autocast dtype: "auto" measures matmul speed, which a busy machine can tip between the in-process
+    # run and the first killed one (a resumed run keeps its first run's choice: test below)
+    args = [f"--data={tiny_env['data']}", *TINY, "--num_iterations=10", "--save_every=1", "--eval_every=100", "--cpu_bf16=off"]
     run_train(tiny_env, *args[len(TINY) + 1:], "--tag=unkilled")
     ckpt, rng = checkpoint_dir("base", "killed"), random.Random(0)
     cmd = [sys.executable, "-m", "scripts.base_train", *args, "--tag=killed"]
@@ -71,6 +73,24 @@ def test_runs_killed_at_random_points_resume_to_the_same_weights(tiny_env):
     subprocess.run(cmd + ["--resume"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     a, b = load_module_states(checkpoint_dir("base", "unkilled"), 10)["gpt"], load_module_states(ckpt, 10)["gpt"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_keeps_the_autocast_dtype_auto_chose(tiny_env, monkeypatch):
+    """--cpu_bf16=auto measures speed once per run; the resumed run uses what the first run chose."""
+    from nanochat import common
+    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: 10.0)  # bf16 looks fast: auto takes it
+    run_train(tiny_env, "--num_iterations=3", "--save_every=1", "--tag=auto_dtype")
+    ckpt = checkpoint_dir("base", "auto_dtype")
+    for f in ckpt.glob("*_000003*"):  # as if the run had been stopped after step 2
+        f.unlink()
+    meta = load_meta(ckpt, 2)
+    assert meta["autocast"] == "torch.bfloat16"
+    monkeypatch.setattr(common, "cpu_bf16_speedup", lambda: 0.5)  # now it looks slow
+    assert common.autocast_dtype("cpu") is None
+    assert common.resumed_autocast_dtype(None, "auto", meta["autocast"]) is torch.bfloat16
+    assert common.resumed_autocast_dtype(None, "off", meta["autocast"]) is None  # an explicit choice stands
+    run_train(tiny_env, "--num_iterations=3", "--save_every=1", "--tag=auto_dtype", "--resume")
+    assert load_meta(ckpt, 3)["autocast"] == "torch.bfloat16"
 
 
 def test_bad_flags_and_inputs(tiny_env, tmp_path):

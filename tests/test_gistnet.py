@@ -93,7 +93,7 @@ def test_every_combination_trains(gist_type, pooling, head):
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
     assert net.num_params() == sum(p.numel() for p in net.parameters())
-    assert "params" in net.summary()
+    assert net.summary().endswith(f": {net.num_params():,} params") and f"K={K}" in net.summary()
 
 
 def test_module_dtype_is_internal():

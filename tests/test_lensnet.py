@@ -1,9 +1,12 @@
 """LensNet: shapes, zeros at padding, tail conditioning, non-causality, gradients everywhere."""
 
+import copy
+
 import torch
 
 from mc.config import MCConfig
-from mc.lensnet import LensNet, tail_mask
+from mc.lensnet import LensNet
+from mc.working_context import tail_mask
 
 D, W, TAIL = 48, 24, 4
 
@@ -32,7 +35,7 @@ def test_initial_scores_are_zero():
     net = LensNet(MCConfig(lens_width=32), D)
     scores = net(*batch(), tail_len=TAIL)
     assert scores.shape == (3, W) and scores.dtype == torch.float32 and scores.abs().max() == 0
-    assert "params" in net.summary()
+    assert net.summary().endswith(f": {net.num_params():,} params") and "width 32" in net.summary()
 
 
 def test_shape_and_zeros_at_invalid():
@@ -101,8 +104,15 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
 
 
-def test_bf16_module():
-    net = make().to(torch.bfloat16)
+def test_bf16_module_scores_like_fp32():
+    """A bf16 copy of the net returns fp32 scores close to the fp32 net's, and ranks the entries alike."""
+    net = make()
+    half = copy.deepcopy(net).to(torch.bfloat16)
     embeds, lod, rel_pos, valid = batch()
-    scores = net(embeds, lod, rel_pos, valid, tail_len=TAIL)
-    assert scores.dtype == torch.float32 and torch.isfinite(scores).all() and (scores[~valid] == 0).all()
+    want = net(embeds, lod, rel_pos, valid, tail_len=TAIL)
+    scores = half(embeds, lod, rel_pos, valid, tail_len=TAIL)
+    assert scores.dtype == torch.float32 and (scores[~valid] == 0).all()
+    assert want[valid].std() > 0.1, "a net whose scores differ, so closeness means something"
+    torch.testing.assert_close(scores, want, atol=0.05 * want[valid].abs().max().item(), rtol=0.05)
+    best = want.masked_fill(~valid, -1e9).argmax(1)
+    assert (scores.masked_fill(~valid, -1e9).argmax(1) == best).float().mean() >= 2 / 3

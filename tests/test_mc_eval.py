@@ -8,7 +8,7 @@ import torch
 
 from mc.arms import ArmEvaluator, shuffle_gists
 from mc.build import load_controller
-from mc.working_context import GIST, GROUP, RAW, entry_counts, materialize, most_compressed_map
+from mc.working_context import GIST, GROUP, RAW, entry_counts, most_compressed_map
 from mc.tree import build_tree
 from nanochat.checkpoint import build_model, checkpoint_dir
 from nanochat.common import get_report_dir

@@ -14,7 +14,8 @@ import torch
 import mc.runtime
 from mc.build import build_controller, load_controller
 from mc.config import MCConfig, MCConfigError
-from mc.runtime import ARMS, truncation_map
+from mc.runtime import VALIDATION_ARMS
+from mc.working_context import truncation_map
 from mc.tree import build_tree
 from mc.working_context import GIST, RAW, entry_counts, materialize
 from nanochat.gpt import GPT, GPTConfig
@@ -72,7 +73,7 @@ def test_process_batch_shapes_and_finite_loss():
     assert out.metrics["wc_batch"] == V and out.metrics["variants_per_sample"] == 1 + N
     assert all(isinstance(v, (int, float)) and v == v for v in out.metrics.values())
     assert out.metrics["wc_entries"] <= W
-    assert set(out.timings) >= {"tree", "lensnet", "allocator", "wc_build", "forward", "losses"}
+    assert set(controller.timer.pop()) >= {"tree", "lensnet", "allocator", "wc_build", "forward", "losses"}
     # the last H targets are the same tokens (y[:, -H:]) for every variant of a sequence (sequence-major)
     H = controller.cfg.horizon
     for v, row in enumerate(seen["targets"]):
@@ -195,8 +196,8 @@ def test_evaluate_arms():
     controller, x, y = make()
     H = controller.cfg.horizon
     arms = controller.evaluate_arms(x, y)
-    assert set(arms) == set(ARMS)
-    assert all(arms[a].shape == (B, H) and torch.isfinite(arms[a]).all() for a in ARMS)
+    assert set(arms) == set(VALIDATION_ARMS)
+    assert all(arms[a].shape == (B, H) and torch.isfinite(arms[a]).all() for a in VALIDATION_ARMS)
     with torch.no_grad():
         full = controller.model(x, y, loss_reduction="none")[:, -H:]
     torch.testing.assert_close(arms["full"], full)
@@ -204,7 +205,7 @@ def test_evaluate_arms():
     # bits per byte over batches (every token 1 byte here): finite, one number per arm
     token_bytes = torch.ones(VOCAB, dtype=torch.long)
     bpb = controller.arms_bpb(iter([(x, y), (x, y)]), 2, token_bytes, torch.no_grad())
-    assert set(bpb) == set(ARMS) and all(v == v and v > 0 for v in bpb.values())
+    assert set(bpb) == set(VALIDATION_ARMS) and all(v == v and v > 0 for v in bpb.values())
     assert bpb["full"] == pytest.approx(full.mean().item() / math.log(2), rel=1e-5)
 
 

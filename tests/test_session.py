@@ -17,7 +17,6 @@ from mc.config import MCConfig
 from mc.focus_map import plot_focus
 from mc.positional import wc_rope
 from mc.session import MCSession, entry_table
-from mc.tree import MCTree
 from mc.working_context import UNCOVERED, is_legal, materialize, validate_wc
 from nanochat.gpt import GPT, GPTConfig
 
@@ -266,10 +265,6 @@ def test_load_refuses_bad_files(controller, tmp_path):
     refused(tmp_path / "truncated.pt", "corrupt or truncated")
     torch.save({"gpt": controller.model.state_dict()}, tmp_path / "model.pt")
     refused(tmp_path / "model.pt", "not a MegaContext session file")
-    tree = MCTree(CFG, controller.model.transformer.wte, controller.gistnet)
-    tree.append(tokens(10))
-    tree.save(tmp_path / "tree.pt")
-    refused(tmp_path / "tree.pt", "tree file, not|not a MegaContext session file")
     refused(good, "tokenizer", tokenizer_id="tok-b")
     refused(good, "other MegaContext config: max_edits=4", ctl=make_controller(dataclasses.replace(CFG, max_edits=2)))
     refused(good, "another model .width 64", ctl=make_controller(width=128))
