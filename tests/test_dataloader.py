@@ -148,7 +148,13 @@ def test_old_state_is_refused(data_dir):
 
 
 def test_fewer_documents_than_ranks(data_dir):
-    """The val split has 2 documents; 4 ranks still get batches (from different epochs)."""
+    """The val split has 2 documents; 4 ranks still get batches: ranks 2 and 3 start on the documents of ranks
+    0 and 1, read again in the next epoch."""
+    val = docs_of(data_dir, "val")
+    assert len(val) == 2
+    firsts = []
     for rank in range(4):
         x, y = next(DataLoader(ByteTokenizer(), 2, 512, data_dir, split="val", rank=rank, world_size=4))
         assert x.shape == (2, 512) and (x[:, 0] == 0).all()
+        firsts.append(decode(x[0, 1:8]))  # the first row starts with a document: "<docNN>"
+    assert firsts == [val[0][:7], val[1][:7], val[0][:7], val[1][:7]] and firsts[0] != firsts[1]
