@@ -34,6 +34,7 @@ SUMMARY = [
     ("base-mc-train", "", "final last-H bpb*"),
     ("base-mc-train", "", "MFU (mean)"),
     ("base-eval", "", "val bpb"),
+    ("base-eval", "", "CORE"),
     ("mid-train", "", "final val loss"),
     ("chat-sft", "", "final val loss"),
     ("chat-eval", "Long-document QA", "accuracy"),

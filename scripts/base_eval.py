@@ -1,6 +1,8 @@
-"""Evaluate a base checkpoint: validation bits per byte and a few samples.
+"""Evaluate a base checkpoint: validation bits per byte, a few samples and the CORE metric (see
+nanochat/core_eval.py; its bundle is downloaded once, and skipped with one line when it cannot be).
 
     python -m scripts.base_eval --tag=d4
+    python -m scripts.base_eval --tag=d4 --no-core
 """
 
 import argparse
@@ -10,6 +12,7 @@ from nanochat import report
 from nanochat.checkpoint import CheckpointError, build_model, resolve_checkpoint_dir
 from nanochat.common import autocast_ctx, autocast_dtype, compute_init, get_base_dir, print0
 from nanochat.configurator import FlagParser, checked_number
+from nanochat.core_eval import CoreError, evaluate_core, fetch_bundle, load_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import prepare
 from nanochat.engine import Engine
@@ -18,6 +21,20 @@ from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 PROMPTS = ["The capital of France is", "It is a truth universally acknowledged, that",
            "My dear sister,", "The meaning of life is"]
+
+
+def core_tasks(bundle_dir: str):
+    """The CORE tasks of bundle_dir (default: the public bundle, fetched once), or None, with one line printed,
+    when the public bundle cannot be fetched. A malformed bundle is an error."""
+    try:
+        bundle = bundle_dir or fetch_bundle(get_base_dir())
+    except CoreError as e:
+        print0(f"CORE: evaluation bundle not available offline ({e}): skipped")
+        return None
+    try:
+        return load_bundle(bundle)
+    except CoreError as e:
+        sys.exit(f"error: {e}")
 
 
 def main(argv=None):
@@ -29,6 +46,11 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=checked_number(int, 1), default=8, help="sequences per forward pass")
     parser.add_argument("--max_tokens", type=checked_number(int, 1), default=48, help="tokens per sample")
     parser.add_argument("--temperature", type=checked_number(float, 0), default=0.8, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--core", action=argparse.BooleanOptionalAction, default=True, help="evaluate CORE")
+    parser.add_argument("--core_max_per_task", type=checked_number(int, 0), default=500,
+                        help="CORE examples per task (a fixed random subset; 0 = all)")
+    parser.add_argument("--core_bundle", default="", help="CORE bundle directory (default: the public one, fetched "
+                        "into $MC_BASE_DIR/eval_bundle)")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     args = parser.parse_args(argv)
 
@@ -40,6 +62,7 @@ def main(argv=None):
     except (CheckpointError, TokenizerError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     tag = ckpt_dir.name
+    tasks = core_tasks(args.core_bundle) if args.core else None
     if meta.get("tokenizer") != tokenizer.identity():
         sys.exit(f"error: checkpoint {ckpt_dir} was trained with a different tokenizer than the one in "
                  f"{get_base_dir() / 'tokenizer'}")
@@ -61,10 +84,20 @@ def main(argv=None):
                                     seed=i, stop_tokens=[tokenizer.bos_token_id])[0]
         samples.append(tokenizer.decode(row[1:]))
         print0(f"  {samples[-1]!r}")
+    core_items = ["CORE: skipped (evaluation bundle not available offline)"] if args.core else []
+    if tasks:
+        core = evaluate_core(model, tokenizer, tasks, device, args.core_max_per_task, rank, world_size,
+                             autocast=lambda: autocast_ctx(device.type, amp_dtype))
+        print0(f"{'CORE task':<40} {'examples':>8} {'accuracy':>8} {'centred':>8}")
+        for label, r in core["tasks"].items():
+            print0(f"{label:<40} {r['examples']:>8} {r['accuracy']:>8.4f} {r['centred']:>8.4f}")
+        print0(f"CORE: {core['CORE']:.4f}")
+        core_items = ["CORE (centred accuracy per task):", {label: r["centred"] for label, r in core["tasks"].items()},
+                      {"CORE": core["CORE"]}]
     if rank == 0:
         report.log_section("base-eval", "Base model evaluation", [
             {"checkpoint": f"{tag} step {meta['step']}", "val bpb": bpb, "val tokens": steps * args.batch_size * seq_len},
-            f"Samples (temperature {args.temperature}):", *[f"    {s!r}" for s in samples],
+            f"Samples (temperature {args.temperature}):", *[f"    {s!r}" for s in samples], *core_items,
         ])
 
 
