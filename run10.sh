@@ -70,7 +70,7 @@ else
     VOCAB=4096
     TRAIN=(--depth=4 --max_seq_len=512 --device_batch_size=8 --total_batch_size=8192 --num_iterations=170
            --warmup_ratio=0.03 --warmdown_ratio=0.3 --eval_every=40 --eval_tokens=65536 --sample_every=-1 --log_every=10)
-    EVAL=(--eval_tokens=131072 --batch_size=8)
+    EVAL=(--eval_tokens=131072 --batch_size=8 --core_max_per_task=50)  # CORE runs when its bundle can be fetched
     MID=(--data=identity,longdoc_qa:2 --num_conversations=2000 --val_conversations=64 --num_iterations=60
          --device_batch_size=8 --rows_per_step=16 --eval_every=20)
     SFT=(--data=identity,longdoc_qa --num_conversations=1000 --val_conversations=64 --num_iterations=40
