@@ -57,10 +57,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from nanochat.common import get_base_dir, atomic_write_text, print0
 from nanochat.configurator import FlagParser
+from nanochat.progress import bar
 
 SHARD_CHARS = 64 * 2**20  # at most ~64 MB of text per shard (a longer document gets a shard of its own)
 ROW_GROUP_DOCS = 1024  # documents per parquet row group; a row group is the unit of shuffling
@@ -372,8 +372,8 @@ def _prepare_fineweb(n_train: int) -> Path:
         return _prepare_books()
     with ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
         futures = [pool.submit(_download, url, path) for url, path in missing]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="fineweb-edu shards",
-                           disable=int(os.environ.get("RANK", 0)) != 0 or not sys.stderr.isatty()):
+        for future in bar(as_completed(futures), total=len(futures), desc="fineweb-edu shards",
+                          enabled=int(os.environ.get("RANK", 0)) == 0):
             future.result()
     return out_dir
 

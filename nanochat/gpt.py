@@ -335,10 +335,11 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wte.weight.numel() if exclude_embedding else n
 
-    def estimate_flops(self) -> float:
-        """Training FLOPs per token: 6 per non-embedding weight plus the attention score/value matmuls."""
+    def estimate_flops(self, context_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 per non-embedding weight plus the attention score/value matmuls over a
+        context of context_len (default sequence_len) positions."""
         c = self.config
-        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_embd * c.sequence_len
+        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_embd * (context_len or c.sequence_len)
 
     def default_rope(self, T: int, offset: int = 0):
         """Standard rotary tables for positions [offset, offset+T): each [1, T, 1, hd/2]."""

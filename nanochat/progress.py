@@ -11,6 +11,11 @@ import time
 from tqdm import tqdm
 
 
+def bar(*args, enabled: bool = True, **kwargs):
+    """A tqdm bar shown only when stderr is a terminal (in a file its carriage returns leave fragments)."""
+    return tqdm(*args, disable=not (enabled and sys.stderr.isatty()), **kwargs)
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -21,8 +26,7 @@ class Progress:
     def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True):
         self.total, self.step, self.first, self.enabled = total, initial, initial, enabled
         self.start = time.perf_counter()
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0,
-                        disable=not (enabled and sys.stderr.isatty()))
+        self.bar = bar(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0, enabled=enabled)
 
     def update(self, **postfix):
         """One step done; postfix: short values shown next to the bar."""

@@ -268,7 +268,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         # MFU counts the GPT's work: attention over W entries, the history LM's windows too, only the forward
         # pass when the GPT is frozen (a focus phase)
         history_entries = cfg.max_seq_len // W * W if cfg.history_lm_weight > 0 else 0
-        per_entry = flops_per_token - 12 * model.config.n_layer * model.config.n_embd * (cfg.max_seq_len - W)
+        per_entry = model.estimate_flops(context_len=W)
         passes = 1 / 3 if "gpt" in cfg.freeze.split(",") else 1
         step_flops_per_token = per_entry * passes * (entries_per_row + history_entries) / cfg.max_seq_len
     else:

@@ -45,6 +45,7 @@ from nanochat.configurator import FlagParser, add_dataclass_args, dataclass_from
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, prepare
 from nanochat.longrange import DataMixError, LongRange
+from nanochat.progress import bar
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tasks_file import TasksFileError, batches, load_tasks_file, tokenize_items
 from scripts.mc_eval_report import write_outputs
@@ -395,7 +396,7 @@ def evaluate(cfg: EvalConfig) -> dict:
              + len(pairs) * per(cfg.recall_examples) * ("recall" in tasks)
              + 2 * len(lengths) * per(cfg.loss_examples) * bool({"loss", "substitution"} & set(tasks))
              + sum(1 for _ in batches(task_rows, cfg.batch_size)))
-    r.bar = tqdm(total=total, desc="mc_eval", dynamic_ncols=True, mininterval=1.0, disable=not sys.stderr.isatty())  # no bar in a file
+    r.bar = bar(total=total, desc="mc_eval", dynamic_ncols=True, mininterval=1.0)
     print0(f"mc_eval: {mc_dir.name} step {meta['step']}, W={W}, K={K}, R={mc.recent}, scored tail E={ev.tail}, "
            f"lengths {lengths}, arms {arms}")
     results = {"checkpoint": {"mc": str(mc_dir), "step": meta["step"], "plain": cfg.plain_tag, "mean_gist": cfg.mean_gist_tag},

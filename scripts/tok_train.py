@@ -4,14 +4,13 @@
 """
 
 import argparse
-import sys
 import time
 
-from tqdm import tqdm
 
 from nanochat import report
 from nanochat.common import get_base_dir
 from nanochat.configurator import FlagParser, checked_number
+from nanochat.progress import bar
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
@@ -19,8 +18,7 @@ def capped_text(documents, max_chars: int, doc_cap: int, read: dict):
     """Yield documents in pieces of at most doc_cap characters, until max_chars characters in total;
     `read` counts the characters and documents read so far (for the report)."""
     read.update(chars=0, docs=0)
-    with tqdm(total=max_chars, unit="char", unit_scale=True, desc="training text",
-              disable=not sys.stderr.isatty()) as progress:  # no bar fragments in a log file
+    with bar(total=max_chars, unit="char", unit_scale=True, desc="training text") as progress:
         for doc in documents:
             read["docs"] += 1
             for start in range(0, len(doc), doc_cap):
