@@ -12,7 +12,7 @@ arm was skipped for this batch. Arms:
   full           the GPT on the whole history, when L <= full_max_len (rotary tables grow on demand,
                  but beyond a few times the trained length the model is out of distribution)
   mc             the full system, as sessions run it: LensNet scores every old block as a LOD1 gist and
-                 the best blocks are expanded with their groups while they fit W (MCController.focus_maps)
+                 the best blocks are expanded with their groups while they fit W (MCController.focus)
   gists_only     the most compressed map (everything old as gists, nothing expanded)
   random         random legal maps that use the budget (working_context.random_maps)
   similarity     greedy expansion ranked by cosine(gist, mean of the raw tail) instead of LensNet
@@ -40,9 +40,8 @@ import torch.nn.functional as F
 
 from mc.allocator import edit_maps, similarity_scores
 from mc.runtime import visible_entries
-from mc.tree import build_tree
 from mc.working_context import (RAW, entry_counts, expand_blocks, expand_groups, materialize,
-                                most_compressed_map, random_maps, tail_mask)
+                                most_compressed_map, tail_mask)
 
 MC_ARMS = ("mc", "gists_only", "random", "similarity", "oracle", "shuffled")  # read the MC checkpoint's tree
 ARMS = ("truncation", "full", *MC_ARMS, "mean_gist", "plain_truncation", "plain_full")
@@ -125,14 +124,6 @@ class ArmEvaluator:
         logits = controller.model(inputs_embeds=wc.embeds, rope=controller.rope(wc))  # [V, W, vocab]
         return logits[tail_mask(wc.valid, self.tail)].view(wc.valid.size(0), self.tail, -1)
 
-    @staticmethod
-    def _tree(controller, x, y):
-        cfg = controller.cfg
-        B, L = x.shape
-        levels = build_tree(controller.model.transformer.wte(x), controller.gistnet, cfg)
-        base = most_compressed_map(L // cfg.block_size, cfg, device=x.device).expand(B, -1)
-        return levels, base, y[:, -1]
-
     def _similarity_maps(self, levels, base, x, next_token, focus_end):
         cfg, maps = self.cfg, base
         for _ in range(cfg.allocator_iterations):
@@ -154,10 +145,10 @@ class ArmEvaluator:
         W, E = cfg.wc_budget, self.tail
         if focus_end is None:
             focus_end = torch.full((B,), L - E + 1, device=x.device)
-        target = y[:, -E:]
+        target, nt = y[:, -E:], y[:, -1]
         out = {}
         gen = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + batch_index)
-        tree = None
+        levels = None  # the MC checkpoint's tree, built by the first arm that reads it
         for arm in arms:
             if arm in ("truncation", "plain_truncation"):
                 model = ctl.model if arm == "truncation" else self.plain
@@ -174,31 +165,25 @@ class ArmEvaluator:
                 out[arm] = f"history {L} does not fit W={W} even fully compressed"
                 continue
             if arm == "mean_gist":
-                m_levels, _, nt = self._tree(self.mean, x, y)
-                maps = self.mean.focus_maps(m_levels, focus_end)
+                m_levels = self.mean.tree(x)
+                maps = self.mean.focus(m_levels, focus_end=focus_end)
                 out[arm] = (*_score(self._wc_tail(self.mean, materialize(maps, m_levels, x, self.mean.cfg, nt)), target), maps)
                 continue
-            if tree is None:
-                tree = self._tree(ctl, x, y)
-            levels, base, nt = tree
-            n = base.size(1)
-            if arm == "shuffled":
-                levels = shuffle_gists(levels, gen)
-                maps = ctl.focus_maps(levels, focus_end)
-            elif arm == "mc":
-                maps = ctl.focus_maps(levels, focus_end)
-            elif arm == "gists_only":
-                maps = base
-            elif arm == "random":
-                maps = random_maps(B, n, cfg, gen, device=x.device)
+            if levels is None:
+                levels = ctl.tree(x)
+            arm_levels = shuffle_gists(levels, gen) if arm == "shuffled" else levels
+            if arm in ("mc", "shuffled"):
+                maps = ctl.focus(arm_levels, focus_end=focus_end)
+            elif arm in ("gists_only", "random"):
+                maps = ctl.focus(levels, policy=arm, generator=gen)
             elif arm == "similarity":
-                maps = self._similarity_maps(levels, base, x, nt, focus_end)
+                maps = self._similarity_maps(levels, ctl.focus(levels, policy="gists_only"), x, nt, focus_end)
             else:  # oracle
                 if evidence is None:
                     out[arm] = "no answer blocks known for this task"
                     continue
-                maps = fitting_oracle_maps(n, cfg, evidence.to(x.device))
-            out[arm] = (*_score(self._wc_tail(ctl, materialize(maps, levels, x, cfg, nt)), target), maps)
+                maps = fitting_oracle_maps(L // cfg.block_size, cfg, evidence.to(x.device))
+            out[arm] = (*_score(self._wc_tail(ctl, materialize(maps, arm_levels, x, cfg, nt)), target), maps)
         return out
 
     @torch.no_grad()
@@ -211,7 +196,7 @@ class ArmEvaluator:
         """{name: (nll [B, E], pred [B, E])} of the MC checkpoint under given maps {name: [B|1, n] int8};
         maps may exceed W (e.g. all raw): each is materialised with a budget of max(W, its entries)."""
         cfg = self.cfg
-        levels, _, nt = self._tree(self.controller, x, y)
+        levels, nt = self.controller.tree(x), y[:, -1]
         out = {}
         for name, maps in named_maps.items():
             maps = maps.expand(x.size(0), -1)

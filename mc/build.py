@@ -43,6 +43,19 @@ def load_controller(model, states: dict, meta: dict, rank: int = 0) -> MCControl
     return controller
 
 
+def load_matching_nets(controller: MCController, states: dict, meta: dict, source: str) -> str:
+    """Load GistNet and LensNet from another MC checkpoint's states when these flags build the same nets (a warm
+    start, e.g. --init_from); otherwise they stay fresh. Returns the line saying which happened."""
+    saved = MCConfig(**{**LEGACY_MC_CONFIG, **meta["mc_config"]}).net_fields()
+    ours = controller.cfg.net_fields()
+    if saved != ours:
+        differ = sorted(k for k, v in ours.items() if saved.get(k) != v)
+        return f"GistNet and LensNet start fresh: {source} built them with other --mc_* settings ({', '.join(differ)})"
+    for name, module in controller.modules().items():
+        load_state_strict(module, states[name], f"{source}, {name}")
+    return f"initialised GistNet and LensNet from {source} too"
+
+
 def load_mc_model(stage: str, tag: str = "", step: int | None = None, device="cpu"):
     """(model, controller, tokenizer, meta, directory) of a checkpoint with MegaContext nets (trained with
     --mc, or fine-tuned from one by mid/SFT, which carry the nets along); CheckpointError otherwise."""

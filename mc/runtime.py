@@ -13,7 +13,7 @@ Per micro-batch x, y [B, T] (history T > W):
     re-scored in between), the others random legal maps. The teacher is exploration, not a
     shortcut: without it the block holding a needle is expanded in ~1 variant in n, so neither the
     GPT (copying from an expanded block) nor LensNet (which block was worth it) sees the signal.
-    It is never used at inference, where LensNet alone decides (by descent: `focus_maps` scores every
+    It is never used at inference, where LensNet alone decides (by descent: `focus` scores every
     old block as a LOD1 gist and expands the best with their groups, mc.allocator.descend_maps);
  4. one batched GPT forward over [V, W] with inputs_embeds + per-row rope, per-position loss;
  5. LM loss = weighted mean over all LOD0 targets of all variants (baseline weight configurable;
@@ -47,6 +47,7 @@ from mc.working_context import (WorkingContext, materialize, most_compressed_map
                                 truncation_map)
 from nanochat.longrange import weighted_lm_loss
 
+FOCUS_POLICIES = ("mc", "gists_only", "random")  # MCController.focus
 VALIDATION_ARMS = ("truncation", "mc", "full")  # the arms of training-time validation at budget W (mc/arms.py: evaluation)
 NEG_LOGIT = -1e9  # the score of a unit LensNet cannot expand
 
@@ -164,11 +165,24 @@ class MCController:
         out = torch.full((B, n + 1), NEG, device=device)
         return out.scatter_reduce(1, column, torch.where(readable, scores, NEG).view(B, C * width), "amax")[:, :n]
 
-    def focus_maps(self, levels, focus_end=None, tail_tokens: int = 0):
-        """The inference focus [B, n]: the most compressed map, then LensNet's best blocks expanded with their
-        groups while they fit W (`mc.allocator.descend_maps`)."""
-        n = levels[1].size(1)
-        base = most_compressed_map(n, self.cfg, tail_tokens, device=levels[0].device).expand(levels[0].size(0), n)
+    def tree(self, x):
+        """The tree [LOD0 [B, L, D], LOD1 [B, L/K, D], ...] of histories x [B, L], differentiable."""
+        return build_tree(self.model.transformer.wte(x), self.gistnet, self.cfg)
+
+    def focus(self, levels, *, policy: str = "mc", focus_end=None, tail_tokens: int = 0, generator=None):
+        """The LOD maps [B, n] a focus policy shows of a tree; validation, evaluation and sessions decide every
+        focus here (training grows its variants from the same most compressed map, `process_batch`):
+        `mc` the inference focus: the most compressed map, then LensNet's best blocks (read up to focus_end
+        [B]) expanded with their groups while they fit W (`mc.allocator.descend_maps`);
+        `gists_only` the most compressed map; `random` random legal maps (generator)."""
+        B, n, device = levels[0].size(0), levels[1].size(1), levels[0].device
+        if policy not in FOCUS_POLICIES:
+            raise ValueError(f"unknown focus policy {policy!r}; known: {', '.join(FOCUS_POLICIES)}")
+        if policy == "random":
+            return random_maps(B, n, self.cfg, generator, device=device)
+        base = most_compressed_map(n, self.cfg, tail_tokens, device=device).expand(B, n)
+        if policy == "gists_only":
+            return base
         return descend_maps(base, self.block_scores(levels, focus_end), self.cfg, tail_tokens)
 
     def guided_maps(self, base_map, base_scores, levels, x, next_token, sample, *, policy, generator=None,
@@ -223,9 +237,9 @@ class MCController:
         focus_end = focus_ends(answers, cfg.horizon)  # [B]
         timer = self.timer
         with timer.phase("tree"):
-            levels = build_tree(self.model.transformer.wte(x), self.gistnet, cfg)
+            levels = self.tree(x)
         with timer.phase("lensnet"):
-            base_map = most_compressed_map(n, cfg, device=device).expand(B, n)
+            base_map = self.focus(levels, policy="gists_only")
             base_wc = materialize(base_map, [level.detach() for level in levels], x, cfg, next_token)
             base_scores = self.score(base_wc, focus_end=focus_end)  # [B, W], with grad into LensNet
         with timer.phase("allocator"):
@@ -300,15 +314,15 @@ class MCController:
 
     @torch.no_grad()
     def evaluate_arms(self, x, y):
-        """NLL [B, H] of the final H targets under truncation (last W tokens), MC (the inference focus, `focus_maps`)
+        """NLL [B, H] of the final H targets under truncation (last W tokens), MC (the inference focus, `focus`)
         and full history."""
         cfg, H, W = self.cfg, self.cfg.horizon, self.cfg.wc_budget
         B = x.size(0)
         full = self.model(x, y, loss_reduction="none")[:, -H:]
         truncation = self.model(x[:, -W:], y[:, -W:], loss_reduction="none")[:, -H:]
-        levels = build_tree(self.model.transformer.wte(x), self.gistnet, cfg)
+        levels = self.tree(x)
         next_token = y[:, -1]
-        maps = self.focus_maps(levels, focus_ends(torch.zeros_like(x, dtype=torch.bool), H))
+        maps = self.focus(levels, focus_end=focus_ends(torch.zeros_like(x, dtype=torch.bool), H))
         wc = materialize(maps, levels, x, cfg, next_token)
         per_pos = self.forward_wc(wc)
         mc = per_pos[tail_mask(wc.valid, H)].view(B, H)

@@ -16,7 +16,7 @@ A token's way (`append`; `generate` appends each sampled token):
     earlier entries never change: the token is one new raw row of the table and the cache only
     grows (decode = a 1-entry forward; no per-token work depends on the history length);
  2. every `refocus_interval` tokens, and whenever the WC exceeds W, `refocus` decides the focus
-    afresh, exactly as evaluation does (`MCController.focus_maps`): LensNet scores every old block as a
+    afresh, exactly as evaluation does (`MCController.focus`): LensNet scores every old block as a
     LOD1 gist (in windows of W entries, the WCs it was trained on), and from the most compressed map of
     the history (raw tail, LOD1 gists, LOD2 gists; the oldest entries UNCOVERED only when even that does
     not fit W) the best blocks are expanded with their LOD2 groups while they fit W
@@ -339,7 +339,7 @@ class MCSession:
 
     @torch.no_grad()
     def refocus(self) -> bool:
-        """Decide the focus afresh (`MCController.focus_maps`: LensNet's best blocks of the history expanded,
+        """Decide the focus afresh (`MCController.focus`: LensNet's best blocks of the history expanded,
         with their groups, within W). Returns whether the map changed."""
         self._since_refocus = 0
         cfg, K = self.cfg, self.cfg.block_size
@@ -347,7 +347,7 @@ class MCSession:
         with self._amp():
             if self.n_blocks > cfg.recent // K:  # something outside the raw tail to focus on
                 self.stats["refocus"] += 1
-                maps = self.controller.focus_maps(self.tree.levels(), tail_tokens=t)[0]
+                maps = self.controller.focus(self.tree.levels(), tail_tokens=t)[0]
             else:
                 maps = most_compressed_map(self.n_blocks, cfg, tail_tokens=t, device=self.device)  # [n]
             return self._set_map(maps, "refocus")

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from mc.build import build_controller, mc_meta, mc_micro_batch
+from mc.build import build_controller, load_matching_nets, mc_meta, mc_micro_batch
 from mc.config import LEGACY_MC_CONFIG, MCConfig, MCConfigError
 from mc.telemetry import NoTelemetry, StepTelemetry
 from nanochat import report, tracing
@@ -199,14 +199,39 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
                              smear_taps=cfg.smear_taps)
     model = GPT(model_config).to(device)
     model.init_weights()
-    controller = build_controller(model, mc_cfg, rank) if mc_cfg else None
-    mc_modules = controller.modules() if controller else {}
-    for name in filter(None, cfg.freeze.split(",")):
-        {"gpt": model, **mc_modules}[name].requires_grad_(False)  # no gradients, not in the optimizers
-    batch_size = cfg.device_batch_size
-    if controller:  # fewer sequences per micro-batch, more micro-batches: same data per step, same memory
+    train_model = torch.compile(model, dynamic=False) if cfg.compile and device.type == "cuda" else model
+    flops_per_token = model.estimate_flops()
+    # the micro-step, loss, metrics = step_fn(x, y, index, answers=, weights=), and what the step's log and trace count
+    def step_fn(x, y, index, answers=None, weights=None):
+        loss = weighted_lm_loss(train_model, x, y, weights)
+        return loss, {"lm_loss": loss.detach()}
+    controller, mc_modules, batch_size = None, {}, cfg.device_batch_size
+    telemetry, entries_per_row, micro_batch_attributes = NoTelemetry(), cfg.max_seq_len, {}
+    step_flops_per_token = flops_per_token
+    if mc_cfg:
+        # MegaContext: GistNet and LensNet (built right after the GPT, in the seeded init order); fewer sequences per
+        # micro-batch, more micro-batches (same data per step, same memory); the controller's micro-step (tree,
+        # working contexts, LensNet, one batched forward over (1+N) WCs of W entries per history) with its phase
+        # timings; MFU counts the GPT's work: attention over W entries, the history LM's windows too, only the
+        # forward pass when the GPT is frozen (a focus phase)
+        controller = build_controller(model, mc_cfg, rank)
+        mc_modules = controller.modules()
         batch_size = mc_micro_batch(cfg.device_batch_size, cfg.max_seq_len, mc_cfg)
         grad_accum *= cfg.device_batch_size // batch_size
+        step_fn = functools.partial(controller.process_batch, forward_fn=train_model, history_lm_weight=cfg.history_lm_weight)
+        telemetry = StepTelemetry(controller.timer)
+        W = mc_cfg.wc_budget
+        entries_per_row = (1 + mc_cfg.num_variants) * W
+        micro_batch_attributes = {"variants": 1 + mc_cfg.num_variants, "wc_budget": W}
+        history_entries = cfg.max_seq_len // W * W if cfg.history_lm_weight > 0 else 0
+        passes = 1 / 3 if "gpt" in cfg.freeze.split(",") else 1
+        step_flops_per_token = model.estimate_flops(context_len=W) * passes * (entries_per_row + history_entries) / cfg.max_seq_len
+        print0(f"MegaContext: {controller.gistnet.summary()}; {controller.lensnet.summary()}")
+        print0(f"MegaContext: micro-batch {batch_size} sequences x {1 + mc_cfg.num_variants} variants "
+               f"= {batch_size * (1 + mc_cfg.num_variants)} working contexts of W={W} "
+               f"(plain: {cfg.device_batch_size} x {cfg.max_seq_len})")
+    for name in filter(None, cfg.freeze.split(",")):
+        {"gpt": model, **mc_modules}[name].requires_grad_(False)  # no gradients, not in the optimizers
     optimizers = build_optimizers(model, list(mc_modules.values()), matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay)
     start_step, loader_state, history = 0, None, {"step": [], "loss": [], "val_step": [], "val_bpb": []}
@@ -222,14 +247,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         load_state_strict(model, states["gpt"], f"--init_from={cfg.init_from} ({init_dir})")
         print0(f"initialised the GPT from {init_dir} step {meta['step']}")
         if controller and meta.get("mc_config"):
-            saved_nets = MCConfig(**{**LEGACY_MC_CONFIG, **meta["mc_config"]}).net_fields()
-            if saved_nets == mc_cfg.net_fields():  # an MC checkpoint whose nets these --mc_* flags build
-                for name, module in mc_modules.items():
-                    load_state_strict(module, states[name], f"--init_from={cfg.init_from} ({init_dir}, {name})")
-                print0(f"initialised GistNet and LensNet from {init_dir} too")
-            else:
-                differ = sorted(k for k, v in mc_cfg.net_fields().items() if saved_nets.get(k) != v)
-                print0(f"GistNet and LensNet start fresh: {init_dir} built them with other --mc_* settings ({', '.join(differ)})")
+            print0(load_matching_nets(controller, states, meta, f"--init_from={cfg.init_from} ({init_dir})"))
     if cfg.resume:
         start_step = find_last_step(ckpt_dir)
         _, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
@@ -253,30 +271,8 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         restore_rng(training_state["rng"])
         loader_state, history = training_state["rank_state"]["loader"], meta["history"]
         print0(f"resumed from {ckpt_dir} at step {start_step}")
-    train_model = torch.compile(model, dynamic=False) if cfg.compile and device.type == "cuda" else model
     params = [p for module in (model, *mc_modules.values()) for p in module.parameters()]
     num_params = model.num_params()
-    flops_per_token = model.estimate_flops()
-    # the micro-step, loss, metrics = step_fn(x, y, index, answers=, weights=): with --mc the controller's (tree,
-    # working contexts, LensNet, one batched forward over (1+N) WCs of W entries per history), with its phase timings
-    if controller:
-        step_fn = functools.partial(controller.process_batch, forward_fn=train_model, history_lm_weight=cfg.history_lm_weight)
-        telemetry = StepTelemetry(controller.timer)
-        W = mc_cfg.wc_budget
-        entries_per_row = (1 + mc_cfg.num_variants) * W
-        micro_batch_attributes = {"variants": 1 + mc_cfg.num_variants, "wc_budget": W}
-        # MFU counts the GPT's work: attention over W entries, the history LM's windows too, only the forward
-        # pass when the GPT is frozen (a focus phase)
-        history_entries = cfg.max_seq_len // W * W if cfg.history_lm_weight > 0 else 0
-        per_entry = model.estimate_flops(context_len=W)
-        passes = 1 / 3 if "gpt" in cfg.freeze.split(",") else 1
-        step_flops_per_token = per_entry * passes * (entries_per_row + history_entries) / cfg.max_seq_len
-    else:
-        def step_fn(x, y, index, answers=None, weights=None):
-            loss = weighted_lm_loss(train_model, x, y, weights)
-            return loss, {"lm_loss": loss.detach()}
-        telemetry, entries_per_row, micro_batch_attributes = NoTelemetry(), cfg.max_seq_len, {}
-        step_flops_per_token = flops_per_token
     if cfg.num_iterations > 0:
         num_iterations = cfg.num_iterations
     else:
@@ -286,11 +282,6 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     print0(f"training: {num_iterations} steps x {cfg.total_batch_size:,} tokens "
            f"({grad_accum} micro-batches of {batch_size} x {cfg.max_seq_len} on {world_size} rank(s)), "
            f"device {device}, autocast {amp_dtype}")
-    if controller:
-        print0(f"MegaContext: {controller.gistnet.summary()}; {controller.lensnet.summary()}")
-        print0(f"MegaContext: micro-batch {batch_size} sequences x {1 + mc_cfg.num_variants} variants "
-               f"= {batch_size * (1 + mc_cfg.num_variants)} working contexts of W={mc_cfg.wc_budget} "
-               f"(plain: {cfg.device_batch_size} x {cfg.max_seq_len})")
 
     if cfg.data_mix:
         loader = MixedLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, parse_mix(cfg.data_mix, cfg.data),

@@ -15,9 +15,8 @@ import mc.runtime
 from mc.build import build_controller, load_controller
 from mc.config import MCConfig, MCConfigError
 from mc.runtime import VALIDATION_ARMS
-from mc.working_context import truncation_map
 from mc.tree import build_tree
-from mc.working_context import GIST, RAW, entry_counts, materialize
+from mc.working_context import GIST, RAW, entry_counts, is_legal, materialize, most_compressed_map, truncation_map
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 
@@ -226,8 +225,28 @@ def test_block_scores_read_every_old_block_as_a_lod1_gist():
         long_levels = build_tree(controller.model.transformer.wte(long_x), controller.gistnet, controller.cfg)
         long_scores = controller.block_scores(long_levels)
         assert torch.isfinite(long_scores[:, :126]).all() and torch.isinf(long_scores[:, 126:]).all()
-        maps = controller.focus_maps(long_levels)
+        maps = controller.focus(long_levels)
         assert (entry_counts(maps, K) <= controller.cfg.wc_budget).all() and (maps == RAW).sum() > 2 * B
+
+
+def test_focus_policies():
+    """One focus function for every reader of the tree: gists_only is the most compressed map, random maps are
+    legal and seeded, mc expands blocks within W, an unknown policy is an error naming the known ones."""
+    controller, x, _ = make()
+    cfg, n = controller.cfg, T // controller.cfg.block_size
+    with torch.no_grad():
+        controller.lensnet.score_w.normal_()
+        levels = controller.tree(x)
+        assert torch.equal(controller.focus(levels, policy="gists_only"), most_compressed_map(n, cfg).expand(B, n))
+        randoms = [controller.focus(levels, policy="random", generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+        assert torch.equal(randoms[0], randoms[1]) and not torch.equal(randoms[0], randoms[2])
+        mc = controller.focus(levels)
+        for maps in (*randoms, mc):
+            assert is_legal(maps, cfg.block_size, cfg.recent // cfg.block_size).all()
+            assert (entry_counts(maps, cfg.block_size) <= cfg.wc_budget).all()
+        assert (mc == RAW).sum() > (most_compressed_map(n, cfg) == RAW).sum() * B
+    with pytest.raises(ValueError, match="unknown focus policy 'oracle'; known: mc, gists_only, random"):
+        controller.focus(levels, policy="oracle")
 
 
 BAD = [
