@@ -178,6 +178,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     grad_accum = validate(cfg, world_size)
     if mc_cfg:
         mc_cfg.validate(cfg.max_seq_len, cfg.head_dim)  # before any data or model work
+    mc_config = asdict(mc_cfg) if mc_cfg else None
     amp_dtype = autocast_dtype(device.type, cfg.cpu_bf16)
     amp = autocast_ctx(device.type, amp_dtype)
     tag = cfg.tag or f"d{cfg.depth}"
@@ -255,9 +256,9 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
             raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} has model config {meta['model_config']}, "
                               f"but the flags give {asdict(model_config)}")
         saved_mc = {**LEGACY_MC_CONFIG, **meta["mc_config"]} if meta.get("mc_config") else None
-        if saved_mc != (asdict(mc_cfg) if mc_cfg else None):
+        if saved_mc != mc_config:
             raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} was trained with MegaContext config "
-                              f"{meta.get('mc_config')}, but the flags give {asdict(mc_cfg) if mc_cfg else None}")
+                              f"{meta.get('mc_config')}, but the flags give {mc_config}")
         if changes := config_changes(meta.get("train_config", {}), asdict(cfg), RESUME_FREE, asdict(TrainConfig())):
             raise ConfigError(f"--resume: the run in {ckpt_dir} was trained with other flags (saved -> given): "
                               f"{'; '.join(changes)}")
@@ -298,7 +299,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * world_size))
     engine = Engine(model, autocast=lambda: autocast_ctx(device.type, amp_dtype))
     wandb_run = start_run(cfg.wandb_run, "base_train", {"train": asdict(cfg), "model": asdict(model_config),
-                                                         "mc": asdict(mc_cfg) if mc_cfg else None}, master)
+                                                         "mc": mc_config}, master)
 
     def validation_bpb():
         val_loader = DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, data_dir, split="val",
