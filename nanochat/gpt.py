@@ -66,6 +66,9 @@ class GPTConfig:
     rope_base: float = 10000.0
     smear: str = "both"  # previous-token mixing: "keys" (smeared keys), "embed" (embedding smear), both or none
     smear_taps: int = 5  # previous entries the embedding smear mixes in
+    layer_scalars: bool = False  # per layer: a learned scale of the residual stream and share of the input embedding
+    backout: bool = False  # the head reads the residual minus a learned share of the one after the middle layer
+    vocab_multiple: int = 64  # embedding and head rows padded to a multiple of this (logits are cropped)
 
     @property
     def smear_keys(self) -> bool:
@@ -74,6 +77,10 @@ class GPTConfig:
     @property
     def smear_embed(self) -> bool:
         return self.smear in ("embed", "both")
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def n_head(self) -> int:
@@ -99,8 +106,8 @@ class GPTConfig:
             raise ValueError(f"smear_taps must be >= 1, got {self.smear_taps}")
         if self.smear not in SMEAR_MODES:
             raise ValueError(f"smear must be one of {SMEAR_MODES}, got {self.smear!r}")
-        if min(self.n_layer, self.vocab_size, self.sequence_len) < 1:
-            raise ValueError("n_layer, vocab_size and sequence_len must be positive")
+        if min(self.n_layer, self.vocab_size, self.sequence_len, self.vocab_multiple) < 1:
+            raise ValueError("n_layer, vocab_size, sequence_len and vocab_multiple must be positive")
 
 
 def norm(x):
@@ -297,11 +304,16 @@ class GPT(nn.Module):
         config.validate()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(config.padded_vocab, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.smear = EmbeddingSmear(config.n_embd, config.smear_taps) if config.smear_embed else None
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # layer scalars: before block i the residual becomes resid_scale[i] x + x0_share[i] x0 (x0: the stack's input,
+        # the normed and smeared embedding); backout: the head reads x - share x_mid (x_mid: the input of the middle block)
+        self.resid_scale = nn.Parameter(torch.ones(config.n_layer)) if config.layer_scalars else None
+        self.x0_share = nn.Parameter(torch.zeros(config.n_layer)) if config.layer_scalars else None
+        self.backout_share = nn.Parameter(torch.zeros(1)) if config.backout else None
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         self._rope_len = 0
         self._grow_rotary(config.sequence_len * 2)
 
@@ -329,6 +341,11 @@ class GPT(nn.Module):
         if self.smear is not None:
             nn.init.zeros_(self.smear.gate)
             nn.init.zeros_(self.smear.scale)
+        if self.resid_scale is not None:  # the plain residual stream at the start
+            nn.init.ones_(self.resid_scale)
+            nn.init.zeros_(self.x0_share)
+        if self.backout_share is not None:
+            nn.init.zeros_(self.backout_share)
         self._grow_rotary(self._rope_len)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -369,12 +386,19 @@ class GPT(nn.Module):
         x = norm(x)
         if self.smear is not None:
             x = self.smear(x, kv_cache)
-        for block in self.transformer.h:
+        x0, middle = x, self.config.n_layer // 2
+        for i, block in enumerate(self.transformer.h):
+            if i == middle:
+                x_mid = x
+            if self.resid_scale is not None:
+                x = self.resid_scale[i].to(x.dtype) * x + self.x0_share[i].to(x.dtype) * x0
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
+        if self.backout_share is not None:
+            x = x - self.backout_share.to(x.dtype) * x_mid
         x = norm(x)
-        logits = self.lm_head(x).float()
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:
             return logits

@@ -65,6 +65,9 @@ class TrainConfig:
     max_seq_len: int = field(default=2048, metadata={"min": 2, "help": "tokens per training sequence"})
     smear: str = field(default=GPTConfig.smear, metadata={"help": "previous-token mixing in the GPT: smeared keys, embedding smear, both or none (see nanochat/gpt.py)", "choices": list(SMEAR_MODES)})
     smear_taps: int = field(default=GPTConfig.smear_taps, metadata={"min": 1, "help": "previous tokens the embedding smear mixes in"})
+    layer_scalars: bool = field(default=GPTConfig.layer_scalars, metadata={"help": "per-layer learned residual scale and input-embedding share (see nanochat/gpt.py)"})
+    backout: bool = field(default=GPTConfig.backout, metadata={"help": "the LM head reads the residual minus a learned share of the middle layer's input"})
+    vocab_multiple: int = field(default=GPTConfig.vocab_multiple, metadata={"min": 1, "help": "pad the embedding and head to a multiple of this many rows (logits are cropped)"})
     # horizon and batch
     num_iterations: int = field(default=-1, metadata={"min": -1, "help": "optimizer steps; -1 = derive from --target_param_data_ratio"})
     target_param_data_ratio: float = field(default=20.0, metadata={"min": 0, "help": "training tokens per parameter when --num_iterations=-1"})
@@ -197,7 +200,8 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     seed_everything(cfg.seed)
     model_config = GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=tokenizer.vocab_size, n_layer=cfg.depth,
                              n_embd=cfg.width or 64 * cfg.depth, head_dim=cfg.head_dim, smear=cfg.smear,
-                             smear_taps=cfg.smear_taps)
+                             smear_taps=cfg.smear_taps, layer_scalars=cfg.layer_scalars, backout=cfg.backout,
+                             vocab_multiple=cfg.vocab_multiple)
     model = GPT(model_config).to(device)
     model.init_weights()
     train_model = torch.compile(model, dynamic=False) if cfg.compile and device.type == "cuda" else model

@@ -1,20 +1,23 @@
 """The base GPT and its MegaContext hooks (docs/architecture.md §2)."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
+from nanochat.checkpoint import build_model, save_checkpoint
 from nanochat.gpt import GPT, SMEAR_MODES, GPTConfig, rotary_tables
 
 
-def perturbed_model(smear: str = "both", taps: int = 1):
+def perturbed_model(smear: str = "both", taps: int = 1, **config):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_embd=128, smear=smear, smear_taps=taps))
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_embd=128, smear=smear, smear_taps=taps, **config))
     m.init_weights()
     with torch.no_grad():  # output projections start at zero; perturb them so every layer matters
         for p in m.parameters():
             p.add_(0.02 * torch.randn_like(p))
-        for name, p in m.named_parameters():  # previous-token mixing at a clearly non-trivial strength
-            if "smear" in name:
+        for name, p in m.named_parameters():  # mixing and layer scalars at a clearly non-trivial strength
+            if "smear" in name or "share" in name or "resid_scale" in name:
                 p.add_(0.5 + torch.randn_like(p))
     return m.eval()
 
@@ -46,12 +49,13 @@ def test_ignored_targets(model):
     assert torch.allclose(model(idx, targets), per_position[:, 6:].mean(), atol=1e-5)
 
 
-@pytest.mark.parametrize("smear,taps", [(mode, 1) for mode in SMEAR_MODES] + [("both", 3)])
-def test_kv_cache_matches_full_forward(smear, taps):
+@pytest.mark.parametrize("smear,taps,config", [(mode, 1, {}) for mode in SMEAR_MODES] + [("both", 3, {})] +
+                         [("both", 1, dict(layer_scalars=True, backout=True))])
+def test_kv_cache_matches_full_forward(smear, taps, config):
     """Prefill, chunk after a cached prefix, single-token decode and a truncated cache all equal one full
     forward, with every kind of previous-token mixing (the predecessor of a chunk's first position comes
-    from the cache)."""
-    model = perturbed_model(smear, taps)
+    from the cache) and with the layer scalars and backout."""
+    model = perturbed_model(smear, taps, **config)
     idx = torch.randint(0, 97, (2, 20))
     full = model(idx)
     cache = model.new_kv_cache(2, 32)
@@ -110,7 +114,7 @@ def test_per_row_rope_override(model):
 
 def test_flops_and_params(model):
     c = model.config
-    assert model.num_params() == model.num_params(exclude_embedding=True) + c.vocab_size * c.n_embd
+    assert model.num_params() == model.num_params(exclude_embedding=True) + c.padded_vocab * c.n_embd
     assert model.estimate_flops() > 6 * model.num_params(exclude_embedding=True)
 
 
@@ -120,3 +124,53 @@ def test_bad_config():
     with pytest.raises(ValueError, match="smear"):
         GPT(GPTConfig(smear="sometimes"))
     assert GPTConfig.from_depth(4).n_embd == 256 and GPTConfig.from_depth(4).n_head == 4
+
+
+def test_padded_vocab_is_cropped_and_never_predicted():
+    """The 97-token vocabulary is stored as 128 rows; logits, losses and samples see only the 97 real tokens, and
+    an unpadded model with the same real rows gives the same logits."""
+    padded = perturbed_model()
+    assert padded.lm_head.weight.shape[0] == 128 and padded.transformer.wte.weight.shape[0] == 128
+    with torch.no_grad():
+        padded.lm_head.weight[97:] = 100.0  # padding rows that would win every argmax if they leaked
+    idx = torch.randint(0, 97, (2, 12))
+    logits = padded(idx)
+    assert logits.shape == (2, 12, 97) and logits.argmax(-1).max() < 97
+    exact = GPT(GPTConfig(**{**padded.config.__dict__, "vocab_multiple": 1})).eval()
+    state = {k: v[:97] if k in ("transformer.wte.weight", "lm_head.weight") else v for k, v in padded.state_dict().items()}
+    exact.load_state_dict(state)
+    assert torch.allclose(exact(idx), logits, atol=1e-5)
+
+
+def test_layer_scalars_and_backout_start_neutral_and_learn():
+    """At init the layer scalars and backout leave the function unchanged (same seed, same outputs as without
+    them); all three get gradients, so training can move them."""
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_embd=128))
+    plain.init_weights()
+    torch.manual_seed(0)
+    extra = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_embd=128, layer_scalars=True, backout=True))
+    extra.init_weights()
+    with torch.no_grad():
+        for block in (*plain.transformer.h, *extra.transformer.h):  # non-zero outputs, the same in both
+            torch.manual_seed(1)
+            block.attn.c_proj.weight.normal_(std=0.1)
+            block.mlp.c_proj.weight.normal_(std=0.1)
+    idx = torch.randint(0, 97, (2, 16))
+    assert torch.allclose(plain(idx), extra(idx), atol=1e-6)
+    extra(idx, idx).backward()
+    for p in (extra.resid_scale, extra.x0_share, extra.backout_share):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_checkpoints_from_before_vocab_padding_load(tmp_path):
+    """A checkpoint written before vocab_multiple existed (unpadded tables, no field in its config) loads as it was
+    trained and predicts the same."""
+    old = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=1, n_embd=64, vocab_multiple=1))
+    old.init_weights()
+    config = asdict(old.config)
+    del config["vocab_multiple"], config["layer_scalars"], config["backout"]
+    save_checkpoint(tmp_path, 1, {"gpt": old}, None, {"model_config": config, "step": 1})
+    model, _, _ = build_model(tmp_path, 1, "cpu")
+    idx = torch.randint(0, 97, (1, 8))
+    assert model.config.vocab_multiple == 1 and torch.allclose(model(idx), old(idx))
