@@ -69,6 +69,7 @@ class GPTConfig:
     layer_scalars: bool = False  # per layer: a learned scale of the residual stream and share of the input embedding
     backout: bool = False  # the head reads the residual minus a learned share of the one after the middle layer
     vocab_multiple: int = 64  # embedding and head rows padded to a multiple of this (logits are cropped)
+    window_pattern: str = "L"  # per layer, tiled: L attends to every earlier position, S to the last sequence_len/2
 
     @property
     def smear_keys(self) -> bool:
@@ -77,6 +78,12 @@ class GPTConfig:
     @property
     def smear_embed(self) -> bool:
         return self.smear in ("embed", "both")
+
+    @property
+    def windows(self) -> list:
+        """Per layer, how many positions a query sees (itself included), None for all; the last layer sees all."""
+        pattern = [None if c == "L" else self.sequence_len // 2 for c in self.window_pattern]
+        return [pattern[i % len(pattern)] for i in range(self.n_layer - 1)] + [None]
 
     @property
     def padded_vocab(self) -> int:
@@ -104,6 +111,8 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.kv_heads}")
         if self.smear_taps < 1:
             raise ValueError(f"smear_taps must be >= 1, got {self.smear_taps}")
+        if not self.window_pattern or set(self.window_pattern) - set("SL"):
+            raise ValueError(f"window_pattern must be letters S (short) and L (long), got {self.window_pattern!r}")
         if self.smear not in SMEAR_MODES:
             raise ValueError(f"smear must be one of {SMEAR_MODES}, got {self.smear!r}")
         if min(self.n_layer, self.vocab_size, self.sequence_len, self.vocab_multiple) < 1:
@@ -222,6 +231,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # smeared keys: per KV head, the logit of the share of the previous position's key in each key
         self.key_smear = nn.Parameter(torch.zeros(self.n_kv_head)) if config.smear_keys else None
+        self.window = config.windows[layer_idx]
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
@@ -237,20 +247,21 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
         gqa = self.n_kv_head != self.n_head
-        if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
+        past = 0
+        if kv_cache is not None:
             past = kv_cache.pos
             k, v = kv_cache.insert(self.layer_idx, k, v)
-            if past == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            elif T == 1:
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-            else:  # a chunk after a cached prefix: query i sees keys up to past + i
-                key_pos = torch.arange(past + T, device=x.device)
-                query_pos = torch.arange(past, past + T, device=x.device)
-                mask = key_pos[None, :] <= query_pos[:, None]
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if self.window is None and past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif self.window is None and T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        else:  # query i (position past + i) sees keys in (past + i - window, past + i]
+            key_pos = torch.arange(past + T, device=x.device)
+            query_pos = torch.arange(past, past + T, device=x.device)[:, None]
+            mask = key_pos <= query_pos
+            if self.window is not None:
+                mask = mask & (key_pos > query_pos - self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.c_proj(y)
 
@@ -356,7 +367,9 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 per non-embedding weight plus the attention score/value matmuls over a
         context of context_len (default sequence_len) positions."""
         c = self.config
-        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_embd * (context_len or c.sequence_len)
+        context = context_len or c.sequence_len
+        attended = sum(min(w or context, context) for w in c.windows)
+        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_embd * attended
 
     def default_rope(self, T: int, offset: int = 0):
         """Standard rotary tables for positions [offset, offset+T): each [1, T, 1, hd/2]."""

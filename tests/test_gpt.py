@@ -11,7 +11,7 @@ from nanochat.gpt import GPT, SMEAR_MODES, GPTConfig, rotary_tables
 
 def perturbed_model(smear: str = "both", taps: int = 1, **config):
     torch.manual_seed(0)
-    m = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=2, n_embd=128, smear=smear, smear_taps=taps, **config))
+    m = GPT(GPTConfig(**{**dict(sequence_len=64, vocab_size=97, n_layer=2, n_embd=128, smear=smear, smear_taps=taps), **config}))
     m.init_weights()
     with torch.no_grad():  # output projections start at zero; perturb them so every layer matters
         for p in m.parameters():
@@ -50,7 +50,8 @@ def test_ignored_targets(model):
 
 
 @pytest.mark.parametrize("smear,taps,config", [(mode, 1, {}) for mode in SMEAR_MODES] + [("both", 3, {})] +
-                         [("both", 1, dict(layer_scalars=True, backout=True))])
+                         [("both", 1, dict(layer_scalars=True, backout=True)),
+                          ("both", 3, dict(window_pattern="SL", sequence_len=16))])
 def test_kv_cache_matches_full_forward(smear, taps, config):
     """Prefill, chunk after a cached prefix, single-token decode and a truncated cache all equal one full
     forward, with every kind of previous-token mixing (the predecessor of a chunk's first position comes
@@ -174,3 +175,20 @@ def test_checkpoints_from_before_vocab_padding_load(tmp_path):
     model, _, _ = build_model(tmp_path, 1, "cpu")
     idx = torch.randint(0, 97, (1, 8))
     assert model.config.vocab_multiple == 1 and torch.allclose(model(idx), old(idx))
+
+
+def test_short_window_layers_see_only_the_last_half_context():
+    """window_pattern S: a layer's query at t sees positions (t - sequence_len/2, t]; the last layer always sees all."""
+    config = GPTConfig(sequence_len=16, vocab_size=97, n_layer=3, n_embd=128, smear="none", window_pattern="S")
+    assert config.windows == [8, 8, None]
+    torch.manual_seed(0)
+    attn = GPT(config).transformer.h[0].attn
+    cos, sin = GPT(config).default_rope(20)
+    x = torch.randn(1, 20, 128)
+    changed = x.clone()
+    changed[:, 0] += 1.0
+    with torch.no_grad():
+        delta = (attn(x, cos, sin) - attn(changed, cos, sin)).abs().amax(-1)[0]  # [20]
+    assert (delta[:8] > 0).all() and (delta[8:] == 0).all()
+    with pytest.raises(ValueError, match="window_pattern"):
+        GPTConfig(window_pattern="SX").validate()
