@@ -70,6 +70,7 @@ class GPTConfig:
     backout: bool = False  # the head reads the residual minus a learned share of the one after the middle layer
     vocab_multiple: int = 64  # embedding and head rows padded to a multiple of this (logits are cropped)
     window_pattern: str = "L"  # per layer, tiled: L attends to every earlier position, S to the last sequence_len/2
+    value_embeds: bool = False  # alternate layers (the last included) add a per-token embedding to their values
 
     @property
     def smear_keys(self) -> bool:
@@ -84,6 +85,9 @@ class GPTConfig:
         """Per layer, how many positions a query sees (itself included), None for all; the last layer sees all."""
         pattern = [None if c == "L" else self.sequence_len // 2 for c in self.window_pattern]
         return [pattern[i % len(pattern)] for i in range(self.n_layer - 1)] + [None]
+
+    def has_value_embeds(self, layer: int) -> bool:
+        return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
 
     @property
     def padded_vocab(self) -> int:
@@ -232,12 +236,18 @@ class CausalSelfAttention(nn.Module):
         # smeared keys: per KV head, the logit of the share of the previous position's key in each key
         self.key_smear = nn.Parameter(torch.zeros(self.n_kv_head)) if config.smear_keys else None
         self.window = config.windows[layer_idx]
+        # value embeddings: v += 2 sigmoid(gate . x[:C]) * table[token], per KV head; the table starts at zero
+        self.value_gate = nn.Linear(SMEAR_GATE_CHANNELS, self.n_kv_head, bias=False) \
+            if config.has_value_embeds(layer_idx) else None
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, value_embed=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.value_gate is not None:
+            gate = 2 * torch.sigmoid(self.value_gate(x[..., :SMEAR_GATE_CHANNELS]))  # [B, T, Hkv]
+            v = v + gate[..., None] * value_embed.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
         if self.key_smear is not None:  # k_t <- (1 - a) k_t + a k_{t-1}, a = sigmoid(key_smear) per KV head
             before = kv_cache.swap_raw_keys(self.layer_idx, k) if kv_cache is not None else torch.zeros_like(k[:, :1])
             share = torch.sigmoid(self.key_smear).to(k.dtype)[:, None]  # [Hkv, 1]
@@ -304,8 +314,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, value_embed=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, value_embed)
         return x + self.mlp(norm(x))
 
 
@@ -324,6 +334,9 @@ class GPT(nn.Module):
         self.resid_scale = nn.Parameter(torch.ones(config.n_layer)) if config.layer_scalars else None
         self.x0_share = nn.Parameter(torch.zeros(config.n_layer)) if config.layer_scalars else None
         self.backout_share = nn.Parameter(torch.zeros(1)) if config.backout else None
+        kv_dim = config.kv_heads * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.padded_vocab, kv_dim)
+                                           for i in range(config.n_layer) if config.has_value_embeds(i)})
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         self._rope_len = 0
         self._grow_rotary(config.sequence_len * 2)
@@ -357,11 +370,17 @@ class GPT(nn.Module):
             nn.init.zeros_(self.x0_share)
         if self.backout_share is not None:
             nn.init.zeros_(self.backout_share)
+        for table in self.value_embeds.values():
+            nn.init.zeros_(table.weight)
+        for block in self.transformer.h:
+            if block.attn.value_gate is not None:
+                nn.init.zeros_(block.attn.value_gate.weight)
         self._grow_rotary(self._rope_len)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wte.weight.numel() if exclude_embedding else n
+        lookups = self.transformer.wte.weight.numel() + sum(t.weight.numel() for t in self.value_embeds.values())
+        return n - lookups if exclude_embedding else n
 
     def estimate_flops(self, context_len: int | None = None) -> float:
         """Training FLOPs per token: 6 per non-embedding weight plus the attention score/value matmuls over a
@@ -383,11 +402,14 @@ class GPT(nn.Module):
         return KVCache(batch_size, max_len, c.n_layer, c.kv_heads, c.head_dim, self.lm_head.weight.device, dtype,
                        raw_keys=c.smear_keys, embed_dim=c.n_embd if c.smear_embed else 0)
 
-    def forward(self, idx=None, targets=None, *, inputs_embeds=None, rope=None, kv_cache=None,
+    def forward(self, idx=None, targets=None, *, inputs_embeds=None, token_ids=None, rope=None, kv_cache=None,
                 loss_reduction="mean"):
-        """Logits [B, T, V] when targets is None, else the loss (scalar, or [B, T] for 'none')."""
+        """Logits [B, T, V] when targets is None, else the loss (scalar, or [B, T] for 'none'). With inputs_embeds and
+        value embeddings, token_ids [B, T] says which token each entry is (-1: none, e.g. a gist: no value embedding)."""
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx or inputs_embeds")
+        if self.value_embeds and idx is None and token_ids is None:
+            raise ValueError("this GPT has value embeddings: inputs_embeds need token_ids (-1 where an entry is no token)")
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if rope is None:
@@ -400,12 +422,16 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, kv_cache)
         x0, middle = x, self.config.n_layer // 2
+        ids = idx if idx is not None else token_ids
         for i, block in enumerate(self.transformer.h):
             if i == middle:
                 x_mid = x
             if self.resid_scale is not None:
                 x = self.resid_scale[i].to(x.dtype) * x + self.x0_share[i].to(x.dtype) * x0
-            x = block(x, cos, sin, kv_cache)
+            value_embed = None
+            if str(i) in self.value_embeds:
+                value_embed = self.value_embeds[str(i)](ids.clamp(min=0)) * (ids >= 0)[..., None]
+            x = block(x, cos, sin, kv_cache, value_embed)
         if kv_cache is not None:
             kv_cache.pos += T
         if self.backout_share is not None:

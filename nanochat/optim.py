@@ -57,14 +57,14 @@ class Muon(torch.optim.Optimizer):
 
 
 def split_params(modules):
-    """Partition parameters into (2-D matrices for Muon, token embedding, LM head, the rest for AdamW)."""
+    """Partition parameters into (2-D matrices for Muon, token embeddings (input and value), LM head, the rest for AdamW)."""
     lookup_tables = {id(m.weight) for mod in modules for m in mod.modules() if isinstance(m, nn.Embedding)}
     matrices, embedding, head, other = [], [], [], []
     for module in modules:
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            if name == "transformer.wte.weight":
+            if name == "transformer.wte.weight" or name.startswith("value_embeds."):
                 embedding.append(p)
             elif name.startswith("lm_head"):
                 head.append(p)

@@ -68,6 +68,7 @@ class TrainConfig:
     layer_scalars: bool = field(default=GPTConfig.layer_scalars, metadata={"help": "per-layer learned residual scale and input-embedding share (see nanochat/gpt.py)"})
     backout: bool = field(default=GPTConfig.backout, metadata={"help": "the LM head reads the residual minus a learned share of the middle layer's input"})
     vocab_multiple: int = field(default=GPTConfig.vocab_multiple, metadata={"min": 1, "help": "pad the embedding and head to a multiple of this many rows (logits are cropped)"})
+    value_embeds: bool = field(default=GPTConfig.value_embeds, metadata={"help": "alternate layers add a learned per-token embedding to their attention values (see nanochat/gpt.py)"})
     window_pattern: str = field(default=GPTConfig.window_pattern, metadata={"help": "attention window per layer, tiled: L = all earlier positions, S = the last max_seq_len/2 (e.g. SSSL; the last layer is always L)"})
     # horizon and batch
     num_iterations: int = field(default=-1, metadata={"min": -1, "help": "optimizer steps; -1 = derive from --target_param_data_ratio"})
@@ -204,7 +205,8 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
     model_config = GPTConfig(sequence_len=cfg.max_seq_len, vocab_size=tokenizer.vocab_size, n_layer=cfg.depth,
                              n_embd=cfg.width or 64 * cfg.depth, head_dim=cfg.head_dim, smear=cfg.smear,
                              smear_taps=cfg.smear_taps, layer_scalars=cfg.layer_scalars, backout=cfg.backout,
-                             vocab_multiple=cfg.vocab_multiple, window_pattern=cfg.window_pattern)
+                             vocab_multiple=cfg.vocab_multiple, window_pattern=cfg.window_pattern,
+                             value_embeds=cfg.value_embeds)
     model = GPT(model_config).to(device)
     model.init_weights()
     train_model = torch.compile(model, dynamic=False) if cfg.compile and device.type == "cuda" else model

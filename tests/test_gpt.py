@@ -17,7 +17,7 @@ def perturbed_model(smear: str = "both", taps: int = 1, **config):
         for p in m.parameters():
             p.add_(0.02 * torch.randn_like(p))
         for name, p in m.named_parameters():  # mixing and layer scalars at a clearly non-trivial strength
-            if "smear" in name or "share" in name or "resid_scale" in name:
+            if any(key in name for key in ("smear", "share", "resid_scale", "value_")):
                 p.add_(0.5 + torch.randn_like(p))
     return m.eval()
 
@@ -51,7 +51,8 @@ def test_ignored_targets(model):
 
 @pytest.mark.parametrize("smear,taps,config", [(mode, 1, {}) for mode in SMEAR_MODES] + [("both", 3, {})] +
                          [("both", 1, dict(layer_scalars=True, backout=True)),
-                          ("both", 3, dict(window_pattern="SL", sequence_len=16))])
+                          ("both", 3, dict(window_pattern="SL", sequence_len=16)),
+                          ("both", 1, dict(value_embeds=True, n_layer=3))])
 def test_kv_cache_matches_full_forward(smear, taps, config):
     """Prefill, chunk after a cached prefix, single-token decode and a truncated cache all equal one full
     forward, with every kind of previous-token mixing (the predecessor of a chunk's first position comes
@@ -192,3 +193,21 @@ def test_short_window_layers_see_only_the_last_half_context():
     assert (delta[:8] > 0).all() and (delta[8:] == 0).all()
     with pytest.raises(ValueError, match="window_pattern"):
         GPTConfig(window_pattern="SX").validate()
+
+
+def test_value_embeds_need_token_ids_and_skip_non_tokens():
+    """Value embeddings (layers 0 and 2 of 3) read the token ids: the inputs_embeds path with token_ids equals the
+    token path; without token_ids it is an error; entries marked -1 (gists) get no value embedding."""
+    model = perturbed_model(value_embeds=True, n_layer=3)
+    assert sorted(model.value_embeds) == ["0", "2"]
+    idx = torch.randint(0, 97, (2, 10))
+    embeds = model.transformer.wte(idx)
+    assert torch.allclose(model(inputs_embeds=embeds, token_ids=idx), model(idx), atol=1e-5)
+    with pytest.raises(ValueError, match="value embeddings: inputs_embeds need token_ids"):
+        model(inputs_embeds=embeds)
+    none = model(inputs_embeds=embeds, token_ids=torch.full_like(idx, -1))
+    assert not torch.allclose(none, model(idx), atol=1e-3)
+    with torch.no_grad():  # entries that are no token behave as if every value embedding were zero
+        for table in model.value_embeds.values():
+            table.weight.zero_()
+    assert torch.allclose(none, model(idx), atol=1e-5)
