@@ -37,6 +37,20 @@ MegaContext gist); the first entry has none (zeros). Every path is exact: traini
 prefill and decode, and a cache truncated to any prefix, because the cache keeps what the next
 position mixes in (`KVCache`).
 
+Options from nanochat's current GPT (`GPTConfig` fields, base_train flags), each exact in every path
+because it acts per position (or, for windows, through the same key positions the cache holds):
+- `layer_scalars`: before block i the residual becomes resid_scale[i] x + x0_share[i] x0 (x0: the normed,
+  smeared input embedding; scales start at 1 and 0, so the model starts as without them);
+- `backout`: the head reads x - share x_mid, x_mid the input of the middle block (share starts at 0);
+- `value_embeds`: alternate layers, the last included, add gate * table[token] to their attention values
+  (ResFormer-style; tables start at zero). They need the token of every entry: `forward(inputs_embeds=...,
+  token_ids=...)`, where -1 marks an entry that is no token (a MegaContext gist gets no value embedding);
+- `window_pattern`: per layer, tiled, L sees every earlier position and S the last sequence_len/2 (the
+  last layer always L); a window counts entries of the sequence, which in a working context are entries;
+- `vocab_multiple` = 64: embedding and head rows padded for aligned matmuls; logits are cropped to the
+  vocabulary, so padding rows are never predicted (checkpoints from before it load unpadded).
+They are off by default (padding aside) until measured on the CPU preset (issue 11).
+
 The hooks MegaContext uses (docs/architecture.md §2) are plain `forward` arguments: `inputs_embeds`
 replaces the embedding lookup, `rope=(cos, sin)` gives per-row rotary tables `[B, T, 1, hd/2]`,
 targets of -1 are ignored, and `loss_reduction='none'` returns the per-position loss `[B, T]`.
