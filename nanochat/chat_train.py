@@ -11,7 +11,7 @@
   (seed, e); rank r of W takes every W-th. The whole state (epoch, cursor, window, dropped) is small
   and exact: `load_state_dict(state_dict())` continues with the same next batch.
 - `fit_longdoc`: longdoc_qa documents sized (by measurement) to fill ~85% of the model's context on average.
-- `evaluate_loss`: validation loss in nats per target token.
+- `evaluate_loss`: validation loss in nats per target token (and at the end, nanochat.loss_eval's bits per byte).
 - `train_chat`: the procedure of both scripts: source checkpoint -> data -> loop -> checkpoints in
   checkpoints/<stage>/<tag> (resumable) -> report section.
 """
@@ -35,6 +35,7 @@ from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, com
                              resumed_autocast_dtype, synchronize)
 from nanochat.dataset import DataError, filler_paragraphs, prepare
 from nanochat.longdoc_qa import LongDocQAConfig, longdoc_qa
+from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizers, lr_multiplier, optimizer_step, set_lr
 from nanochat.progress import Progress
 from nanochat.tokenizer import TokenizerError, get_tokenizer
@@ -353,10 +354,13 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
            f"{grad_accum} micro-batches of {cfg.device_batch_size} on {world_size} rank(s)), context {seq_len}, "
            f"device {device}, autocast {amp_dtype}")
 
-    def validation_loss():  # over the whole val set, in a fixed order
+    def val_batches():  # the whole val set, in a fixed order
+        return ChatBatcher(tokenizer, val_convs, cfg.device_batch_size, seq_len, pack, 0, rank, world_size, device,
+                           single_pass=True)
+
+    def validation_loss():
         model.eval()
-        loss = evaluate_loss(model, ChatBatcher(tokenizer, val_convs, cfg.device_batch_size, seq_len, pack, 0, rank,
-                                                world_size, device, single_pass=True), amp)
+        loss = evaluate_loss(model, val_batches(), amp)
         model.train()
         return loss
 
@@ -417,6 +421,8 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
         wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/step_ms": dt * 1000,
                        "train/epoch": batcher.epoch})
     progress.close()
+    model.eval()  # the final model's val bpb, comparable across stages (the report's summary)
+    val_bpb = evaluate_bpb(model, val_batches(), None, tokenizer.token_bytes(device), amp)
 
     if master:
         report.plot_curves(get_report_dir() / f"{stage}_loss.png", {"train": (history["step"], history["loss"]),
@@ -429,14 +435,14 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
              "layout": "packed rows" if pack else "one conversation per row", "context": seq_len,
              "steps": cfg.num_iterations, "rows per step": cfg.rows_per_step, "epochs seen": batcher.epoch,
              "dropped as longer than the context": dropped, "row fill (non-padding tokens)": f"{fill:.1%}"},
-            {"initial val loss": history["val_loss"][0], "final val loss": val_loss,
+            {"initial val loss": history["val_loss"][0], "final val loss": val_loss, "final val bpb": val_bpb,
              "training time": f"{train_time / 60:.2f} min", "checkpoint": str(ckpt_dir),
              **({"wandb run": run_link(wandb_run)} if run_link(wandb_run) else {})},
             ("img", f"{stage}_loss.png"),
             "Config: `" + json.dumps(asdict(cfg)) + "`",
         ])
-        print0(f"done: val loss {val_loss:.4f}, {dropped} conversations dropped as longer than the context, "
-               f"row fill {fill:.1%}, checkpoint in {ckpt_dir}")
+        print0(f"done: val loss {val_loss:.4f} (bpb {val_bpb:.4f}), {dropped} conversations dropped as longer than the "
+               f"context, row fill {fill:.1%}, checkpoint in {ckpt_dir}")
     wandb_run.finish()
     tracing.shutdown()
     compute_cleanup()

@@ -4,6 +4,7 @@ Per-token losses (nats) are summed and divided by the UTF-8 bytes those target t
 special tokens (0 bytes) and ignored targets (-1) count for neither. Summed over all ranks.
 """
 
+import itertools
 import math
 
 import torch
@@ -11,13 +12,13 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, steps: int, token_bytes, autocast_ctx) -> float:
-    """Average bits per byte of `model` over `steps` (x, y) batches; token_bytes [V] int on the model's device."""
+def evaluate_bpb(model, batches, steps: int | None, token_bytes, autocast_ctx) -> float:
+    """Average bits per byte of `model` over `steps` (x, y) batches (None = all of them); token_bytes [V] int on
+    the model's device."""
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for _ in range(steps):
-        x, y = next(batches)
+    for x, y in itertools.islice(batches, steps):
         with autocast_ctx:
             loss = model(x, y, loss_reduction="none")  # [B, T]
         valid = y >= 0

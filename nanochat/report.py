@@ -2,9 +2,10 @@
 
 Each stage (tokenizer, base training, evaluation, ...) writes its section with `log_section`: the
 markdown (section-<stage>.md), its items as JSON (section-<stage>.json), and the time it finished in
-the run's timeline (run.json, started by `reset`). `generate` writes report.md: a summary table of the
-headline metrics the sections logged, the wall time of every stage, the environment and the size of
-the code, then the sections in stage order. The recipes call
+the run's timeline (run.json, started by `reset`). `generate` writes report.md: the summary (a report card
+of every metric at every stage, like nanochat's; the MegaContext headlines per arm; the other headline
+metrics the sections logged), the wall time of every stage, the environment and the size of the code,
+then the sections in stage order. The recipes call
 
     python -m nanochat.report reset|generate
 """
@@ -14,6 +15,7 @@ import fnmatch
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,25 +23,38 @@ from pathlib import Path
 from nanochat.common import atomic_write_text, get_report_dir
 from nanochat.configurator import FlagParser
 
-STAGE_ORDER = ["tokenizer", "tokenizer-eval", "base-train", "base-mc-train", "base-eval", "mid-train", "chat-sft",
-               "chat-eval", "mc-eval", "bench"]
+STAGE_ORDER = ["tokenizer", "tokenizer-eval", "base-train", "base-mc-train", "base-eval", "chat-eval-base", "mid-train",
+               "chat-eval-mid", "chat-sft", "chat-eval-sft", "chat-rl", "chat-eval-rl", "mc-eval", "bench"]
 
-# The summary's rows: (stage, the paragraph the values follow ("" = any), key pattern (fnmatch)). Every key
-# of a dict item that matches is a row; a metric a stage did not log has no row.
+# The report card: a row per metric, a column per stage of the chat model. A cell is (section, the paragraph
+# the value follows ("" = any), key): the first dict item after such a paragraph that has the key. Chat metrics
+# come from scripts/chat_eval.py's section of that source (its first dict is keyed by the metric).
+CARD_STAGES = ["base", "mid", "sft", "rl"]
+CHAT_METRICS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+CARD = [
+    ("val bpb", {"base": ("base-eval", "", "val bpb"), "mid": ("mid-train", "", "final val bpb"),
+                 "sft": ("chat-sft", "", "final val bpb")}),
+    ("CORE", {"base": ("base-eval", "", "CORE")}),
+    *[(metric, {s: (f"chat-eval-{s}", "", metric) for s in CARD_STAGES}) for metric in CHAT_METRICS],
+    ("Long-doc QA", {s: (f"chat-eval-{s}", "Long-document QA", "accuracy") for s in CARD_STAGES}),
+]
+CARD_NOTE = ("val bpb: base on the pretraining val split, mid and SFT on their held-out conversations (assistant "
+             "tokens). — = the stage did not run or did not log the metric; skipped = it could not run (e.g. offline).")
+# MegaContext headlines from the mc-eval section (scripts/mc_eval_report.py): keys "<task> accuracy at <n>W (<arm>)"
+MC_ARMS = ["truncation", "mc", "full"]
+MC_KEY = re.compile(r"(needle|recall) accuracy at (\S+W) \((\w+)\)")
+
+# The other headline rows: (stage, key pattern (fnmatch)). Every key of the stage's dict items that matches is a
+# row; a metric a stage did not log has no row.
 SUMMARY = [
-    ("tokenizer-eval", "", "bytes/token, */val"),
-    ("base-train", "", "final val bpb"),
-    ("base-train", "", "MFU (mean)"),
-    ("base-mc-train", "", "final val bpb"),
-    ("base-mc-train", "", "final last-H bpb*"),
-    ("base-mc-train", "", "MFU (mean)"),
-    ("base-eval", "", "val bpb"),
-    ("base-eval", "", "CORE"),
-    ("mid-train", "", "final val loss"),
-    ("chat-sft", "", "final val loss"),
-    ("chat-eval", "Long-document QA", "accuracy"),
-    ("chat-eval", "ARC-Easy", "accuracy"),
-    ("mc-eval", "", "needle accuracy at 8W*"),
+    ("tokenizer-eval", "bytes/token, */val"),
+    ("base-train", "final val bpb"),
+    ("base-train", "MFU (mean)"),
+    ("base-mc-train", "final val bpb"),
+    ("base-mc-train", "final last-H bpb*"),
+    ("base-mc-train", "MFU (mean)"),
+    ("mid-train", "final val loss"),
+    ("chat-sft", "final val loss"),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -177,18 +192,50 @@ def reset():
     atomic_write_text(d / "run.json", json.dumps({"start": _now().isoformat(), "sections": []}, indent=1))
 
 
+def _dict_items(section: dict, after: str = ""):
+    """The dict items of a section that follow a paragraph starting with `after` ("" = any)."""
+    paragraph = ""
+    for item in section.get("items", []):
+        if isinstance(item, str):
+            paragraph = item
+        elif isinstance(item, dict) and paragraph.startswith(after):
+            yield item
+
+
 def summary_rows(sections: dict) -> list[list]:
     """[stage, metric, value] for every SUMMARY pattern a key of a stage's dict items matches."""
+    return [[stage, key, _format_value(value)] for stage, pattern in SUMMARY for item in _dict_items(sections.get(stage, {}))
+            for key, value in item.items() if fnmatch.fnmatchcase(key, pattern)]
+
+
+def _cell(value) -> str:
+    """A card cell: a number to 4 significant digits; any "skipped (why)" as just "skipped"."""
+    text = _format_value(value)
+    return "skipped" if text.startswith("skipped") else text
+
+
+def card_rows(sections: dict) -> list[list]:
+    """[metric, base, mid, sft, rl] for every CARD metric ("—" where the stage did not log it)."""
     rows = []
-    for stage, after, pattern in SUMMARY:
-        paragraph = ""
-        for item in sections.get(stage, {}).get("items", []):
-            if isinstance(item, str):
-                paragraph = item
-            elif isinstance(item, dict) and paragraph.startswith(after):
-                rows += [[stage, f"{after} {key}" if after else key, _format_value(value)]
-                         for key, value in item.items() if fnmatch.fnmatchcase(key, pattern)]
+    for metric, cells in CARD:
+        row = [metric]
+        for stage in CARD_STAGES:
+            section, after, key = cells.get(stage, ("", "", ""))
+            found = [item[key] for item in _dict_items(sections.get(section, {}), after) if key in item]
+            row.append(_cell(found[0]) if found else "—")
+        rows.append(row)
     return rows
+
+
+def mc_rows(sections: dict) -> list[list]:
+    """[metric, *MC_ARMS] for every task and length the mc-eval section logged under MC_KEY ("—": arm not run)."""
+    values = {}  # "needle at 8W" -> {arm: value}
+    for item in _dict_items(sections.get("mc-eval", {})):
+        for key, value in item.items():
+            if match := MC_KEY.fullmatch(key):
+                task, length, arm = match.groups()
+                values.setdefault(f"{task} at {length}", {})[arm] = _cell(value)
+    return [[metric, *(per_arm.get(arm, "—") for arm in MC_ARMS)] for metric, per_arm in values.items()]
 
 
 def _duration(seconds: float) -> str:
@@ -256,14 +303,16 @@ def generate() -> str:
 
     run = _read_run(d)
     started = str(run.get("start") or "unknown")
-    rows = summary_rows(sections)
+    rows, mc = summary_rows(sections), mc_rows(sections)
     wall_time = wall_time_section(run, notes)
     code_rows, code_source = code_size()
     parts = [
         "# MegaContext run report", "",
         f"Generated {_now():%Y-%m-%d %H:%M:%S}; run started {started.replace('T', ' ')}.", "",
         "## Summary", "",
-        _table(["stage", "metric", "value"], rows) if rows else "No headline metric has been logged yet.", "",
+        _table(["metric", *(stage.upper() for stage in CARD_STAGES)], card_rows(sections)), "", CARD_NOTE, "",
+        *(["MegaContext evaluation (mc_eval), accuracy per arm:", "", _table(["metric", *MC_ARMS], mc), ""] if mc else []),
+        _table(["stage", "metric", "value"], rows) if rows else "No other headline metric has been logged yet.", "",
         wall_time,
         render_section("Environment", [environment()]),
         f"## Code size\n\nThe repository's {', '.join(CODE_SUFFIXES)} files ({code_source}):\n",

@@ -84,7 +84,7 @@ def main(argv=None):
                                     seed=i, stop_tokens=[tokenizer.bos_token_id])[0]
         samples.append(tokenizer.decode(row[1:]))
         print0(f"  {samples[-1]!r}")
-    core_items = ["CORE: skipped (evaluation bundle not available offline)"] if args.core else []
+    core_items = [{"CORE": "skipped (evaluation bundle not available offline)"}] if args.core else []
     if tasks:
         core = evaluate_core(model, tokenizer, tasks, device, args.core_max_per_task, rank, world_size,
                              autocast=lambda: autocast_ctx(device.type, amp_dtype))

@@ -9,7 +9,8 @@ examples that still do not fit are skipped and counted. A greedy completion is c
 contains the answer string. Reported: accuracy overall and by depth of the fact in the document,
 and how often a distractor value (a near miss planted in the same document) was produced.
 ARC-Easy: the choice letter with the highest logit after <|assistant_start|>, against chance.
-Numbers go to the report section "chat-eval" and to report/chat_eval.json.
+Numbers go to report/chat_eval.json and to the report section of the evaluated stage, "chat-eval-<source>"
+(the summary shows each stage as a column).
 """
 
 import argparse
@@ -146,7 +147,7 @@ def main(argv=None):
                "samples": dict(zip(SAMPLE_PROMPTS, samples)), "eval_seconds": round(elapsed, 1)}
     path = get_report_dir() / "chat_eval.json"
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
-    report.log_section("chat-eval", "Chat evaluation", [
+    report.log_section(f"chat-eval-{args.source}", f"Chat evaluation ({args.source})", [
         {"checkpoint": checkpoint, "context": context, "evaluation time": f"{elapsed / 60:.2f} min"},
         f"Long-document QA (held out; documents of {longdoc['doc_words']} words, greedy, correct = answer string in the reply):",
         {"examples": longdoc["n"], "skipped (longer than the context)": longdoc["skipped_too_long"],

@@ -116,6 +116,10 @@ def write_outputs(results: dict, report_dir) -> dict:
         cols = sorted({n for v in rc["accuracy"].values() for n in v})
         items += [f"**Associative recall** accuracy per query vs number of pairs (history {rc['length']} tokens):",
                   _arm_table(rc["accuracy"], cols, "arm")]
+        at_length = {f"recall accuracy at {rc['length'] / W:g}W ({arm})": _mean([v for v in acc.values() if math.isfinite(v)])
+                     for arm, acc in rc["accuracy"].items() if any(math.isfinite(v) for v in acc.values())}
+        if at_length:  # the headline of the run's summary table
+            items += [f"Recall accuracy at {rc['length']} tokens, mean over {', '.join(map(str, cols))} pairs:", at_length]
         items += _lines(report_dir / "mc_eval_recall.png", rc["accuracy"], "key -> value pairs", "accuracy",
                         f"Recall at history {rc['length']}")
     if "loss" in results:

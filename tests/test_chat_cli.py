@@ -72,7 +72,7 @@ def test_chat_eval_end_to_end(tiny_sft):
     longdoc = saved["longdoc_qa"]
     assert longdoc["n"] + longdoc["skipped_too_long"] == 6 and len(longdoc["by_depth"]) == 5
     assert "skipped" in saved["arc_easy"]  # the tests run offline
-    section = (get_report_dir() / "section-chat-eval.md").read_text()
+    section = (get_report_dir() / "section-chat-eval-sft.md").read_text()
     assert "Long-document QA" in section and "ARC-Easy" in section
     with pytest.raises(SystemExit, match="no sft checkpoint found"):
         chat_eval.main(["--tag=never_trained"])

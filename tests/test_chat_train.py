@@ -148,6 +148,9 @@ def test_sft_smoke_and_resume(tiny_base):
     assert len(history["val_loss"]) == 3 and all(math.isfinite(v) for v in history["val_loss"])
     section = (get_report_dir() / "section-chat-sft.md").read_text()
     assert "final val loss" in section and "dropped" in section
+    items = json.loads((get_report_dir() / "section-chat-sft.json").read_text())["items"]
+    bpb = next(item["final val bpb"] for item in items if isinstance(item, dict) and "final val bpb" in item)
+    assert 0 < bpb < 20  # bits per byte of the assistant tokens (the report card's SFT column)
 
     full_dir, part_dir = checkpoint_dir("sft", "sft_full"), checkpoint_dir("sft", "sft_part")
     part_dir.mkdir(parents=True, exist_ok=True)

@@ -30,22 +30,21 @@ def test_sections_summary_and_wall_time(report_dir):
     report.log_section("base-train", "Base model training", [  # 12:02
         {"data": "books", "steps": 10}, {"initial val bpb": 3.0, "final val bpb": 1.23456, "MFU (mean)": "41.5%"},
         ("img", "base_loss.png"), "Samples:", "    'text'"])
-    report.log_section("chat-eval", "Chat evaluation", [  # 12:03
+    report.log_section("chat-eval-sft", "Chat evaluation (sft)", [  # 12:03
         {"checkpoint": "sft/d4", "accuracy": "not a headline: no paragraph before it"},
-        "Long-document QA (held out):", {"examples": 200, "accuracy": "0.715", "accuracy at depth 0.1 (n=20)": "0.8"},
-        "ARC-Easy (multiple choice):", {"skipped": "offline"}])
+        "Long-document QA (held out):", {"examples": 200, "accuracy": "0.715", "accuracy at depth 0.1 (n=20)": "0.8"}])
     report.log_section("base-train", "Base model training", [{"final val bpb": 1.0, "MFU (mean)": "40.0%"}])  # 12:04, again
-    saved = json.loads((report_dir / "section-chat-eval.json").read_text())
-    assert saved["stage"] == "chat-eval" and saved["time"] == "2025-01-01T12:03:00" and saved["items"][2]["examples"] == 200
+    saved = json.loads((report_dir / "section-chat-eval-sft.json").read_text())
+    assert saved["stage"] == "chat-eval-sft" and saved["time"] == "2025-01-01T12:03:00" and saved["items"][2]["examples"] == 200
     text = open(report.generate()).read()  # generated at 12:05
 
     summary = text.split("## Summary")[1].split("##")[0]
     rows = [line for line in summary.splitlines() if line.startswith("| ") and "metric" not in line]
-    assert rows == ["| base-train | final val bpb | 1 |", "| base-train | MFU (mean) | 40.0% |",  # the last run's
-                    "| chat-eval | Long-document QA accuracy | 0.715 |"]  # ARC-Easy was skipped: no row
+    assert "| Long-doc QA | — | — | 0.715 | — |" in rows and "| CORE | — | — | — | — |" in rows  # the report card
+    assert rows[-2:] == ["| base-train | final val bpb | 1 |", "| base-train | MFU (mean) | 40.0% |"]  # the last run's
     assert "Generated 2025-01-01 12:05:00; run started 2025-01-01 12:00:00." in text
     wall = text.split("## Wall time")[1].split("##")[0]
-    assert "| tokenizer | 2025-01-01 12:01:00 | 1m 00s |" in wall and "| chat-eval | 2025-01-01 12:03:00 | 1m 00s |" in wall
+    assert "| tokenizer | 2025-01-01 12:01:00 | 1m 00s |" in wall and "| chat-eval-sft | 2025-01-01 12:03:00 | 1m 00s |" in wall
     assert wall.count("| base-train |") == 2 and "| **total** |  | 4m 00s |" in wall and "more than once" in wall
     assert "## Environment" in text and "git commit:" in text and "torch:" in text
     assert text.index("## Summary") < text.index("## Wall time") < text.index("## Environment") < text.index("## Code size")
@@ -123,11 +122,62 @@ def test_mc_eval_section_round_trips_through_its_json(report_dir):
     (report_dir / "section-mc-eval.md").unlink()
     mc_eval_report.main([])  # rewrites the section and the JSON from the saved JSON
     assert (report_dir / "section-mc-eval.md").read_text() == section and (report_dir / "mc_eval.json").read_text() == saved
-    assert "| mc-eval | needle accuracy at 8W (mc) | 0.75 |" in open(report.generate()).read()
+    assert "| needle at 8W | 0.25 | 0.75 | — |" in open(report.generate()).read()  # the summary's MC table
     for argv, message in [(["--json=/nonexistent.json"], "cannot read /nonexistent.json"),
                           ([f"--json={report_dir / 'section-mc-eval.json'}"], "is not an mc_eval.json")]:
         with pytest.raises(SystemExit, match=message):
             mc_eval_report.main(argv)
+
+
+def chat_eval_items(values: dict, longdoc: str) -> list:
+    """A chat_eval section: the summary dict (its keys: report.CHAT_METRICS), then long-document QA."""
+    return [dict(zip(report.CHAT_METRICS, values)), {"checkpoint": "x", "context": 512},
+            "Long-document QA (held out):", {"examples": 10, "accuracy": longdoc}]
+
+
+def summary_tables(text: str) -> list[list[str]]:
+    """The summary's tables, each as its rows of cells (header included)."""
+    tables, lines = [], text.split("## Summary")[1].split("## Wall time")[0].splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("| ") and not lines[i - 1].startswith("|"):
+            tables.append([])
+        if line.startswith("| "):
+            tables[-1].append([cell.strip() for cell in line.strip("|").split("|")])
+    return tables
+
+
+def test_report_card(report_dir):
+    report.reset()
+    text = open(report.generate()).read()
+    [card] = summary_tables(text)  # no MC table, no other headline metric
+    assert card[0] == ["metric", "BASE", "MID", "SFT", "RL"] and len(card) == 1 + len(report.CARD)
+    assert all(row[1:] == ["—"] * 4 for row in card[1:]) and "No other headline metric" in text  # no stage has run
+    report.log_section("base-eval", "Base model evaluation", [{"checkpoint": "d4 step 9", "val bpb": 0.812345},
+                                                              "Samples:", {"CORE": "skipped (offline)"}])
+    report.log_section("mid-train", "Mid-training", [{"steps": 3}, {"final val loss": 1.5, "final val bpb": 0.61}])
+    report.log_section("chat-sft", "Chat SFT", [{"final val loss": 1.2, "final val bpb": 0.55}])
+    report.log_section("chat-eval-mid", "Chat evaluation (mid)", chat_eval_items(
+        ["0.312", "0.250", "skipped", "skipped", "0.000", "0.041"], "0.400"))
+    report.log_section("chat-eval-sft", "Chat evaluation (sft)", chat_eval_items(
+        ["0.350", "0.270", "0.260", "skipped", "0.012", "0.070"], "0.500"))
+    report.log_section("chat-eval-rl", "Chat evaluation (rl)", chat_eval_items(
+        ["0.340", "0.280", "skipped", "0.031", "0.010", "0.066"], "0.450"))
+    mc_eval_report.write_outputs(needle_results(), report_dir)  # needle at 8W and recall at 4W, arms truncation and mc
+    card, mc, others = summary_tables(open(report.generate()).read())
+    assert card == [["metric", "BASE", "MID", "SFT", "RL"],
+                    ["val bpb", "0.8123", "0.61", "0.55", "—"],
+                    ["CORE", "skipped", "—", "—", "—"],
+                    ["ARC-Easy", "—", "0.312", "0.350", "0.340"],
+                    ["ARC-Challenge", "—", "0.250", "0.270", "0.280"],
+                    ["MMLU", "—", "skipped", "0.260", "skipped"],
+                    ["GSM8K", "—", "skipped", "skipped", "0.031"],
+                    ["HumanEval", "—", "0.000", "0.012", "0.010"],
+                    ["ChatCORE", "—", "0.041", "0.070", "0.066"],
+                    ["Long-doc QA", "—", "0.400", "0.500", "0.450"]]
+    assert mc == [["metric", "truncation", "mc", "full"],
+                  ["needle at 8W", "0.25", "0.75", "—"],  # full did not run at 8W
+                  ["recall at 4W", "—", "0.75", "—"]]  # the mean over 1 and 2 pairs (16: no result)
+    assert ["mid-train", "final val loss", "1.5"] in others and ["chat-sft", "final val loss", "1.2"] in others
 
 
 @pytest.mark.parametrize("module, names", [("nanochat.report", ["reset", "generate"]), ("scripts.mc_eval_report", ["--json"])])
