@@ -54,12 +54,12 @@ if [ "$PRESET" = gpu ]; then
              --data_mix=copy:0.3,needle:0.35,recall:0.35 --warmup_mix=copy:1 --warmup_mix_steps=100 --filler_weight=0
              --eval_every=100 --sample_every=-1)
     MC_LONG=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=2000
-             --data_mix=fineweb-edu:0.4,copy:0.1,needle:0.3,recall:0.2 --answer_weight=5 --filler_weight=0
+             --data_mix=text:0.4,copy:0.1,needle:0.3,recall:0.2 --answer_weight=5 --filler_weight=0
              --eval_every=250 --sample_every=-1)
     MC_TRAIN=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=1000
-              --data_mix=fineweb-edu:0.2,needle:0.5,recall:0.3 --pack_rows=0.3 --answer_weight=5 --eval_every=250 --sample_every=-1)
+              --data_mix=text:0.2,needle:0.5,recall:0.3 --pack_rows=0.3 --answer_weight=5 --eval_every=250 --sample_every=-1)
     MC_FOCUS=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=300
-              --freeze=gpt,mc_gist --data_mix=fineweb-edu:0.1,needle:0.55,recall:0.35 --eval_every=300 --sample_every=-1)
+              --freeze=gpt,mc_gist --data_mix=text:0.1,needle:0.55,recall:0.35 --eval_every=300 --sample_every=-1)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
     MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64 --mc_bag_loss_weight=0.1)
     MC_EVAL=()
