@@ -60,8 +60,8 @@ def humaneval_example(row: dict) -> dict:
 
 
 def extract_code(reply: str) -> str:
-    """The first ``` fenced block of a reply (```python or bare), else the whole reply."""
-    fenced = re.search(r"```[a-zA-Z]*\n(.*?)```", reply, flags=re.DOTALL)
+    """The first ``` fenced block of a reply (```python or bare; unclosed when the reply was cut off), else the whole reply."""
+    fenced = re.search(r"```[a-zA-Z]*\n(.*?)(?:```|\Z)", reply, flags=re.DOTALL)
     return fenced.group(1) if fenced else reply
 
 

@@ -154,11 +154,11 @@ def main(argv=None):
     parser.add_argument("--step", type=checked_number(int, 0), default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--num_longdoc", type=checked_number(int, 0), default=200, help="long-document QA examples")
     parser.add_argument("--longdoc_filler", default="pretraining", choices=["pretraining", "synthetic"], help="document filler text")
-    parser.add_argument("--max_tokens", type=checked_number(int, 1), default=32, help="longest completion, in tokens")
+    parser.add_argument("--max_tokens", type=checked_number(int, 1), default=32, help="longest long-document QA completion, in tokens")
     for task in TASKS.values():
         what = "questions" if task.kind == "choice" else "problems"
         parser.add_argument(f"--num_{task.flag}", type=checked_number(int, 0), default=task.default_n,
-                            help=f"{task.name} {what} (0 = skip)")
+                            help=f"{task.name} {what} (default {task.default_n}; 0 = skip)")
         parser.add_argument(f"--{task.key}_data", default="", metavar="PATH.jsonl",
                             help=f"{task.name} rows from this file (the schema of the hub's {task.hub[0]}; the first "
                                  f"--num_{task.flag} rows) instead of the hub")

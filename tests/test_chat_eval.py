@@ -157,6 +157,7 @@ def test_humaneval_scoring(tiny_env):
     assert humaneval_passed(add_all, full)
     assert humaneval_passed(add_all, "    return sum(numbers)\n")  # only the body: read as the prompt's continuation
     assert humaneval_passed(add_all, "Here it is:\n```python\ndef add_all(numbers):\n    return sum(numbers)\n```\nDone.")
+    assert humaneval_passed(add_all, "```python\ndef add_all(numbers):\n    return sum(numbers)\n")  # cut off before the fence closed
     assert humaneval_passed(shout, "def shout(words):\n    return ' '.join(_upper(w) for w in words) + '!'\n")  # the prompt's helper
     assert not humaneval_passed(add_all, "def add_all(numbers):\n    return len(numbers)\n")
     assert not humaneval_passed(is_even, "    return n % 2 == 1\n")
