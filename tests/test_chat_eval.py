@@ -213,12 +213,12 @@ def test_chat_eval_end_to_end(tiny_checkpoint, capsys):
     for key, n in zip(evaluated, (4, 4, 5, 3)):
         assert saved[key]["n"] == n and 0 <= saved[key]["accuracy"] <= 1 and 0 <= saved[key]["chance"] < 1
     assert saved["humaneval"]["chance"] == 0 and saved["mmlu"]["chance"] == 0.25
-    assert saved["gsm8k"] == {"skipped": "not evaluated by this version of chat_eval"}
+    assert "skipped" in saved["gsm8k"]  # no local file for it
     assert saved["chatcore_tasks"] == evaluated and isinstance(saved["chatcore"], float)
     assert saved["chatcore"] == pytest.approx(chatcore({k: saved[k] for k in evaluated})[0])
     assert "longdoc_qa" in saved and "samples" in saved
     summary = json.loads((get_report_dir() / "section-chat-eval.json").read_text())["items"][0]
-    assert list(summary) == ["ARC-Easy", "ARC-Challenge", "MMLU", "HumanEval", "GSM8K", "ChatCORE"]
+    assert set(summary) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"}
     assert summary["GSM8K"] == "skipped" and summary["MMLU"] == f"{saved['mmlu']['accuracy']:.3f}"
 
     # a task set to 0 is skipped and left out of ChatCORE; with no local file the hub is tried and skipped offline
