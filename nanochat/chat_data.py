@@ -90,10 +90,16 @@ def _gsm8k(row) -> dict:
     return {"messages": [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": answer}]}
 
 
+def choice_conversation(question: str, letters: list[str], texts: list[str], answer: str) -> dict:
+    """A multiple-choice question as a chat: the choices as "X. text" lines, the reply is the letter alone
+    (the format chat_eval scores: nanochat/chat_tasks.py)."""
+    choices = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, texts, strict=True))
+    question = f"{question}\n\n{choices}\n\nAnswer with the letter of the correct choice."
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
 def _arc(row) -> dict:
-    choices = "\n".join(f"{label}. {text}" for label, text in zip(row["choices"]["label"], row["choices"]["text"], strict=True))
-    question = f"{row['question']}\n\n{choices}\n\nAnswer with the letter of the correct choice."
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": row["answerKey"]}]}
+    return choice_conversation(row["question"], row["choices"]["label"], row["choices"]["text"], row["answerKey"])
 
 
 # name: (hub path, config, row -> conversation); split "train" reads the hub's train split, "val" its test split
@@ -115,18 +121,29 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def load_hub(name: str, n: int, seed: int, split: str = "train") -> list[dict]:
-    """Up to n valid conversations of a hub source in a seeded order; [] (and a printed line) when unavailable."""
-    path, config, convert = HUB_SOURCES[name]
+class HubUnavailable(RuntimeError):
+    """Neither the HF hub nor its local cache can give a dataset now; the message says why."""
+
+
+def hub_dataset(path: str, config: str | None, split: str):
+    """A split of a hub dataset through `datasets` (HF_HUB_OFFLINE: from the cache only); HubUnavailable otherwise."""
     reason = _hub_unreachable()
     if reason is None:
         import datasets  # here, not at the top: importing it takes seconds and only hub sources need it
         try:
-            ds = datasets.load_dataset(path, config, split="train" if split == "train" else "test")
+            return datasets.load_dataset(path, config, split=split)
         except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, hub errors) when offline
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-    if reason is not None:
-        print0(f"chat data: {name} unavailable offline ({reason}), skipped")
+    raise HubUnavailable(reason)
+
+
+def load_hub(name: str, n: int, seed: int, split: str = "train") -> list[dict]:
+    """Up to n valid conversations of a hub source in a seeded order; [] (and a printed line) when unavailable."""
+    path, config, convert = HUB_SOURCES[name]
+    try:
+        ds = hub_dataset(path, config, "train" if split == "train" else "test")
+    except HubUnavailable as e:
+        print0(f"chat data: {name} unavailable offline ({e}), skipped")
         return []
     rows = ds.shuffle(seed=seed).select(range(min(n, len(ds))))
     conversations = []

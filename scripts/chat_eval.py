@@ -1,28 +1,36 @@
-"""Evaluate a chat model: long-document QA (always) and ARC-Easy multiple choice (when the hub is reachable).
+"""Evaluate a chat model: long-document QA, and the benchmarks of nanochat/chat_tasks.py with ChatCORE.
 
     python -m scripts.chat_eval                       # the latest SFT checkpoint
-    python -m scripts.chat_eval --source=mid --num_longdoc=500
+    python -m scripts.chat_eval --source=mid --num_longdoc=500 --num_mmlu=0
+    python -m scripts.chat_eval --mmlu_data=mmlu_rows.jsonl   # a task's rows from a local file, not the hub
 
 Long-document QA: held-out generated documents (nanochat/longdoc_qa.py, the "val" seed stream, filler
 from the pretraining corpus' val split) sized to fill ~90% of the model's context, like in training;
 examples that still do not fit are skipped and counted. A greedy completion is correct when it
 contains the answer string. Reported: accuracy overall and by depth of the fact in the document,
 and how often a distractor value (a near miss planted in the same document) was produced.
-ARC-Easy: the choice letter with the highest logit after <|assistant_start|>, against chance.
+Benchmarks (one ChatTask each in nanochat/chat_tasks.py; --num_X=0 skips one): ARC-Easy, ARC-Challenge and
+MMLU score the choice letter with the highest logit after <|assistant_start|>, against chance; HumanEval
+runs each greedy reply with the task's tests in a limited subprocess (nanochat/execution.py), pass@1.
+Their data comes from the HF hub (skipped with one printed line when it is unreachable, never faked) or
+from a local .jsonl of rows in the hub's schema (--KEY_data). Questions longer than the context are
+skipped and counted. ChatCORE: the mean over the evaluated benchmarks of (accuracy - chance) / (1 - chance).
 Numbers go to report/chat_eval.json and to the report section of the evaluated stage, "chat-eval-<source>"
 (the summary shows each stage as a column).
 """
 
 import argparse
 import json
-import re
 import sys
 import time
+from functools import partial
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat import report
-from nanochat.chat_data import load_hub
+from nanochat.chat_data import HubUnavailable
+from nanochat.chat_tasks import TASKS, ChatTask, chatcore, load_examples
 from nanochat.chat_train import longdoc_setup, pretraining_data
 from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer
 from nanochat.common import atomic_write_text, autocast_ctx, autocast_dtype, compute_init, get_report_dir
@@ -34,6 +42,8 @@ from nanochat.tokenizer import TokenizerError
 
 DEPTH_BINS = 5  # depth of the asked fact in its document: [0, 0.2), [0.2, 0.4), ... [0.8, 1]
 SAMPLE_PROMPTS = ["Who are you?", "What can you do?"]
+HUB_OFFLINE = "the HF hub is unreachable (offline)"
+NOT_YET = {"gsm8k": "GSM8K"}  # benchmarks of the report's summary without a ChatTask yet: reported as skipped
 
 
 def greedy_reply(engine, tokenizer, messages: list[dict], context: int, max_tokens: int) -> str:
@@ -72,22 +82,66 @@ def eval_longdoc(engine, tokenizer, examples, context: int, max_tokens: int) -> 
 
 
 @torch.no_grad()
-def eval_multiple_choice(model, tokenizer, conversations, amp) -> dict:
-    """Accuracy of the highest-logit choice letter (letters parsed from the 'X. text' lines of the question)."""
+def eval_multiple_choice(model, tokenizer, examples, context: int, amp, batch_size: int) -> dict:
+    """Accuracy of the highest-logit letter among each example's "letters", in right-padded batches of
+    similar length (causal attention: a row never reads its padding); prompts longer than the context are skipped."""
     device = model.lm_head.weight.device
+    prompts = [tokenizer.render_for_completion(example["messages"][:1]) for example in examples]
+    order = sorted((i for i, p in enumerate(prompts) if len(p) <= context), key=lambda i: len(prompts[i]))
     correct, chance = 0, 0.0
-    for conv in conversations:
-        question, answer = conv["messages"][0]["content"], conv["messages"][1]["content"].strip()
-        letters = re.findall(r"^([A-Z0-9])\. ", question, flags=re.MULTILINE)
-        letter_ids = [tokenizer.encode(letter)[0] for letter in letters]
-        prompt = tokenizer.render_for_completion(conv["messages"][:1])
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        letters = [examples[i]["letters"] for i in rows]
+        width = max(map(len, letters))
+        letter_ids = torch.tensor([[tokenizer.encode(x)[0] for x in ls] + [0] * (width - len(ls)) for ls in letters],
+                                  device=device)  # [B, L]: every letter is one byte, so one token
+        real = torch.tensor([[j < len(ls) for j in range(width)] for ls in letters], device=device)  # [B, L]
+        answers = torch.tensor([ls.index(examples[i]["messages"][1]["content"].strip()) for i, ls in zip(rows, letters)],
+                               device=device)  # [B]
+        lengths = torch.tensor([len(prompts[i]) for i in rows], device=device)  # [B]
+        batch = pad_sequence([torch.tensor(prompts[i]) for i in rows], batch_first=True,
+                             padding_value=tokenizer.bos_token_id).to(device)  # [B, T]
         with amp:
-            logits = model(torch.tensor([prompt], device=device))[0, -1]  # [V]
-        choice = letters[int(logits[letter_ids].argmax())]
-        correct += choice == answer
-        chance += 1 / len(letters)
-    n = len(conversations)
-    return {"n": n, "accuracy": correct / n, "chance": chance / n}
+            logits = model(batch)  # [B, T, V]
+        last = logits[torch.arange(len(rows), device=device), lengths - 1]  # [B, V]
+        scores = last.gather(1, letter_ids).masked_fill(~real, float("-inf"))  # [B, L]
+        correct += int((scores.argmax(dim=1) == answers).sum())
+        chance += float((1 / real.sum(dim=1)).sum())
+    n = len(order)
+    return {"n": n, "accuracy": correct / n if n else None, "chance": chance / n if n else None,
+            "skipped_too_long": len(examples) - n}
+
+
+def eval_generative(examples, check, reply, tokenizer, context: int) -> dict:
+    """Share of replies that `check(example, reply)` accepts (pass@1 with greedy replies), chance 0;
+    `reply(messages) -> str`. Prompts that leave no room for a reply in the context are skipped."""
+    correct, n, shown = 0, 0, []
+    for example in examples:
+        if len(tokenizer.render_for_completion(example["messages"][:1])) >= context:
+            continue
+        completion = reply(example["messages"][:1])
+        ok = check(example, completion)
+        correct, n = correct + ok, n + 1
+        if len(shown) < 3:
+            shown.append(f"{'pass' if ok else 'fail'}: {completion[:160]!r}")
+    return {"n": n, "accuracy": correct / n if n else None, "chance": 0.0, "skipped_too_long": len(examples) - n,
+            "examples": shown}
+
+
+def load_task(task: ChatTask, n: int, path: str) -> tuple[list[dict], dict | None]:
+    """The examples of a task and None, or [] and its {"skipped": reason}; a bad local file exits with an error."""
+    if n == 0:
+        return [], {"skipped": f"--num_{task.flag}=0"}
+    try:
+        examples = load_examples(task, n, seed=0, path=path or None)
+    except HubUnavailable as e:
+        print(f"{task.name}: skipped, {HUB_OFFLINE}: {e}")
+        return [], {"skipped": HUB_OFFLINE}
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --{task.key}_data: {e}")
+    if not examples:
+        sys.exit(f"error: --{task.key}_data={path}: no rows" if path else f"error: {task.name}: the hub gave no usable rows")
+    return examples, None
 
 
 def fmt(x) -> str:
@@ -101,11 +155,20 @@ def main(argv=None):
     parser.add_argument("--step", type=checked_number(int, 0), default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--num_longdoc", type=checked_number(int, 0), default=200, help="long-document QA examples")
     parser.add_argument("--longdoc_filler", default="pretraining", choices=["pretraining", "synthetic"], help="document filler text")
-    parser.add_argument("--max_tokens", type=checked_number(int, 1), default=32, help="longest completion, in tokens")
-    parser.add_argument("--num_arc", type=checked_number(int, 0), default=500, help="ARC-Easy questions (0 = skip)")
+    parser.add_argument("--max_tokens", type=checked_number(int, 1), default=32, help="longest long-document QA completion, in tokens")
+    for task in TASKS.values():
+        what = "questions" if task.kind == "choice" else "problems"
+        parser.add_argument(f"--num_{task.flag}", type=checked_number(int, 0), default=task.default_n,
+                            help=f"{task.name} {what} (default {task.default_n}; 0 = skip)")
+        parser.add_argument(f"--{task.key}_data", default="", metavar="PATH.jsonl",
+                            help=f"{task.name} rows from this file (the schema of the hub's {task.hub[0]}; the first "
+                                 f"--num_{task.flag} rows) instead of the hub")
+    parser.add_argument("--batch_size", type=checked_number(int, 1), default=8, help="multiple-choice questions per forward pass")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     args = parser.parse_args(argv)
 
+    tasks = {task.key: load_task(task, getattr(args, f"num_{task.flag}"), getattr(args, f"{task.key}_data"))
+             for task in TASKS.values()}
     _, _, _, _, device = compute_init(args.device_type)
     try:
         model, tokenizer, meta, ckpt_dir = load_model_and_tokenizer(args.source, args.tag, args.step, device)
@@ -130,33 +193,52 @@ def main(argv=None):
     for row in longdoc["by_depth"]:
         print(f"  depth {row['depth']}: accuracy {fmt(row['accuracy'])} (n={row['n']})")
 
-    arc = {"skipped": "--num_arc=0"}
-    if args.num_arc > 0:
-        conversations = load_hub("arc_easy", args.num_arc, seed=0, split="val")
-        if conversations:
-            model.eval()
-            arc = eval_multiple_choice(model, tokenizer, conversations, amp)
-            print(f"ARC-Easy: accuracy {arc['accuracy']:.4f} over {arc['n']} questions (chance {arc['chance']:.4f})")
+    results = {}
+    model.eval()
+    for key, (examples, skipped) in tasks.items():
+        task = TASKS[key]
+        if skipped is not None:
+            results[key] = skipped
+            continue
+        if task.kind == "choice":
+            result = eval_multiple_choice(model, tokenizer, examples, context, amp, args.batch_size)
         else:
-            arc = {"skipped": "the HF hub is unreachable (offline)"}
-            print("ARC-Easy: skipped, the HF hub is unreachable (offline)")
+            reply = partial(greedy_reply, engine, tokenizer, context=context, max_tokens=task.max_tokens)
+            result = eval_generative(examples, task.check, reply, tokenizer, context)
+        results[key] = {**result, "data": getattr(args, f"{key}_data") or " ".join(filter(None, task.hub))}
+        print(f"{task.name}: accuracy {fmt(result['accuracy'])} over {result['n']} (chance {fmt(result['chance'])}, "
+              f"{result['skipped_too_long']} skipped as longer than the context)")
+    results.update({key: {"skipped": "not evaluated by this version of chat_eval"} for key in NOT_YET})
+    score, score_tasks = chatcore({key: r for key, r in results.items() if "skipped" not in r})
+    print(f"ChatCORE: {fmt(score)} over {', '.join(score_tasks) or 'no task'}")
     samples = [greedy_reply(engine, tokenizer, [{"role": "user", "content": p}], context, 64) for p in SAMPLE_PROMPTS]
     elapsed = time.perf_counter() - t0
 
-    results = {"checkpoint": checkpoint, "context": context, "longdoc_qa": longdoc, "arc_easy": arc,
-               "samples": dict(zip(SAMPLE_PROMPTS, samples)), "eval_seconds": round(elapsed, 1)}
+    results = {"checkpoint": checkpoint, "context": context, "longdoc_qa": longdoc, **results, "chatcore": score,
+               "chatcore_tasks": score_tasks, "samples": dict(zip(SAMPLE_PROMPTS, samples)),
+               "eval_seconds": round(elapsed, 1)}
     path = get_report_dir() / "chat_eval.json"
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    names = {**{key: task.name for key, task in TASKS.items()}, **NOT_YET}
+    benchmarks = []
+    for key, name in names.items():
+        r = results[key]
+        benchmarks += [f"{name} ({r.get('data', 'not evaluated')}):",
+                       {"skipped": r["skipped"]} if "skipped" in r else
+                       {"examples": r["n"], "accuracy": fmt(r["accuracy"]), "chance": fmt(r["chance"]),
+                        "skipped (longer than the context)": r["skipped_too_long"]}]
     report.log_section(f"chat-eval-{args.source}", f"Chat evaluation ({args.source})", [
-        {"checkpoint": checkpoint, "context": context, "evaluation time": f"{elapsed / 60:.2f} min"},
+        {**{name: "skipped" if results[key].get("accuracy") is None else fmt(results[key]["accuracy"])
+            for key, name in names.items()}, "ChatCORE": "skipped" if score is None else fmt(score)},
+        {"checkpoint": checkpoint, "context": context, "evaluation time": f"{elapsed / 60:.2f} min",
+         "ChatCORE over": ", ".join(score_tasks) or "no task"},
         f"Long-document QA (held out; documents of {longdoc['doc_words']} words, greedy, correct = answer string in the reply):",
         {"examples": longdoc["n"], "skipped (longer than the context)": longdoc["skipped_too_long"],
          "accuracy": fmt(longdoc["accuracy"]), "replies with a distractor value": fmt(longdoc["distractor_rate"]),
          **{f"accuracy at depth {r['depth']} (n={r['n']})": fmt(r["accuracy"]) for r in longdoc["by_depth"]}},
         "Examples:", *[f"    {e}" for e in longdoc["examples"]],
-        "ARC-Easy (multiple choice, highest-logit letter):",
-        {"skipped": arc["skipped"]} if "skipped" in arc else
-        {"questions": arc["n"], "accuracy": fmt(arc["accuracy"]), "chance": fmt(arc["chance"])},
+        "Benchmarks (multiple choice: the highest-logit letter; HumanEval: pass@1 of the greedy reply, run with its tests):",
+        *benchmarks,
         "Samples (greedy):", *[f"    {p!r} -> {r!r}" for p, r in zip(SAMPLE_PROMPTS, samples)],
     ])
     print(f"wrote {path}")
