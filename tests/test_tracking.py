@@ -10,6 +10,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -50,8 +51,12 @@ def wandb_records(run_file: str) -> list:
 
 
 def offline_run(wandb_dir) -> tuple[dict, list[dict]]:
-    """(config, history rows) of the one offline run under wandb_dir."""
+    """(config, history rows) of the one offline run under wandb_dir. wandb's service process writes the file
+    after `finish()` returns, so it is read once its exit record is there (on a loaded machine that can take a while)."""
     (run_file,) = glob.glob(str(wandb_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    deadline = time.monotonic() + 120
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run_file)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     config, history = {}, []
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
