@@ -85,7 +85,7 @@ def identity_conversation(rng: random.Random) -> dict:
 # -----------------------------------------------------------------------------
 # the HF hub: smoltalk and a few tasks
 
-def _gsm8k(row) -> dict:
+def gsm8k_conversation(row) -> dict:
     answer = re.sub(r"<<[^>]*>>", "", row["answer"])  # drop the calculator annotations
     return {"messages": [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": answer}]}
 
@@ -105,7 +105,7 @@ def _arc(row) -> dict:
 # name: (hub path, config, row -> conversation); split "train" reads the hub's train split, "val" its test split
 HUB_SOURCES = {
     "smoltalk": ("HuggingFaceTB/smol-smoltalk", None, lambda row: {"messages": row["messages"]}),
-    "gsm8k": ("openai/gsm8k", "main", _gsm8k),
+    "gsm8k": ("openai/gsm8k", "main", gsm8k_conversation),
     "arc_easy": ("allenai/ai2_arc", "ARC-Easy", _arc),
 }
 

@@ -1,4 +1,5 @@
-"""The benchmarks of scripts.chat_eval: ARC-Easy, ARC-Challenge, MMLU (multiple choice) and HumanEval (code).
+"""The benchmarks of scripts.chat_eval: ARC-Easy, ARC-Challenge, MMLU (multiple choice), GSM8K (math) and
+HumanEval (code).
 
 A benchmark is one `ChatTask` in TASKS: its key in report/chat_eval.json, its flags, where its rows live on
 the HF hub, how a row becomes an example (the conversation a model would be fine-tuned on, {"messages":
@@ -18,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.chat_data import choice_conversation, hub_dataset
+from nanochat import gsm8k
+from nanochat.chat_data import choice_conversation, gsm8k_conversation, hub_dataset
 from nanochat.execution import run_program
 from nanochat.tokenizer import validate_conversation
 
@@ -48,6 +50,18 @@ def arc_example(row: dict) -> dict:
 def mmlu_example(row: dict) -> dict:
     letters = list(LETTERS[:len(row["choices"])])
     return {**choice_conversation(row["question"], letters, row["choices"], letters[row["answer"]]), "letters": letters}
+
+
+# -----------------------------------------------------------------------------
+# GSM8K: a word problem; correct when the reply's last number is the answer after the solution's "####"
+
+def gsm8k_example(row: dict) -> dict:
+    conversation = gsm8k_conversation(row)
+    return {**conversation, "answer": gsm8k.answer_of(conversation)}
+
+
+def gsm8k_correct(example: dict, reply: str) -> bool:
+    return gsm8k.reward(reply, example["answer"]) == 1.0
 
 
 # -----------------------------------------------------------------------------
@@ -86,6 +100,8 @@ TASKS = {task.key: task for task in [
     ChatTask("arc_challenge", "ARC-Challenge", "arc_challenge", 500, ("allenai/ai2_arc", "ARC-Challenge", "test"),
              arc_example, "choice"),
     ChatTask("mmlu", "MMLU", "mmlu", 2000, ("cais/mmlu", "all", "test"), mmlu_example, "choice"),
+    ChatTask("gsm8k", "GSM8K", "gsm8k", 200, ("openai/gsm8k", "main", "test"), gsm8k_example, "generate", gsm8k_correct,
+             max_tokens=256),
     ChatTask("humaneval", "HumanEval", "humaneval", 164, ("openai/openai_humaneval", None, "test"), humaneval_example,
              "generate", humaneval_passed, max_tokens=512),
 ]}

@@ -218,7 +218,7 @@ def model_meta(model: GPT, **extra) -> dict:
     return dict(model_config=asdict(model.config), **extra)
 
 
-STAGE_SCRIPTS = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft"}  # the script that writes each stage
+STAGE_SCRIPTS = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", "rl": "chat_rl"}  # the script that writes each stage
 
 
 def load_model(stage: str, tag: str = "", step: int | None = None, device="cpu"):

@@ -150,7 +150,7 @@ def input_lines():
 
 def main(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="sft", choices=["base", "mid", "sft"], help="which stage's checkpoint to chat with")
+    parser.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to chat with")
     parser.add_argument("--tag", default="", help="checkpoint tag (default: the most recently written)")
     parser.add_argument("--step", type=checked_number(int, 0), default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--prompt", default=None, help="answer this one prompt and exit ('-' reads it from stdin)")

@@ -10,8 +10,9 @@ examples that still do not fit are skipped and counted. A greedy completion is c
 contains the answer string. Reported: accuracy overall and by depth of the fact in the document,
 and how often a distractor value (a near miss planted in the same document) was produced.
 Benchmarks (one ChatTask each in nanochat/chat_tasks.py; --num_X=0 skips one): ARC-Easy, ARC-Challenge and
-MMLU score the choice letter with the highest logit after <|assistant_start|>, against chance; HumanEval
-runs each greedy reply with the task's tests in a limited subprocess (nanochat/execution.py), pass@1.
+MMLU score the choice letter with the highest logit after <|assistant_start|>, against chance; GSM8K takes
+the last number of each greedy reply as its answer (nanochat/gsm8k.py); HumanEval runs each greedy reply with
+the task's tests in a limited subprocess (nanochat/execution.py), pass@1.
 Their data comes from the HF hub (skipped with one printed line when it is unreachable, never faked) or
 from a local .jsonl of rows in the hub's schema (--KEY_data). Questions longer than the context are
 skipped and counted. ChatCORE: the mean over the evaluated benchmarks of (accuracy - chance) / (1 - chance).
@@ -43,7 +44,6 @@ from nanochat.tokenizer import TokenizerError
 DEPTH_BINS = 5  # depth of the asked fact in its document: [0, 0.2), [0.2, 0.4), ... [0.8, 1]
 SAMPLE_PROMPTS = ["Who are you?", "What can you do?"]
 HUB_OFFLINE = "the HF hub is unreachable (offline)"
-NOT_YET = {"gsm8k": "GSM8K"}  # benchmarks of the report's summary without a ChatTask yet: reported as skipped
 
 
 def greedy_reply(engine, tokenizer, messages: list[dict], context: int, max_tokens: int) -> str:
@@ -150,7 +150,7 @@ def fmt(x) -> str:
 
 def main(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="sft", choices=["base", "mid", "sft"], help="which stage's checkpoint to evaluate")
+    parser.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to evaluate")
     parser.add_argument("--tag", default="", help="checkpoint tag (default: the most recently written)")
     parser.add_argument("--step", type=checked_number(int, 0), default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--num_longdoc", type=checked_number(int, 0), default=200, help="long-document QA examples")
@@ -208,7 +208,6 @@ def main(argv=None):
         results[key] = {**result, "data": getattr(args, f"{key}_data") or " ".join(filter(None, task.hub))}
         print(f"{task.name}: accuracy {fmt(result['accuracy'])} over {result['n']} (chance {fmt(result['chance'])}, "
               f"{result['skipped_too_long']} skipped as longer than the context)")
-    results.update({key: {"skipped": "not evaluated by this version of chat_eval"} for key in NOT_YET})
     score, score_tasks = chatcore({key: r for key, r in results.items() if "skipped" not in r})
     print(f"ChatCORE: {fmt(score)} over {', '.join(score_tasks) or 'no task'}")
     samples = [greedy_reply(engine, tokenizer, [{"role": "user", "content": p}], context, 64) for p in SAMPLE_PROMPTS]
@@ -219,7 +218,7 @@ def main(argv=None):
                "eval_seconds": round(elapsed, 1)}
     path = get_report_dir() / "chat_eval.json"
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
-    names = {**{key: task.name for key, task in TASKS.items()}, **NOT_YET}
+    names = {key: task.name for key, task in TASKS.items()}
     benchmarks = []
     for key, name in names.items():
         r = results[key]
@@ -237,7 +236,8 @@ def main(argv=None):
          "accuracy": fmt(longdoc["accuracy"]), "replies with a distractor value": fmt(longdoc["distractor_rate"]),
          **{f"accuracy at depth {r['depth']} (n={r['n']})": fmt(r["accuracy"]) for r in longdoc["by_depth"]}},
         "Examples:", *[f"    {e}" for e in longdoc["examples"]],
-        "Benchmarks (multiple choice: the highest-logit letter; HumanEval: pass@1 of the greedy reply, run with its tests):",
+        "Benchmarks (multiple choice: the highest-logit letter; GSM8K: the last number of the greedy reply; HumanEval: "
+        "pass@1 of the greedy reply, run with its tests):",
         *benchmarks,
         "Samples (greedy):", *[f"    {p!r} -> {r!r}" for p, r in zip(SAMPLE_PROMPTS, samples)],
     ])
