@@ -75,7 +75,7 @@ else
          --device_batch_size=8 --rows_per_step=16 --eval_every=20)
     SFT=(--data=identity,longdoc_qa --num_conversations=1000 --val_conversations=64 --num_iterations=40
          --device_batch_size=8 --rows_per_step=16 --eval_every=20)
-    CHAT_EVAL=(--num_longdoc=200 --num_arc=100 --num_arc_challenge=100 --num_mmlu=100 --num_humaneval=16)  # hub benchmarks: skipped offline
+    CHAT_EVAL=(--num_longdoc=200 --num_arc=100 --num_arc_challenge=100 --num_mmlu=100 --num_humaneval=16 --num_gsm8k=16)  # hub benchmarks: skipped offline
     # --mc: 1. a copy curriculum at T=256 (copy rows until the induction circuit forms, then needles and
     # recall pairs, loss on the answers); 2. long-range pretraining at T=1024 (books + long-range rows);
     # 3. from there, the same steps and data twice (30% of the long-range rows pack several shorter

@@ -98,8 +98,8 @@ run "${TORCHRUN[@]}" -m scripts.mid_train $NEW --source_tag="$TAG" "${MID[@]}"
 run uv run python -m scripts.chat_eval --source=mid --tag="$TAG"
 run "${TORCHRUN[@]}" -m scripts.chat_sft $NEW --source_tag="$TAG" "${SFT[@]}"
 run uv run python -m scripts.chat_eval --source=sft --tag="$TAG"
-run "${TORCHRUN[@]}" -m scripts.chat_rl
-run uv run python -m scripts.chat_eval --source=rl
+run "${TORCHRUN[@]}" -m scripts.chat_rl $NEW --source_tag="$TAG"
+run uv run python -m scripts.chat_eval --source=rl --tag="$TAG"
 run uv run python -m nanochat.report generate
 echo "multi_gpu.sh: done. Report: report/report.md"
 echo "Chat with the model:  $CHAT        (or --prompt \"Who are you?\")"
