@@ -166,30 +166,35 @@ def descend_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0):
     block_scores [V, n] (-inf: never), each with the nodes above it (`open_nodes`), while the total fits W.
     A block costs K-1 (GIST -> RAW) plus, for each node above it that no earlier pick opened, that node's
     children - 1 (K-1 for a complete node, j-1 for a partial one); the picks are the longest prefix of the
-    ranking that fits."""
+    ranking that fits, among the blocks that would fit alone (deep in a long history, opening every node
+    above a block can cost more than W leaves)."""
     K = cfg.block_size
     V, n = base_map.shape
     device = base_map.device
     lod = base_map.long()
-    candidate = (lod >= GIST) & (block_scores > NEG)  # [V, n]
-    order = torch.where(candidate, block_scores, NEG).argsort(dim=1, descending=True, stable=True)  # [V, n]
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=device).expand(V, n))
+    budget = cfg.wc_budget - entry_counts(base_map, K, tail_tokens)  # [V]
     b = torch.arange(n, device=device)
+    levels = range(2, max_level(n, K) + 1)
+    sizes = [K ** (level - 1) for level in levels]
+    children = [torch.where(lod == level, _node_sum(lod == level, size) // (size // K), K)  # j of the shown node
+                for level, size in zip(levels, sizes)]
+    alone = K - 1 + sum(torch.where(lod >= level, c - 1, 0) for level, c in zip(levels, children))  # [V, n]
+    candidate = (lod >= GIST) & (block_scores > NEG) & (alone <= budget[:, None])  # [V, n]
+    # every pick costs at least K-1, so only the first budget // (K-1) + 1 of the ranking can be taken: a top-k
+    # of the scores, not a sort of the whole history; every other block ranks last (n)
+    k = min(n, max(int(budget.max()), 0) // (K - 1) + 1)
+    top = torch.where(candidate, block_scores, NEG).topk(k, dim=1).indices  # [V, k] best first
+    rank = torch.full_like(lod, n).scatter_(1, top, torch.arange(k, device=device).expand(V, k))  # [V, n]
     cost = torch.full_like(lod, K - 1)
-    for level in range(2, max_level(n, K) + 1):  # the level-`level` node above each block, if any
-        size = K ** (level - 1)
+    for level, size, c in zip(levels, sizes, children):  # the level-`level` node above each block, if any
         above = candidate & (lod >= level)
         node = (b // size).expand(V, n)
         first = torch.full((V, n // size + 1), n, device=device).scatter_reduce(
             1, node, torch.where(above, rank, n), "amin")
-        opens = above & (rank == first.gather(1, node))
-        children = torch.where(lod == level, _node_sum(lod == level, size) // (size // K), K)  # j for the shown node
-        cost = cost + torch.where(opens, children - 1, 0)
-    cost = torch.where(candidate, cost, 0)
-    spent = cost.gather(1, order).cumsum(1)  # [V, n] along the ranking; non-candidates rank last, cost 0
-    budget = cfg.wc_budget - entry_counts(base_map, K, tail_tokens)  # [V]
-    take = candidate.gather(1, order) & (spent <= budget[:, None])
-    chosen = torch.zeros_like(candidate).scatter(1, order, take)  # [V, n]
+        cost = cost + torch.where(above & (rank == first.gather(1, node)), c - 1, 0)
+    spent = cost.gather(1, top).cumsum(1)  # [V, k] along the ranking
+    take = candidate.gather(1, top) & (spent <= budget[:, None])
+    chosen = torch.zeros_like(candidate).scatter(1, top, take)  # [V, n]
     return expand_blocks(open_nodes(base_map, chosen, K), chosen)
 
 

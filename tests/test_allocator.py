@@ -280,6 +280,12 @@ def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
     assert (maps[2, :16] == 3).all() and (maps[2, 16:28] == GROUP).all()
     # no candidate scored: nothing changes
     assert torch.equal(descend_maps(base, torch.full((3, n), float("-inf")), cfg), base)
+    # a block whose nodes alone cost more than W leaves is skipped, not the end of the ranking
+    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1)  # 8 entries to spend
+    scores = torch.full((1, n), float("-inf"))
+    scores[0, [5, 33]] = torch.tensor([2.0, 1.0])  # block 5 needs LOD3 node 0, group 1 and itself: 9
+    m = descend_maps(most_compressed_map(n, tight)[None], scores, tight)
+    assert m[0, 33] == RAW and (m[0, :32] == 3).all() and int(entry_counts(m, K)) == 15
 
 
 def test_similarity_scores_peak_at_a_gist_equal_to_the_tail_mean():
