@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from mc.config import MCConfig
-from mc.working_context import (GIST, GROUP, RAW, _group_view, _node_sum, collapse_blocks, collapse_groups, edit_cost,
+from mc.tree import partial_nodes
+from mc.working_context import (GIST, GROUP, RAW, _group_view, collapse_blocks, collapse_groups, edit_cost,
                                 entry_counts, expand_blocks, expand_groups, max_level, most_compressed_map, open_nodes,
                                 tail_mask)
 
@@ -165,35 +166,37 @@ def descend_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0):
     """Maps [V, n] grown from base_map [V, n] (a most compressed map) by expanding blocks in the order of
     block_scores [V, n] (-inf: never), each with the nodes above it (`open_nodes`), while the total fits W.
     A block costs K-1 (GIST -> RAW) plus, for each node above it that no earlier pick opened, that node's
-    children - 1 (K-1 for a complete node, j-1 for a partial one); the picks are the longest prefix of the
-    ranking that fits, among the blocks that would fit alone (deep in a long history, opening every node
-    above a block can cost more than W leaves)."""
+    children - 1 (K-1 for a complete node, j-1 for the tree's partial node of j children); the picks are the
+    longest prefix of the ranking that fits, among the blocks that would fit alone (deep in a long history,
+    opening every node above a block can cost more than W leaves). Every pick costs at least K-1, so only
+    the first budget // (K-1) + 1 blocks of the ranking are looked at (a top-k, not a sort of the history)."""
     K = cfg.block_size
     V, n = base_map.shape
     device = base_map.device
     lod = base_map.long()
     budget = cfg.wc_budget - entry_counts(base_map, K, tail_tokens)  # [V]
-    b = torch.arange(n, device=device)
-    levels = range(2, max_level(n, K) + 1)
-    sizes = [K ** (level - 1) for level in levels]
-    children = [torch.where(lod == level, _node_sum(lod == level, size) // (size // K), K)  # j of the shown node
-                for level, size in zip(levels, sizes)]
-    alone = K - 1 + sum(torch.where(lod >= level, c - 1, 0) for level, c in zip(levels, children))  # [V, n]
+    partial = partial_nodes(n, cfg)
+    alone = (K - 1) * lod.clamp(min=1)  # [V, n] K-1 per node above the block (all complete), plus the block
+    for level, g, j in partial:  # the shown partial node has j children, not K
+        start = g * K ** (level - 1)
+        run = alone[:, start:start + j * K ** (level - 2)]
+        run -= (K - j) * (lod[:, start:start + run.size(1)] == level)
     candidate = (lod >= GIST) & (block_scores > NEG) & (alone <= budget[:, None])  # [V, n]
-    # every pick costs at least K-1, so only the first budget // (K-1) + 1 of the ranking can be taken: a top-k
-    # of the scores, not a sort of the whole history; every other block ranks last (n)
     k = min(n, max(int(budget.max()), 0) // (K - 1) + 1)
     top = torch.where(candidate, block_scores, NEG).topk(k, dim=1).indices  # [V, k] best first
-    rank = torch.full_like(lod, n).scatter_(1, top, torch.arange(k, device=device).expand(V, k))  # [V, n]
-    cost = torch.full_like(lod, K - 1)
-    for level, size, c in zip(levels, sizes, children):  # the level-`level` node above each block, if any
-        above = candidate & (lod >= level)
-        node = (b // size).expand(V, n)
-        first = torch.full((V, n // size + 1), n, device=device).scatter_reduce(
-            1, node, torch.where(above, rank, n), "amin")
-        cost = cost + torch.where(above & (rank == first.gather(1, node)), c - 1, 0)
-    spent = cost.gather(1, top).cumsum(1)  # [V, k] along the ranking
-    take = candidate.gather(1, top) & (spent <= budget[:, None])
+    lod_t, cand_t = lod.gather(1, top), candidate.gather(1, top)  # [V, k]
+    earlier = torch.arange(k, device=device)[:, None] > torch.arange(k, device=device)[None, :]  # [k, k] col before row
+    cost = torch.full_like(top, K - 1)
+    sizes = {level: (g, j) for level, g, j in partial}
+    for level in range(2, max_level(n, K) + 1):  # the level-`level` node above each pick: opened by the first pick
+        node = top // K ** (level - 1)  # [V, k]
+        above = cand_t & (lod_t >= level)
+        shared = ((node[:, :, None] == node[:, None, :]) & above[:, None, :] & earlier).any(-1)  # an earlier pick opened it
+        g, j = sizes.get(level, (-1, K))
+        children = torch.where((lod_t == level) & (node == g), j, K)
+        cost = cost + torch.where(above & ~shared, children - 1, 0)
+    spent = torch.where(cand_t, cost, 0).cumsum(1)  # [V, k] along the ranking
+    take = cand_t & (spent <= budget[:, None])
     chosen = torch.zeros_like(candidate).scatter(1, top, take)  # [V, n]
     return expand_blocks(open_nodes(base_map, chosen, K), chosen)
 
