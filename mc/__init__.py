@@ -2,7 +2,7 @@
 
 The pipeline, in order:
     config           MCConfig: every --mc_* flag, checked against the GPT
-    tree, gistnet    history -> LOD0 embeddings -> LOD1 gists (K tokens) -> LOD2 gists (K^2 tokens)
+    tree, gistnet    history -> LOD0 embeddings -> LOD1 gists (K tokens) -> LOD2 gists (K^2 tokens) -> ... as deep as needed
     working_context  LOD maps -> the W entries the GPT reads (raw tokens and gists), materialised as tensors
     lensnet          scores every entry of a working context: expand (more detail) or collapse
     allocator        turns scores into legal maps within W (greedy edits in training, descent at inference)

@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from mc.config import MCConfig
-from mc.working_context import (GIST, GROUP, RAW, collapse_blocks, collapse_groups, edit_cost,
-                                entry_counts, expand_blocks, expand_groups, most_compressed_map, tail_mask)
+from mc.tree import partial_nodes
+from mc.working_context import (GIST, GROUP, RAW, _group_view, collapse_blocks, collapse_groups, edit_cost,
+                                entry_counts, expand_blocks, expand_groups, max_level, most_compressed_map, open_nodes,
+                                tail_mask)
 
 NEG = float("-inf")
 
@@ -86,7 +88,7 @@ def edit_maps(lod_map, scores, wc, cfg: MCConfig, policy: str, generator=None, t
     K, W = cfg.block_size, cfg.wc_budget
     cost = edit_cost(K)
     V, n = lod_map.shape
-    G = n // K  # complete groups only
+    G = n // K  # complete groups (collapses)
     recent_blocks = min(cfg.recent // K, n)
     gist_block, group_entry, raw_block, gist_group = unit_scores(scores, wc, K)
     max_edits = torch.full((V,), cfg.max_edits, dtype=torch.long, device=lod_map.device)
@@ -96,7 +98,7 @@ def edit_maps(lod_map, scores, wc, cfg: MCConfig, policy: str, generator=None, t
         collapsible = (lod_map == RAW) & (block_idx < n - recent_blocks) & (raw_block < -cfg.collapse_threshold)
         collapse_block = select_top(torch.where(collapsible, -raw_block, NEG), max_edits)
         new_map = collapse_blocks(new_map, collapse_block, recent_blocks)
-        if cfg.max_lod >= 2 and G:
+        if G:
             all_gist = (new_map[:, :G * K] == GIST).view(V, G, K).all(-1)
             mean = gist_group[:, :G]
             collapsible = all_gist & (mean < -cfg.collapse_threshold)
@@ -105,10 +107,10 @@ def edit_maps(lod_map, scores, wc, cfg: MCConfig, policy: str, generator=None, t
     n_afford = torch.minimum(free // cost, max_edits)
     expand_block = (lod_map == GIST) & (new_map == GIST) & (gist_block > cfg.expand_threshold)
     candidates = [torch.where(expand_block, gist_block, NEG)]
-    if cfg.max_lod >= 2 and G:
-        is_group = (new_map[:, :G * K] == GROUP).view(V, G, K)[..., 0]
-        expand_group = is_group & (group_entry[:, :G] > cfg.expand_threshold)
-        candidates.append(torch.where(expand_group, group_entry[:, :G], NEG))
+    if n:  # LOD2 groups, a partial one included (a group's first block is LOD2)
+        is_group = _group_view(new_map == GROUP, K)[..., 0]  # [V, ceil(n / K)]
+        expand_group = is_group & (group_entry > cfg.expand_threshold)
+        candidates.append(torch.where(expand_group, group_entry, NEG))
     picked = choose(torch.cat(candidates, 1), n_afford, cfg, policy, generator)
     new_map = expand_blocks(new_map, picked[:, :n])
     if len(candidates) > 1:
@@ -117,11 +119,10 @@ def edit_maps(lod_map, scores, wc, cfg: MCConfig, policy: str, generator=None, t
 
 
 def expanded_units(lod_map, base_map, K: int):
-    """Which units of `base_map` are shown in more detail in `lod_map` (both [V, n]) -> (blocks [V, n], groups [V, G])."""
-    V, n = lod_map.shape
-    G = n // K
+    """Which units of `base_map` are shown in more detail in `lod_map` (both [V, n]) -> (blocks [V, n], LOD2 groups
+    [V, ceil(n / K)], a partial group included)."""
     blocks = (base_map == GIST) & (lod_map == RAW)
-    groups = ((base_map[:, :G * K] == GROUP) & (lod_map[:, :G * K] != GROUP)).view(V, G, K).any(-1)
+    groups = _group_view((base_map == GROUP) & (lod_map != GROUP), K).any(-1)
     return blocks, groups
 
 
@@ -149,49 +150,63 @@ def overlap_block_scores(tokens, K: int, tail_len: int, vocab: int):
 
 def block_entry_scores(block_scores, wc, K: int):
     """Per-block scores [V, n] -> entry scores [V, W] that `edit_maps` reads: a LOD1 gist gets its block's
-    score, a LOD2 gist the best of its group's blocks, raw entries and padding 0."""
+    score, a gist of level l >= 2 the best of the blocks it covers (wc.lod_map), raw entries and padding 0."""
     V, n = block_scores.shape
-    G = -(-n // K)
-    padded = torch.cat([block_scores, block_scores.new_full((V, G * K - n), float("-inf"))], 1)
-    group_best = padded.view(V, G, K).amax(-1)  # [V, G]
-    block = (wc.pos // K).clamp(max=n - 1)
-    group = (wc.pos // (K * K)).clamp(max=G - 1)
-    scores = torch.where(wc.lod == 1, block_scores.gather(1, block), group_best.gather(1, group))
+    best = block_scores  # [V, n] best score of the entry holding each block
+    for level in range(2, max_level(n, K) + 1):
+        size = K ** (level - 1)
+        shown = wc.lod_map == level
+        node_best = _group_view(torch.where(shown, block_scores, NEG), size).amax(-1)  # [V, ceil(n / size)]
+        best = torch.where(shown, node_best.repeat_interleave(size, 1)[:, :n], best)
+    scores = best.gather(1, (wc.pos // K).clamp(max=max(n - 1, 0))) if n else torch.zeros_like(wc.pos, dtype=best.dtype)
     return torch.where(wc.valid & (wc.lod > 0), scores, 0.0)
 
 
 def descend_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0):
     """Maps [V, n] grown from base_map [V, n] (a most compressed map) by expanding blocks in the order of
-    block_scores [V, n] (-inf: never), each with its LOD2 group, while the total fits W. A block in a
-    group no earlier pick opened costs 2(K-1) entries (the group, then the block), any other K-1; the
-    picks are the longest prefix of the ranking that fits."""
+    block_scores [V, n] (-inf: never), each with the nodes above it (`open_nodes`), while the total fits W.
+    A block costs K-1 (GIST -> RAW) plus, for each node above it that no earlier pick opened, that node's
+    children - 1 (K-1 for a complete node, j-1 for the tree's partial node of j children); the picks are the
+    longest prefix of the ranking that fits, among the blocks that would fit alone (deep in a long history,
+    opening every node above a block can cost more than W leaves). Every pick costs at least K-1, so only
+    the first budget // (K-1) + 1 blocks of the ranking are looked at (a top-k, not a sort of the history)."""
     K = cfg.block_size
     V, n = base_map.shape
     device = base_map.device
-    candidate = ((base_map == GIST) | (base_map == GROUP)) & (block_scores > NEG)  # [V, n]
-    order = torch.where(candidate, block_scores, NEG).argsort(dim=1, descending=True, stable=True)  # [V, n]
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=device).expand(V, n))
-    group = (torch.arange(n, device=device) // K).expand(V, n)
-    first = torch.full((V, n // K + 1), n, device=device).scatter_reduce(1, group, torch.where(candidate, rank, n), "amin")
-    opens_group = candidate & (base_map == GROUP) & (rank == first.gather(1, group))
-    cost = torch.where(candidate, (K - 1) * (1 + opens_group.long()), 0)  # [V, n]
-    spent = cost.gather(1, order).cumsum(1)  # [V, n] along the ranking; non-candidates rank last, cost 0
+    lod = base_map.long()
     budget = cfg.wc_budget - entry_counts(base_map, K, tail_tokens)  # [V]
-    take = candidate.gather(1, order) & (spent <= budget[:, None])
-    chosen = torch.zeros_like(candidate).scatter(1, order, take)  # [V, n]
-    G = n // K
-    maps = expand_groups(base_map, chosen[:, :G * K].view(V, G, K).any(-1), K) if cfg.max_lod >= 2 and G else base_map
-    return expand_blocks(maps, chosen)
+    partial = partial_nodes(n, cfg)
+    alone = (K - 1) * lod.clamp(min=1)  # [V, n] K-1 per node above the block (all complete), plus the block
+    for level, g, j in partial:  # the shown partial node has j children, not K
+        start = g * K ** (level - 1)
+        run = alone[:, start:start + j * K ** (level - 2)]
+        run -= (K - j) * (lod[:, start:start + run.size(1)] == level)
+    candidate = (lod >= GIST) & (block_scores > NEG) & (alone <= budget[:, None])  # [V, n]
+    k = min(n, max(int(budget.max()), 0) // (K - 1) + 1)
+    top = torch.where(candidate, block_scores, NEG).topk(k, dim=1).indices  # [V, k] best first
+    lod_t, cand_t = lod.gather(1, top), candidate.gather(1, top)  # [V, k]
+    earlier = torch.arange(k, device=device)[:, None] > torch.arange(k, device=device)[None, :]  # [k, k] col before row
+    cost = torch.full_like(top, K - 1)
+    sizes = {level: (g, j) for level, g, j in partial}
+    for level in range(2, max_level(n, K) + 1):  # the level-`level` node above each pick: opened by the first pick
+        node = top // K ** (level - 1)  # [V, k]
+        above = cand_t & (lod_t >= level)
+        shared = ((node[:, :, None] == node[:, None, :]) & above[:, None, :] & earlier).any(-1)  # an earlier pick opened it
+        g, j = sizes.get(level, (-1, K))
+        children = torch.where((lod_t == level) & (node == g), j, K)
+        cost = cost + torch.where(above & ~shared, children - 1, 0)
+    spent = torch.where(cand_t, cost, 0).cumsum(1)  # [V, k] along the ranking
+    take = cand_t & (spent <= budget[:, None])
+    chosen = torch.zeros_like(candidate).scatter(1, top, take)  # [V, n]
+    return expand_blocks(open_nodes(base_map, chosen, K), chosen)
 
 
 def oracle_map(n_blocks: int, cfg: MCConfig, answer_blocks, tail_tokens: int = 0):
-    """Most compressed maps [V, n] with the given blocks [V, n] bool (and their groups) expanded."""
+    """Most compressed maps [V, n] with the given blocks [V, n] bool (and the nodes above them) expanded."""
     K = cfg.block_size
     V = answer_blocks.size(0)
-    lod_map = most_compressed_map(n_blocks, cfg, tail_tokens, answer_blocks.device).expand(V, n_blocks).clone()
-    G = n_blocks // K
-    if cfg.max_lod >= 2 and G:
-        lod_map = expand_groups(lod_map, answer_blocks[:, :G * K].view(V, G, K).any(-1), K)
+    lod_map = most_compressed_map(n_blocks, cfg, tail_tokens, answer_blocks.device).expand(V, n_blocks)
+    lod_map = open_nodes(lod_map, answer_blocks, K)
     lod_map = expand_blocks(lod_map, answer_blocks & (lod_map == GIST))
     over = entry_counts(lod_map, K, tail_tokens) > cfg.wc_budget
     if over.any():

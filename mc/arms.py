@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from mc.allocator import edit_maps, similarity_scores
 from mc.runtime import visible_entries
-from mc.working_context import (RAW, entry_counts, expand_blocks, expand_groups, materialize,
-                                most_compressed_map, tail_mask)
+from mc.working_context import (RAW, entry_counts, expand_blocks, materialize, most_compressed_map, open_nodes,
+                                tail_mask)
 
 MC_ARMS = ("mc", "gists_only", "random", "similarity", "oracle", "shuffled")  # read the MC checkpoint's tree
 ARMS = ("truncation", "full", *MC_ARMS, "mean_gist", "plain_truncation", "plain_full")
@@ -60,7 +60,7 @@ def shuffle_gists(levels, generator=None):
 
 def fitting_oracle_maps(n_blocks: int, cfg, evidence):
     """Oracle maps [B, n]: the most compressed map with the top-k evidence blocks (evidence [B, n], tokens of
-    evidence per block) and their LOD2 groups expanded, k per row the largest that fits W. One vectorised
+    evidence per block) and the nodes above them expanded, k per row the largest that fits W. One vectorised
     pass per k (k <= evidence blocks of a row, a handful)."""
     K = cfg.block_size
     B = evidence.size(0)
@@ -68,14 +68,10 @@ def fitting_oracle_maps(n_blocks: int, cfg, evidence):
     base = most_compressed_map(n_blocks, cfg, device=evidence.device).expand(B, n_blocks)
     order = evidence.sort(dim=1, descending=True, stable=True).indices  # [B, n] blocks by evidence share
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_blocks, device=order.device).expand(B, -1))
-    G = n_blocks // K
     maps = base
     for k in range(1, int((evidence > 0).sum(1).max()) + 1):
         chosen = (rank < k) & (evidence > 0)  # [B, n]
-        cand = base
-        if cfg.max_lod >= 2 and G:
-            cand = expand_groups(cand, chosen[:, :G * K].view(B, G, K).any(-1), K)
-        cand = expand_blocks(cand, chosen)
+        cand = expand_blocks(open_nodes(base, chosen, K), chosen)
         fits = entry_counts(cand, K) <= cfg.wc_budget  # [B]; monotone in k, so the last fitting k wins
         maps = torch.where(fits[:, None], cand, maps)
     return maps

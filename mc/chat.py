@@ -39,9 +39,10 @@ class MCConversation:
 
     def reply(self, text: str):
         """Append a user turn; return a stream of the reply's text pieces as they are generated. The focus is
-        decided again once the question is in (LensNet reads it and expands what it asks about)."""
+        decided again once the question is in (LensNet reads it and scores every block of the history: the
+        refocuses while the reply is generated score only the session's lookback, the rest keeps these scores)."""
         self.session.append([self.user_start, *self.tokenizer.encode(text), self.user_end, self.assistant_start])
-        self.session.refocus()
+        self.session.refocus(lookback=self.session.num_tokens)  # the whole history: what the question asks about
         self.turns += 1
         return self._stream()
 
@@ -72,14 +73,15 @@ class MCConversation:
         state = self.session.state()
         K, T, mix = state["block_size"], state["history_tokens"], state["lod_mix"]
         lines = [f"history {T:,} tokens; working context {state['wc_entries']}/{state['wc_budget']} entries "
-                 f"(raw {mix['raw']}, LOD1 {mix['lod1']}, LOD2 {mix['lod2']})"]
+                 f"({', '.join(f'{k} {v}' for k, v in mix.items())})"]
         starts, lengths, values = runs(state["lod_map"])
         spans = [(int(s) * K, int(s + n) * K, int(v)) for s, n, v in zip(starts, lengths, values)]
         if T % K:
             spans.append((T - T % K, T, RAW))
         for begin, end, level in spans:
-            entries = {RAW: end - begin, GIST: (end - begin) // K, GROUP: (end - begin) // K ** 2, UNCOVERED: 0}[level]
-            lines.append(f"  tokens {begin:>8,} - {end:>8,}  {SPAN_NAMES[level]:<20} {entries:>5} entries")
+            entries = {RAW: end - begin, UNCOVERED: 0}.get(level, -(-(end - begin) // K ** level))  # a partial node counts 1
+            name = SPAN_NAMES.get(level, f"LOD{level} gists")
+            lines.append(f"  tokens {begin:>8,} - {end:>8,}  {name:<20} {entries:>5} entries")
         written = plot_focus(state, Path(path))
         lines.append(f"focus map: {written}")
         return "\n".join(lines)

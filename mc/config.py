@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from mc.positional import check_mode
 
 
-LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "max_distance": 0}  # settings of checkpoints saved before the field existed
+LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "max_distance": 0, "partial_gists": False}  # settings of checkpoints saved before the field existed
 
 
 class MCConfigError(ValueError):
@@ -25,7 +25,8 @@ class MCConfigError(ValueError):
 class MCConfig:
     # tree and working context
     block_size: int = field(default=32, metadata={"help": "K: tokens per LOD1 gist and LOD1 gists per LOD2 gist"})
-    max_lod: int = field(default=2, metadata={"help": "highest level of detail of the gist tree", "choices": [1, 2]})
+    max_lod: int = field(default=2, metadata={"help": "levels of detail with their own learned embedding in GistNet and LensNet; the tree grows as deep as the history needs and deeper levels share the embedding of this one", "choices": [1, 2, 3, 4]})
+    partial_gists: bool = field(default=False, metadata={"help": "show an incomplete group of the tree (older than the raw tail) as one gist of its complete children (GistNet with masked padding), in training, evaluation and sessions: a history older than the raw tail then needs one entry per non-zero base-K digit of its blocks (off: the group's children, up to K-1 entries per level)"})
     wc_budget: int = field(default=512, metadata={"help": "W: entries (tokens + gists) in a working context"})
     recent: int = field(default=128, metadata={"help": "R: most recent tokens always kept raw (LOD0)"})
     horizon: int = field(default=64, metadata={"help": "H: final targets shared by all variants, scored for LensNet"})
@@ -54,7 +55,7 @@ class MCConfig:
     lens_loss_weight: float = field(default=0.1, metadata={"help": "weight of the LensNet loss"})
     bag_loss_weight: float = field(default=0.0, metadata={"help": "weight of GistNet's bag-of-tokens loss: every gist predicts the tokens it covers through a linear head, so gists keep the identity of rare tokens (keys) that LensNet matches against the question (0 = off, no head)"})
     baseline_loss_weight: float = field(default=1.0, metadata={"help": "weight of the truncation baseline in the LM loss"})
-    cache_lod0: bool = field(default=True, metadata={"help": "keep the LOD0 embedding cache (off: recompute, less memory)"})
+    cache_lod0: bool = field(default=False, metadata={"help": "sessions keep every token's embedding (LOD0) instead of re-embedding the few they read; measured at 1,000,000 tokens (bench_infer, CPU preset): decode and append as fast either way, 1,116 vs 43 bytes per history token"})
     seed: int = field(default=0, metadata={"help": "seed of variant sampling"})
 
     def validate(self, sequence_len: int | None = None, head_dim: int | None = None):
@@ -102,7 +103,7 @@ class MCConfig:
             if self.min_entries(sequence_len) > self.wc_budget:
                 fail(f"a history of {sequence_len} tokens does not fit --mc_wc_budget={self.wc_budget} even fully "
                      f"compressed ({self.min_entries(sequence_len)} entries with --mc_recent={self.recent}); "
-                     "raise the budget or --mc_max_lod, or shorten --max_seq_len")
+                     "raise the budget, use --mc_partial_gists, or shorten --max_seq_len")
         if self.num_variants < 2 and self.lens_loss_weight > 0:
             fail(f"--mc_num_variants={self.num_variants} leaves LensNet no pair of variants to compare (its loss "
                  "would always be 0): use >= 2, or --mc_lens_loss_weight=0")
@@ -123,9 +124,12 @@ class MCConfig:
         return {**{name: getattr(self, name) for name in names}, "bag_head": self.bag_loss_weight > 0}
 
     def min_entries(self, history_len: int) -> int:
-        """Entries of the most compressed cover of `history_len` tokens that keeps R raw (history a multiple of K)."""
-        K, group = self.block_size, self.block_size ** self.max_lod
-        older = history_len - self.recent  # tokens before the raw tail
-        n_top = older // group  # complete top-level groups
-        rest_blocks = (older - n_top * group) // K  # leftover LOD1 blocks (when max_lod = 2)
-        return n_top + rest_blocks + self.recent
+        """Entries of the most compressed cover of `history_len` tokens that keeps R raw (history a multiple of K):
+        per base-K digit of the older blocks, the digit (complete nodes) or, with partial gists, one entry
+        (a single complete node, or a partial gist of several)."""
+        K, older, entries = self.block_size, max(history_len - self.recent, 0) // self.block_size, 0
+        while older:
+            digit = older % K
+            entries += min(digit, 1) if self.partial_gists else digit
+            older //= K
+        return entries + self.recent

@@ -21,7 +21,7 @@ from nanochat.common import atomic_write_bytes
 
 # LOD map values -> (label, colour)
 LEVELS = {0: ("raw tokens", "#d62728"), 1: ("LOD1 gist", "#ff7f0e"), 2: ("LOD2 gist", "#1f77b4"),
-          -1: ("uncovered", "#d9d9d9")}
+          3: ("LOD3+ gist", "#2ca02c"), -1: ("uncovered", "#d9d9d9")}  # deeper levels are drawn as LOD3
 
 
 def runs(values):
@@ -43,7 +43,7 @@ def plot_focus(state_or_session, path, title: str | None = None):
 
     state = state_or_session.state() if hasattr(state_or_session, "state") else state_or_session
     K, T = state["block_size"], state["history_tokens"]
-    lod_map = np.asarray(state["lod_map"], dtype=int)  # [n_blocks]
+    lod_map = np.minimum(np.asarray(state["lod_map"], dtype=int), 3)  # [n_blocks]
     edits = state.get("edits") or []
     fig, axes = plt.subplots(2 if edits else 1, 1, figsize=(11, 5.5 if edits else 2.4), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 2.2] if edits else [1]})
@@ -61,7 +61,7 @@ def plot_focus(state_or_session, path, title: str | None = None):
     ax.text((tail_start + T) / 2, 1.25, "raw tail", ha="center", va="bottom", fontsize=8)
     mix = state.get("lod_mix", {})
     ax.set_title(title or f"working context: {state['wc_entries']}/{state['wc_budget']} entries over {T:,} tokens "
-                          f"(raw {mix.get('raw', 0)}, LOD1 {mix.get('lod1', 0)}, LOD2 {mix.get('lod2', 0)}; "
+                          f"({', '.join(f'{k} {v}' for k, v in mix.items())}; "
                           f"{state.get('refocus_count', 0)} refocuses)", fontsize=10)
     ax.set_xlim(0, max(T, 1))
     ax.set_ylim(0, 1.6)

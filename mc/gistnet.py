@@ -1,8 +1,10 @@
 """GistNet: one block of K entries -> one gist in the base model's input-embedding space.
 
 A gist stands in for a whole aligned block of history inside a working context (docs/architecture.md §3):
-LOD1 gists summarise K token embeddings, LOD2 gists summarise K LOD1 gists, and one net serves
-both levels through a learned level embedding.
+LOD1 gists summarise K token embeddings, LOD l gists summarise K LOD l-1 gists, and one net serves
+every level through a learned level embedding (`max_lod` rows; deeper levels, which long sessions
+grow, share the last one). A partial gist (mc.tree: an incomplete node's complete children) is the
+same call with the missing slots masked.
 
     blocks [N, K, D] --norm--> + slot embedding + level embedding            (inputs x [N, K, D])
       --body-->      gist_layers bidirectional pre-norm blocks (transformer)  or nothing (mean)
@@ -40,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mc.config import MCConfig
+from mc.tree import partial_nodes
 from nanochat.gpt import norm
 
 
@@ -160,7 +163,8 @@ class GistNet(nn.Module):
         return f"GistNet({body}, {c.gist_head} head, D={self.d_model}, K={c.block_size}): {self.num_params():,} params"
 
     def forward(self, blocks, level=1, mask=None):
-        """blocks [N, L<=K, D], level int or [N] long (1..max_lod), mask [N, L] bool (True = real) -> gists [N, D].
+        """blocks [N, L<=K, D], level int or [N] long (>= 1; levels above max_lod use its embedding), mask [N, L]
+        bool (True = real) -> gists [N, D].
 
         The gist is in the dtype of `blocks`; padded slots (mask False) do not affect it.
         """
@@ -172,7 +176,7 @@ class GistNet(nn.Module):
             x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
         base = masked_mean(x, mask)  # [N, D] the residual: an untrained gist is the block mean
         has_real = None if mask is None else mask.any(-1, keepdim=True)  # [N, 1]
-        level = torch.as_tensor(level, device=x.device).long().expand(N) - 1  # [N] table rows
+        level = torch.as_tensor(level, device=x.device).long().clamp(max=self.cfg.max_lod).expand(N) - 1  # [N] table rows
         lvl = self.level_emb(level).unsqueeze(1)  # [N, 1, D]
         x = norm(x) + lvl
         if not self.is_transformer:
@@ -200,13 +204,17 @@ class GistNet(nn.Module):
 
     def bag_loss(self, levels, ids):
         """Mean NLL of every token under its covering gists' bag head: levels = [lod0, lod1 [B, T//K, D], ...] (from
-        mc.tree.build_tree), ids [B, T] the tokens. Each level's gist predicts the K^level tokens it covers."""
+        mc.tree.build_tree), ids [B, T] the tokens. Each level's complete gists predict the K^level tokens they
+        cover (partial gists are left out)."""
         B, T = ids.shape
+        partial = {(level, g) for level, g, _ in partial_nodes(T // self.cfg.block_size, self.cfg)}
         losses = []
         for level, gists in enumerate(levels[1:], start=1):
             span = self.cfg.block_size ** level
-            n = gists.size(1)
-            logp = F.log_softmax(self.bag_head(norm(gists.to(self.bag_head.weight.dtype))).float(), dim=-1)  # [B, n, V]
+            n = min([T // span] + [g for lvl, g in partial if lvl == level])
+            if n == 0:
+                continue
+            logp = F.log_softmax(self.bag_head(norm(gists[:, :n].to(self.bag_head.weight.dtype))).float(), dim=-1)  # [B, n, V]
             covered = ids[:, :n * span].reshape(B, n, span)  # [B, n, span]
             losses.append(-logp.gather(-1, covered).mean())
         return torch.stack(losses).mean()

@@ -173,17 +173,24 @@ class MCController:
         """The LOD maps [B, n] a focus policy shows of a tree; validation, evaluation and sessions decide every
         focus here (training grows its variants from the same most compressed map, `process_batch`):
         `mc` the inference focus: the most compressed map, then LensNet's best blocks (read up to focus_end
-        [B]) expanded with their groups while they fit W (`mc.allocator.descend_maps`);
+        [B]) expanded with the nodes above them while they fit W (`descend`);
         `gists_only` the most compressed map; `random` random legal maps (generator)."""
         B, n, device = levels[0].size(0), levels[1].size(1), levels[0].device
         if policy not in FOCUS_POLICIES:
             raise ValueError(f"unknown focus policy {policy!r}; known: {', '.join(FOCUS_POLICIES)}")
         if policy == "random":
             return random_maps(B, n, self.cfg, generator, device=device)
-        base = most_compressed_map(n, self.cfg, tail_tokens, device=device).expand(B, n)
         if policy == "gists_only":
-            return base
-        return descend_maps(base, self.block_scores(levels, focus_end), self.cfg, tail_tokens)
+            return most_compressed_map(n, self.cfg, tail_tokens, device=device).expand(B, n)
+        return self.descend(self.block_scores(levels, focus_end), tail_tokens)
+
+    def descend(self, block_scores, tail_tokens: int = 0):
+        """The `mc` focus from LensNet's block scores [B, n]: from the most compressed map, the best blocks expanded
+        with the nodes above them while they fit W (`mc.allocator.descend_maps`); sessions call it with the scores
+        they keep (`MCSession.refocus`)."""
+        B, n = block_scores.shape
+        base = most_compressed_map(n, self.cfg, tail_tokens, device=block_scores.device).expand(B, n)
+        return descend_maps(base, block_scores, self.cfg, tail_tokens)
 
     def guided_maps(self, base_map, base_scores, levels, x, next_token, sample, *, policy, generator=None,
                     block_scores=None, focus_end=None):

@@ -4,8 +4,9 @@ One session = one stream (B = 1): streams decoded together would differ in LOD m
 points and KV-reuse points, so a batch would degrade to per-row work. Many streams = many sessions.
 
 State (tensors on the model's device):
-    tree     MCTree: ids, LOD0 embeddings, LOD1/LOD2 gists; grows by every token, O(1) amortised
-    lod_map  [n_blocks] int8 over the complete blocks (RAW/GIST/GROUP/UNCOVERED); the partial block
+    tree     MCTree: ids, LOD0 embeddings, gists of every level (as deep as the history needs, partial
+             gists with cfg.partial_gists); grows by every token, O(1) amortised
+    lod_map  [n_blocks] int8 over the complete blocks (RAW/GIST/level l/UNCOVERED); the partial block
              (T % K tokens) is always raw and not in the map
     entries  the WC as an entry table pos [W], lod [W], rope [W, 2, hd/2] (first n_entries rows),
              always equal to `entry_table(lod_map, T, K)`
@@ -16,13 +17,21 @@ A token's way (`append`; `generate` appends each sampled token):
     earlier entries never change: the token is one new raw row of the table and the cache only
     grows (decode = a 1-entry forward; no per-token work depends on the history length);
  2. every `refocus_interval` tokens, and whenever the WC exceeds W, `refocus` decides the focus
-    afresh, exactly as evaluation does (`MCController.focus`): LensNet scores every old block as a
-    LOD1 gist (in windows of W entries, the WCs it was trained on), and from the most compressed map of
-    the history (raw tail, LOD1 gists, LOD2 gists; the oldest entries UNCOVERED only when even that does
-    not fit W) the best blocks are expanded with their LOD2 groups while they fit W
-    (`mc.allocator.descend_maps`). So the focus is a function of the history, not of earlier focus
-    decisions, and a question can pull any old block back in full. Capacity: history is dropped (oldest first) only when the raw tail, the
-    gists of the newest incomplete LOD2 group and the LOD2 gists no longer fit W;
+    afresh, as evaluation does (`MCController.focus`): LensNet scores each block of the last
+    `lookback` tokens (default 16·W) older than the raw tail as a LOD1 gist (in windows of W entries, the
+    WCs it was trained on; older blocks keep the score of the last refocus that scored them), and from
+    the most compressed map of the whole history (raw tail, then the highest nodes of the tree; the
+    oldest entries UNCOVERED only when even that does not fit W) the best blocks are expanded with the
+    nodes above them while they fit W (`MCController.descend`). So the focus is a function of the
+    history and its scores, not of earlier focus decisions, and a periodic refocus costs one LensNet
+    window plus O(n_blocks) tensor work, however long the history. `refocus(lookback=T)` scores the
+    whole history (linear in it): a chat does that once per user turn, so a question can pull any
+    block back in full, and the refocuses while it answers keep those scores. Capacity: the tree grows as deep as the history needs, so
+    the most compressed cover needs one entry per non-zero base-K digit of the older blocks with
+    cfg.partial_gists (a partial gist per level) and up to K-1 per level without; history is dropped
+    (oldest first) only when that no longer fits W beside the raw tail. When the boundary of the raw
+    tail moves, a shown partial node whose children changed is opened into its children (its gist is
+    gone from the tree); the budget fit or the next refocus compresses again;
  3. KV reuse: a map change rebuilds the table, compares it with the old one (pos, lod: one vector
     compare), and the cache is kept up to the first changed entry; the next `logits()` recomputes
     only the entries from there on (one chunk prefill, the GPT's explicit-mask path).
@@ -40,8 +49,9 @@ Choices recorded here:
   frame move changes the older rows, so the cache is kept only up to the first changed row.
 - Dropped (UNCOVERED) history is not lost: the tree keeps its gists, and a refocus shows them again as
   soon as they fit (e.g. when a LOD2 group completes and compresses its K gists into one).
-- `save` stores ids, gists, the map and counters, not LOD0 (re-embedded exactly on load) nor the
-  KV cache (one prefill). It records the MCConfig, the GPT config hash, a fingerprint of the weights
+- `save` stores ids, gists (complete and partial), the map, the block scores and counters, not LOD0 (re-embedded
+  exactly on load) nor the KV cache (one prefill). Format 2 (trees of any depth, partial gists);
+  files of format 1 (trees capped at LOD2) are refused with a one-line error. It records the MCConfig, the GPT config hash, a fingerprint of the weights
   that made the stored gists (embedding + GistNet), the tokenizer identity and a digest of the whole
   content; `load` refuses any mismatch, a wrong version, a changed digest and corrupt/truncated/foreign
   files with a ValueError saying which.
@@ -59,35 +69,42 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
+from mc.allocator import NEG
 from mc.config import LEGACY_MC_CONFIG, MCConfig
 from mc.positional import rope_frame, wc_rope
-from mc.tree import MCTree
-from mc.working_context import (GIST, GROUP, RAW, UNCOVERED, WorkingContext, entry_counts, is_legal, materialize,
-                                most_compressed_map)
+from mc.tree import MCTree, boundary, partial_nodes
+from mc.working_context import (RAW, UNCOVERED, WorkingContext, _node_sum, entry_counts, is_legal, materialize,
+                                max_level, most_compressed_map, open_partial_nodes)
 from nanochat.checkpoint import load_error_reason
 from nanochat.common import atomic_write_bytes
 from nanochat.engine import sample_next_token
 
 FORMAT = "megacontext-session"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_REFOCUS_INTERVAL = 32
 ROPE_AHEAD = 1024  # standard rotary rows computed at once for appended raw tokens
 EDIT_LOG = 2048  # map-change events kept for the focus map
 
 
 def entry_table(lod_map, history_len: int, K: int):
-    """Map [n] + history length -> the WC's entries in order: pos [E] long (global start), lod [E] long."""
+    """Map [n] + history length -> the WC's entries in order: pos [E] long (global start), lod [E] long,
+    span [E] long (tokens covered: K^lod, a partial node its children's)."""
     lod = lod_map.long()
     n = lod.numel()
     b = torch.arange(n, device=lod.device)
-    count = torch.where(lod == RAW, K, torch.where(lod == GIST, 1, ((lod == GROUP) & (b % K == 0)).long()))
+    blocks = torch.ones_like(lod)  # blocks covered by the entry starting at each block
+    for level in range(2, max_level(n, K) + 1):
+        blocks = torch.where(lod == level, _node_sum((lod == level)[None], K ** (level - 1))[0], blocks)
+    first = b % torch.pow(K, (lod - 1).clamp(min=0)) == 0
+    count = torch.where(lod == RAW, K, ((lod >= 1) & first).long())
     block = torch.repeat_interleave(b, count)  # [E_blocks] block of each entry
-    first = (count.cumsum(0) - count)[block]  # index of the block's first entry
-    offset = torch.arange(block.numel(), device=lod.device) - first
+    start = (count.cumsum(0) - count)[block]  # index of the block's first entry
+    offset = torch.arange(block.numel(), device=lod.device) - start
     blod = lod[block]
     pos = block * K + torch.where(blod == RAW, offset, 0)
+    span = torch.where(blod == RAW, 1, blocks[block] * K)
     tail = torch.arange(n * K, history_len, device=lod.device)  # the partial block, raw
-    return torch.cat([pos, tail]), torch.cat([blod, torch.zeros_like(tail)])
+    return torch.cat([pos, tail]), torch.cat([blod, torch.zeros_like(tail)]), torch.cat([span, torch.ones_like(tail)])
 
 
 def config_hash(config) -> str:
@@ -140,7 +157,8 @@ class MCSession:
     """One growing stream decoded through a working context of at most W entries (see module docstring)."""
 
     def __init__(self, controller, *, refocus_interval: int = DEFAULT_REFOCUS_INTERVAL,
-                 tokenizer_id: str | None = None, append_chunk: int | None = None, autocast=None, capacity: int = 1024):
+                 tokenizer_id: str | None = None, append_chunk: int | None = None, autocast=None, capacity: int = 1024,
+                 lookback: int | None = None):
         cfg: MCConfig = controller.cfg
         K, W, R = cfg.block_size, cfg.wc_budget, cfg.recent
         if R + K - 1 > W:
@@ -148,6 +166,9 @@ class MCSession:
                              f"current block raw: it needs --mc_wc_budget >= {R + K - 1}, got {W}")
         if refocus_interval < 1:
             raise ValueError(f"refocus_interval ({refocus_interval}) must be >= 1")
+        self.lookback = 16 * W if lookback is None else lookback  # tokens whose blocks a refocus scores afresh
+        if self.lookback < 1:
+            raise ValueError(f"lookback ({self.lookback}) must be >= 1 token")
         self.controller, self.model, self.cfg = controller, controller.model, cfg
         self.refocus_interval, self.tokenizer_id = refocus_interval, tokenizer_id
         self.append_chunk = append_chunk or W
@@ -156,9 +177,11 @@ class MCSession:
         self.head_dim = self.model.config.head_dim
         self.tree = MCTree(cfg, self.model.transformer.wte, controller.gistnet, capacity=capacity)
         self._map = torch.zeros(max(capacity // K, 1), dtype=torch.int8, device=self.device)  # [cap] int8
+        self._scores = torch.full_like(self._map, NEG, dtype=torch.float)  # [cap] LensNet's last score of each block
         self.n_blocks = 0
         self._pos = torch.zeros(W, dtype=torch.long, device=self.device)  # entry table, first n_entries rows
         self._lod = torch.zeros(W, dtype=torch.long, device=self.device)
+        self._span = torch.ones(W, dtype=torch.long, device=self.device)
         self._rope = torch.zeros(W, 2, self.head_dim // 2, device=self.device)  # [W, (cos, sin), hd/2] fp32
         self.max_len = controller.max_len  # rotary distances stay below it
         self._frame = rope_frame(0, self.max_len)  # the frame of the table's rotary rows
@@ -206,6 +229,9 @@ class MCSession:
         for level, gists in enumerate(tree.gists, start=1):
             index = (pos // K ** level).clamp(max=gists.size(1) - 1)
             out = torch.where((lod == level)[:, None], gists[0, index], out)
+        nodes, partial = tree.partial
+        for p, (level, g, _) in enumerate(nodes):
+            out = torch.where(((lod == level) & (pos == g * K ** level))[:, None], partial[0, p], out)
         return out
 
     @torch.no_grad()
@@ -214,15 +240,14 @@ class MCSession:
         tensors, wider if the map holds more entries), like `materialize` builds it."""
         K, W, T = self.cfg.block_size, self.cfg.wc_budget, self.tree.T
         lod_map = self.lod_map if lod_map is None else lod_map
-        pos, lod = entry_table(lod_map, T, K)  # [E]
+        pos, lod, span = entry_table(lod_map, T, K)  # [E]
         E = pos.numel()
         pad = max(W, E) - E
         valid = torch.arange(E + pad, device=self.device) < E
-        pos, lod = F.pad(pos, (0, pad)), F.pad(lod, (0, pad))
+        pos, lod, span = F.pad(pos, (0, pad)), F.pad(lod, (0, pad)), F.pad(span, (0, pad), value=1)
         embeds = torch.where(valid[:, None], self._entry_embeds(pos, lod), 0.0)  # [W, D]
         after = self.tree.ids[0, (pos + 1).clamp(max=max(T - 1, 0))]
         targets = torch.where(valid & (lod == RAW) & (pos + 1 < T), after, -1)
-        span = torch.pow(K, lod)
         return WorkingContext(embeds[None], pos[None], span[None], lod[None], targets[None], valid[None],
                               torch.zeros(1, dtype=torch.long, device=self.device), lod_map[None], T)
 
@@ -243,13 +268,18 @@ class MCSession:
         """Append ids [c] to the tree and the map; the c new raw entries join the table if it has room."""
         K, W = self.cfg.block_size, self.cfg.wc_budget
         c, T0 = ids.numel(), self.tree.T
+        partial = self.tree.partial[0]  # the partial nodes before the boundary moves
         self.tree.append(ids[None])
         n_new = (T0 + c) // K - self.n_blocks
         if n_new:  # completed blocks enter the map raw: their entries do not change
             if self.n_blocks + n_new > self._map.numel():
-                grown = self._map.new_zeros(max(2 * self._map.numel(), self.n_blocks + n_new))
+                size = max(2 * self._map.numel(), self.n_blocks + n_new)
+                grown = self._map.new_zeros(size)
                 grown[:self.n_blocks] = self.lod_map
                 self._map = grown
+                scores = self._scores.new_full((size,), NEG)
+                scores[:self.n_blocks] = self._scores[:self.n_blocks]
+                self._scores = scores
             self._map[self.n_blocks:self.n_blocks + n_new] = RAW
             self.n_blocks += n_new
         E0 = self.n_entries
@@ -258,13 +288,32 @@ class MCSession:
                 self._pos[E0] = T0
             else:
                 self._pos[E0:E0 + c] = torch.arange(T0, T0 + c, device=self.device)
-            # self._lod[E0:E0 + c] is already RAW: rows past the table are kept RAW by `_set_map`
+            # self._lod[E0:E0 + c] is already RAW and self._span 1: rows past the table are kept so by `_set_map`
             rope_q = T0 if self.cfg.positional == "gaussian" else E0
             self._rope[E0:E0 + c] = self._std_rope(rope_q, c)
             self._tab_len = E0 + c
         self.n_entries = E0 + c
         self._logits = None
         self._since_refocus += c
+        stale = [node for node in partial if node not in self.tree.partial[0]]
+        if stale:
+            self._open_stale(stale)
+
+    def _open_stale(self, nodes):
+        """After the boundary moved: open the partial nodes (level, g, j) whose gists the tree replaced, where the
+        map shows them (`open_partial_nodes`). The table is rebuilt when the map still fits W, else the budget fit
+        of `_maintain` refocuses."""
+        K = self.cfg.block_size
+        shown = torch.stack([self._map[g * K ** (level - 1)] == level for level, g, _ in nodes]).tolist()
+        nodes = [node for node, yes in zip(nodes, shown) if yes]
+        if not nodes:
+            return
+        fixed = open_partial_nodes(self.lod_map[None], nodes, K)[0]
+        self.n_entries += sum(j - 1 for _, _, j in nodes)
+        if self.n_entries <= self.cfg.wc_budget:
+            self._set_map(fixed, None)
+        else:  # over W: the budget fit of `_maintain` refocuses, comparing the new table with the current one
+            self._map[:self.n_blocks] = fixed
 
     def _set_map(self, new_map, kind: str | None, frame: int | None = None) -> bool:
         """Install map [n] in rotary frame `frame` (default: the frame of the current history): rebuild the entry
@@ -278,20 +327,21 @@ class MCSession:
             return False
         old_map = self.lod_map.clone()
         self._map[:self.n_blocks] = new_map
-        pos, lod = entry_table(new_map, T, K)
+        pos, lod, span = entry_table(new_map, T, K)
         E = pos.numel()
         if E > W:
             raise ValueError(f"internal: a map of {E} entries exceeds --mc_wc_budget={W}")
         self._frame = frame
         valid = torch.ones_like(pos, dtype=torch.bool)[None]  # the table starts at entry 0, so `index` mode works too
-        cos, sin = wc_rope(pos[None], torch.pow(K, lod)[None], lod[None], valid, self.head_dim, self.cfg.positional,
+        cos, sin = wc_rope(pos[None], span[None], lod[None], valid, self.head_dim, self.cfg.positional,
                            max_len=self.max_len, frame=torch.tensor([self._frame], device=self.device))
         rope = torch.stack([cos[0, :, 0], sin[0, :, 0]], dim=1)  # [E, 2, hd/2]
         m = min(self._tab_len, E)
-        differ = (self._pos[:m] != pos[:m]) | (self._lod[:m] != lod[:m]) | (self._rope[:m] != rope[:m]).flatten(1).any(1)
+        differ = ((self._pos[:m] != pos[:m]) | (self._lod[:m] != lod[:m]) | (self._span[:m] != span[:m])
+                  | (self._rope[:m] != rope[:m]).flatten(1).any(1))  # a partial node's span changes with its gist
         first = int(torch.cat([differ, differ.new_ones(1)]).long().argmax())  # first changed entry (m if none)
-        self._pos[:E], self._lod[:E] = pos, lod
-        self._lod[E:] = RAW
+        self._pos[:E], self._lod[:E], self._span[:E] = pos, lod, span
+        self._lod[E:], self._span[E:] = RAW, 1
         self._rope[first:E] = rope[first:]
         self.n_entries = self._tab_len = E
         self._valid = min(self._valid, first)
@@ -301,7 +351,7 @@ class MCSession:
         return True
 
     def _log_edits(self, old_map, new_map, kind: str):
-        detail = lambda lod: torch.where(lod == UNCOVERED, 0, 3 - lod.long())  # noqa: E731  raw 3 > LOD1 2 > LOD2 1 > none 0
+        detail = lambda lod: torch.where(lod == UNCOVERED, 0, 127 - lod.long())  # noqa: E731  raw > LOD1 > LOD2 > ... > none
         change = detail(new_map) - detail(old_map)
         expanded, collapsed = (change > 0).nonzero()[:, 0].tolist(), (change < 0).nonzero()[:, 0].tolist()
         if expanded or collapsed:
@@ -337,17 +387,27 @@ class MCSession:
         self.stats["append_tokens"] += ids.numel()
         self.stats["append_seconds"] += time.perf_counter() - t0
 
+    def _focus_map(self, tail_tokens: int, lookback: int):
+        """`MCController.focus` with LensNet scoring afresh only the blocks of the last `lookback` tokens;
+        older blocks keep the score of the last refocus that scored them. Returns the map [n]."""
+        tree, K, n = self.tree, self.cfg.block_size, self.n_blocks
+        first = max(0, boundary(n, self.cfg) - lookback // K)  # first block LensNet scores
+        levels = [tree.lod0(first * K, tree.T), tree.gists[0][:, first:n]]  # the history from that block on
+        self._scores[first:n] = self.controller.block_scores(levels)[0].float()  # -inf on the raw tail
+        return self.controller.descend(self._scores[:n][None], tail_tokens)[0]
+
     @torch.no_grad()
-    def refocus(self) -> bool:
-        """Decide the focus afresh (`MCController.focus`: LensNet's best blocks of the history expanded,
-        with their groups, within W). Returns whether the map changed."""
+    def refocus(self, lookback: int | None = None) -> bool:
+        """Decide the focus afresh (`MCController.focus`: LensNet's best blocks of the history expanded, with
+        the nodes above them, within W), LensNet scoring the blocks of the last `lookback` tokens (default: the
+        session's; a chat passes the whole history once a question is in). Returns whether the map changed."""
         self._since_refocus = 0
         cfg, K = self.cfg, self.cfg.block_size
         t = self.tree.T % K
         with self._amp():
             if self.n_blocks > cfg.recent // K:  # something outside the raw tail to focus on
                 self.stats["refocus"] += 1
-                maps = self.controller.focus(self.tree.levels(), tail_tokens=t)[0]
+                maps = self._focus_map(t, self.lookback if lookback is None else lookback)
             else:
                 maps = most_compressed_map(self.n_blocks, cfg, tail_tokens=t, device=self.device)  # [n]
             return self._set_map(maps, "refocus")
@@ -425,14 +485,17 @@ class MCSession:
         """Plain-Python snapshot for /stats, the focus map and tests."""
         K, T, st = self.cfg.block_size, self.tree.T, self.stats
         pos, lod = self.entries()
-        per_lod = torch.bincount(lod, minlength=3).tolist()
+        per_lod = torch.bincount(lod, minlength=3).tolist()  # entries per level
+        covered = torch.bincount(lod, weights=entry_table(self.lod_map, T, K)[2].double(), minlength=3).long().tolist() \
+            if self._tab_len == self.n_entries else [0] * len(per_lod)  # tokens per level
         uncovered = int((self.lod_map == UNCOVERED).sum()) * K
         computed = st["kv_computed"]
         return dict(
             history_tokens=T, wc_entries=self.n_entries, wc_budget=self.cfg.wc_budget, block_size=K,
             recent=self.cfg.recent, tail_tokens=T % K, max_lod=self.cfg.max_lod,
-            lod_mix=dict(raw=per_lod[0], lod1=per_lod[1], lod2=per_lod[2]),
-            spans=dict(raw=per_lod[0], lod1=per_lod[1] * K, lod2=per_lod[2] * K * K, uncovered=uncovered),
+            lod_mix=dict(raw=per_lod[0], **{f"lod{level}": c for level, c in enumerate(per_lod[1:], start=1)}),
+            spans=dict(raw=covered[0], **{f"lod{level}": c for level, c in enumerate(covered[1:], start=1)},
+                       uncovered=uncovered),
             lod_map=self.lod_map.tolist(), entry_pos=pos.tolist(), entry_lod=lod.tolist(),
             refocus_count=st["refocus"], budget_fits=st["budget_fits"], map_changes=st["map_changes"],
             refocus_interval=self.refocus_interval, since_refocus=self._since_refocus,
@@ -455,7 +518,8 @@ class MCSession:
             "weights": weights_fingerprint(self.controller), "tokenizer": self.tokenizer_id,
             "num_tokens": tree.T, "ids": tree.token_ids.cpu().clone(),  # clones: a view would save its whole buffer
             "gists": [g[:, :tree.num_nodes(l)].cpu().clone() for l, g in enumerate(tree.gists, start=1)],
-            "lod_map": self.lod_map.cpu().clone(),
+            "partial_gists": tree.partial[1].cpu().clone(),  # [1, P, D] of the nodes mc.tree.partial_nodes lists
+            "lod_map": self.lod_map.cpu().clone(), "scores": self._scores[:self.n_blocks].cpu().clone(),
             "session": dict(refocus_interval=self.refocus_interval, since_refocus=self._since_refocus, frame=self._frame,
                             stats=dict(self.stats), edits=list(self.edits)),
         }
@@ -474,8 +538,8 @@ class MCSession:
             raise ValueError(f"{path} is not a MegaContext session file (no '{FORMAT}' marker; it looks like a model "
                              "checkpoint or other file)")
         if state.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} is a session of format version {state.get('version')}; "
-                             f"this code reads version {FORMAT_VERSION}")
+            raise ValueError(f"{path} is a session of format version {state.get('version')} (trees capped at LOD2); "
+                             f"this code reads version {FORMAT_VERSION}: start a new session")
         digest = state.pop("sha256", None)  # files saved before digests were recorded have none
         if digest is not None and content_digest(state) != digest:
             raise ValueError(f"{path} has changed since it was saved (its content digest differs): it is corrupt")
@@ -498,13 +562,16 @@ class MCSession:
                              "load it with the checkpoint that saved it")
         K, W, D = cfg.block_size, cfg.wc_budget, model.config.n_embd
         try:
-            T, ids, gists, lod_map, extra = (state[k] for k in ("num_tokens", "ids", "gists", "lod_map", "session"))
+            T, ids, gists, partial, lod_map, scores, extra = (state[k] for k in (
+                "num_tokens", "ids", "gists", "partial_gists", "lod_map", "scores", "session"))
             n = T // K
-            ok = (ids.shape == (1, T) and ids.dtype == torch.long and len(gists) == cfg.max_lod
+            depth = max([1] + [l for l in range(1, max_level(n, K) + 1) if T // K ** l])  # levels of complete nodes
+            ok = (ids.shape == (1, T) and ids.dtype == torch.long and len(gists) == depth
                   and all(g.shape == (1, T // K ** l, D) for l, g in enumerate(gists, start=1))
-                  and lod_map.shape == (n,) and lod_map.dtype == torch.int8)
+                  and partial.shape == (1, len(partial_nodes(n, cfg)), D)
+                  and lod_map.shape == (n,) and lod_map.dtype == torch.int8 and scores.shape == (n,))
             ok = ok and (T == 0 or 0 <= int(ids.min()) and int(ids.max()) < model.config.vocab_size)
-            ok = ok and bool(is_legal(lod_map[None], K, cfg.recent // K, cfg.max_lod)[0])
+            ok = ok and bool(is_legal(lod_map[None], K, cfg.recent // K, partial=cfg.partial_gists)[0])
             ok = ok and int(entry_counts(lod_map[None], K, T % K)[0]) <= W
         except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{path} is an incomplete MegaContext session file ({type(e).__name__}: {e})") from None
@@ -518,10 +585,11 @@ class MCSession:
             for s in range(0, T if tree.lod0_cache is not None else 0, 65536):  # exact re-embedding, in slices
                 e = min(T, s + 65536)
                 tree.lod0_cache[:, s:e] = model.transformer.wte(tree.ids[:, s:e]).to(tree.dtype)
-            for l, g in enumerate(gists, start=1):
-                tree.gists[l - 1][:, :g.size(1)] = g.to(device, tree.dtype)
+            tree.gists = [g.to(device, tree.dtype).clone() for g in gists]
+            tree.partial = (partial_nodes(n, cfg), partial.to(device, tree.dtype))
             tree.T = T
             session._map = lod_map.to(device).clone()
+            session._scores = scores.to(device, torch.float).clone()
             session.n_blocks = n
             session._set_map(session.lod_map.clone(), None, extra.get("frame"))
         session._since_refocus = int(extra.get("since_refocus", 0))

@@ -6,21 +6,25 @@ partial block after them. A working context (WC) over that history is described 
     lod_map  # [V, n_blocks] int8, one row per variant, one column per complete LOD1 block
       RAW       =  0  the block is shown as its K raw tokens (K entries)
       GIST      =  1  the block is shown as its LOD1 gist (1 entry)
-      GROUP     =  2  the block is part of an aligned LOD2 group: blocks [g*K, (g+1)*K) are all 2
-                      and the group is ONE entry (its LOD2 gist)
+      l >= 2          the block is part of a LOD-l node shown as ONE entry (its gist): the node's blocks
+                      (all K^(l-1) of an aligned complete node, or the complete children of a partial
+                      node, mc.tree) are all l. GROUP = 2 names the LOD2 level.
       UNCOVERED = -1  the block is not shown; only a prefix of the history may be uncovered, and
                       only when even the most compressed cover does not fit the budget W
 
-The partial block (if any) is always raw and is not part of the map. The last
-`recent_blocks = R // K` complete blocks are RAW, so the last R tokens (the raw tail, partial block
-included) are always tokens. A map is legal (`is_legal`) when its groups are complete and aligned,
-its uncovered blocks form a prefix and its tail is raw; it fits when `entry_counts <= W`.
+The tree grows as deep as the history needs, so maps have no highest level. The partial block (if any)
+is always raw and is not part of the map. The last `recent_blocks = R // K` complete blocks are RAW, so
+the last R tokens (the raw tail, partial block included) are always tokens. A map is legal (`is_legal`)
+when each of its nodes is a node of the tree (`node_violations`), its uncovered blocks form a prefix
+and its tail is raw; it fits when `entry_counts <= W`.
 
-Edits (the focus allocator's vocabulary) change one block or one group and cost `edit_cost(K)`
-= K-1 entries each: `expand_blocks` (GIST -> RAW, +K-1), `expand_groups` (GROUP -> GIST, +K-1),
-`collapse_blocks` (RAW -> GIST, -(K-1), never in the raw tail), `collapse_groups` (K GIST blocks
-of a complete group -> GROUP, -(K-1)). Group masks are `[V, ceil(n_blocks / K)]`; an entry at
-position p belongs to block p // K and group p // K**2. Budgets are the caller's business.
+Edits (the focus allocator's vocabulary) change one block or one node: `expand_blocks` (GIST -> RAW,
++K-1), `expand_groups` (LOD2 -> GIST, +K-1 for a complete group, +j-1 for a partial one of j blocks),
+`open_nodes` (every node holding a marked block, down to LOD1 gists), `open_partial_nodes` (partial nodes
+whose gists the tree replaced -> their children), `collapse_blocks` (RAW -> GIST,
+-(K-1), never in the raw tail), `collapse_groups` (K GIST blocks of a complete group -> LOD2, -(K-1)).
+Group masks are `[V, ceil(n_blocks / K)]`; an entry at position p belongs to block p // K and group
+p // K**2. Budgets are the caller's business.
 
 `materialize` turns maps into tensors the GPT can read: a slot grid over the token positions
 (slot s = position s) marks which slots start an entry, a cumsum compacts those slots to the left
@@ -34,8 +38,9 @@ from dataclasses import dataclass
 import torch
 
 from mc.config import MCConfig
+from mc.tree import level_rows, shown_end
 
-UNCOVERED, RAW, GIST, GROUP = -1, 0, 1, 2  # values of an LOD map
+UNCOVERED, RAW, GIST, GROUP = -1, 0, 1, 2  # values of an LOD map (GROUP: the LOD2 level; deeper levels are 3, 4, ...)
 
 
 def edit_cost(K: int) -> int:
@@ -58,27 +63,54 @@ def _blocks_of_groups(group_mask, n_blocks: int, K: int):
     return torch.cat([blocks, pad], dim=1)
 
 
+def _node_sum(mask, size: int):
+    """Per-block count of marked blocks [V, n] in the aligned node of `size` blocks holding each block."""
+    return _group_view(mask.long(), size).sum(-1).repeat_interleave(size, dim=1)[:, :mask.size(1)]
+
+
+def max_level(n_blocks: int, K: int) -> int:
+    """An upper bound on the levels a map of n_blocks blocks can hold (a LOD-l node needs K^(l-2) blocks)."""
+    level = 1
+    while K ** (level - 1) <= n_blocks:
+        level += 1
+    return level
+
+
 # ---------------------------------------------------------------------------------------------
 # counting and legality of LOD maps
 
 def entry_counts(lod_map, K: int, tail_tokens: int = 0):
-    """Entries of each WC [V]: K per RAW block, 1 per GIST block, 1 per GROUP, plus the partial-block tokens."""
+    """Entries of each WC [V]: K per RAW block, 1 per GIST block, 1 per node of level >= 2, plus the partial-block tokens."""
     lod = lod_map.long()
-    first_of_group = torch.arange(lod.size(1), device=lod.device) % K == 0  # [n_blocks]
-    return ((lod == RAW).sum(1) * K + (lod == GIST).sum(1) + ((lod == GROUP) & first_of_group).sum(1)
-            + tail_tokens)
+    b = torch.arange(lod.size(1), device=lod.device)
+    first = b % torch.pow(K, (lod - 1).clamp(min=0)) == 0  # [V, n] the block starts its node
+    return (lod == RAW).sum(1) * K + ((lod >= GIST) & first).sum(1) + tail_tokens
 
 
-def is_legal(lod_map, K: int, recent_blocks: int, max_lod: int = 2):
-    """bool [V]: known values only, GROUP blocks in complete aligned groups, UNCOVERED only as a prefix,
-    the last `recent_blocks` blocks RAW. (The budget is checked separately with `entry_counts`.)"""
+def node_violations(lod_map, cfg: MCConfig, level: int):
+    """[V, n] bool: the blocks at `level` (>= 2) whose run is not a node of the tree: not all the blocks of an
+    aligned complete node older than the raw tail, nor exactly the children of the tree's partial node."""
+    lod = lod_map.long()
+    n = lod.size(1)
+    size = cfg.block_size ** (level - 1)
+    mask = lod == level
+    allowed = (torch.arange(n, device=lod.device) < shown_end(n, level, cfg)).expand_as(mask)
+    return mask & (~allowed | (_node_sum(mask, size) != _node_sum(allowed, size)))
+
+
+def is_legal(lod_map, K: int, recent_blocks: int, max_lod: int | None = None, partial: bool = False):
+    """bool [V]: known values only (at most max_lod, when given), every node of level >= 2 a node of the tree
+    (complete and aligned, or the partial node of its level when `partial`), UNCOVERED only as a prefix, the
+    last `recent_blocks` blocks RAW. (The budget is checked separately with `entry_counts`.)"""
     lod = lod_map.long()
     V, n = lod.shape
-    ok = ((lod >= UNCOVERED) & (lod <= max_lod)).all(1)
+    cfg = MCConfig(block_size=K, recent=recent_blocks * K, wc_budget=(recent_blocks + 2) * K, partial_gists=partial)
+    top = max_level(n, K)
+    ok = ((lod >= UNCOVERED) & (lod <= (top if max_lod is None else min(max_lod, top)))).all(1)
     uncovered = lod == UNCOVERED
     ok &= ~(uncovered[:, 1:] & ~uncovered[:, :-1]).any(1)  # covered block followed by an uncovered one
-    groups = _group_view(lod == GROUP, K)  # [V, G, K]; the padded tail group can never be all GROUP
-    ok &= (groups.any(-1) == groups.all(-1)).all(1)
+    for level in range(2, top + 1):
+        ok &= ~node_violations(lod, cfg, level).any(1)
     r = min(recent_blocks, n)
     if r:
         ok &= (lod[:, n - r:] == RAW).all(1)
@@ -97,6 +129,27 @@ def expand_groups(lod_map, group_mask, K: int):
     """GROUP groups marked in group_mask [V, G] become K GIST blocks (+K-1 entries each)."""
     blocks = _blocks_of_groups(group_mask, lod_map.size(1), K)
     return torch.where(blocks & (lod_map == GROUP), GIST, lod_map).to(lod_map.dtype)
+
+
+def open_nodes(lod_map, block_mask, K: int):
+    """Every node of level >= 2 holding a block marked in block_mask [V, n_blocks] is opened, level by level,
+    down to LOD1 gists: the marked blocks end up GIST (blocks already RAW or GIST stay)."""
+    lod = lod_map
+    for level in range(max_level(lod.size(1), K), 1, -1):
+        opened = _node_sum(block_mask & (lod == level), K ** (level - 1)) > 0
+        lod = torch.where(opened & (lod == level), level - 1, lod).to(lod_map.dtype)
+    return lod
+
+
+def open_partial_nodes(lod_map, nodes, K: int):
+    """Maps [V, n_blocks] with each partial node (level, g, j) of `nodes` opened into its j children where it is
+    shown (+j-1 entries each): a session's map after the boundary moved and those nodes' gists were replaced."""
+    lod = lod_map.clone()
+    for level, g, j in nodes:
+        start, child = g * K ** (level - 1), K ** (level - 2)
+        run = lod[:, start:start + j * child]  # [V, j * child] view
+        run.copy_(torch.where(run == level, level - 1, run))
+    return lod
 
 
 def collapse_blocks(lod_map, block_mask, recent_blocks: int):
@@ -119,24 +172,26 @@ def collapse_groups(lod_map, group_mask, K: int):
 # constructors
 
 def most_compressed_map(n_blocks: int, cfg: MCConfig, tail_tokens: int = 0, device=None):
-    """The most compressed legal map [n_blocks] int8: the last R // K blocks RAW, older aligned groups
-    GROUP (max_lod 2), the remaining older blocks GIST; if that still exceeds W, the oldest entries
-    (whole groups first, then single gists) are UNCOVERED, one entry each, until it fits."""
+    """The most compressed legal map [n_blocks] int8: the last R // K blocks RAW, every older block in the highest
+    node of the tree that may show it (complete nodes, and with cfg.partial_gists the partial node of each
+    level: then one entry per non-zero base-K digit of the older blocks); if that still exceeds W, the oldest
+    entries are UNCOVERED, one entry each, until it fits."""
     K, W = cfg.block_size, cfg.wc_budget
     recent = min(cfg.recent // K, n_blocks)
     older = n_blocks - recent
-    n_groups = older // K if cfg.max_lod >= 2 else 0
-    n_lone = older - n_groups * K
     raw_entries = recent * K + tail_tokens
     if raw_entries > W:
         raise ValueError(f"the raw tail of {raw_entries} tokens ({recent} recent blocks of --mc_block_size={K} "
                          f"+ {tail_tokens} partial-block tokens) exceeds --mc_wc_budget={W}")
-    over = max(0, n_groups + n_lone + raw_entries - W)  # entries to drop; each uncovered unit frees one
-    drop_groups, drop_lone = min(over, n_groups), over - min(over, n_groups)
     b = torch.arange(n_blocks, device=device)  # [n_blocks]
-    lod = torch.where(b < n_groups * K, GROUP, torch.where(b < older, GIST, RAW))
-    dropped = (b < drop_groups * K) | ((b >= n_groups * K) & (b < n_groups * K + drop_lone))
-    return torch.where(dropped, UNCOVERED, lod).to(torch.int8)
+    lod = torch.where(b < older, GIST, RAW)
+    for level in range(2, max_level(n_blocks, K) + 1):  # shown_end shrinks with the level: the highest wins
+        lod = torch.where(b < shown_end(n_blocks, level, cfg), level, lod)
+    starts = (lod >= GIST) & (b % torch.pow(K, (lod - 1).clamp(min=0)) == 0)  # [n] entries of the older blocks
+    over = int(starts.sum()) + raw_entries - W  # entries to drop; each uncovered entry frees one
+    if over > 0:
+        lod = torch.where((lod >= GIST) & (starts.cumsum(0) <= over), UNCOVERED, lod)
+    return lod.to(torch.int8)
 
 
 def _pick_random(candidates, n_afford, generator):
@@ -149,29 +204,46 @@ def _pick_random(candidates, n_afford, generator):
     return candidates & (rank < n_afford[:, None])
 
 
+def _pick_random_within(candidates, cost, budget, generator):
+    """Random candidates [V, N] of the given costs [V, N] (a random order, its longest prefix within budget [V])."""
+    V, N = candidates.shape
+    priority = torch.where(candidates, torch.rand(V, N, generator=generator, device=candidates.device), 2.0)
+    order = priority.argsort(dim=1)  # [V, N]
+    spent = torch.where(candidates, cost, 0).gather(1, order).cumsum(1)  # [V, N]
+    take = candidates.gather(1, order) & (spent <= budget[:, None])
+    return torch.zeros_like(candidates).scatter(1, order, take)
+
+
 def random_maps(V: int, n_blocks: int, cfg: MCConfig, generator=None, tail_tokens: int = 0, device=None):
     """V random legal maps [V, n_blocks] int8 within the budget W, keeping the last R tokens raw.
 
-    Start from the most compressed map; spend a random fraction (uniform per variant) of the free
-    budget on expanding random LOD2 groups (at least enough that the LOD1 blocks can absorb the
-    rest), then the rest on expanding random LOD1 blocks (including blocks of just-expanded groups).
-    Every expansion costs K-1, so maps end less than K-1 entries below W unless nothing is left to
-    expand. Two rounds, each vectorised over V and blocks.
+    Start from the most compressed map; level by level from the top, spend a random fraction (uniform per
+    variant and level) of the free budget on opening random nodes into their children (at LOD2 at least
+    enough that the LOD1 blocks can absorb the rest), then the rest on expanding random LOD1 blocks
+    (including blocks of just-opened nodes). Opening a node of j children costs j-1 entries (K-1 when
+    complete), expanding a block K-1. One round per level, each vectorised over V and blocks.
     `generator` must live on `device`.
     """
     K, W = cfg.block_size, cfg.wc_budget
     cost = edit_cost(K)
     lod = most_compressed_map(n_blocks, cfg, tail_tokens, device).expand(V, n_blocks).clone()
     slack = W - entry_counts(lod, K, tail_tokens)  # [V]
-    G = n_blocks // K
-    if cfg.max_lod >= 2 and G:
-        is_group = lod[:, :G * K].view(V, G, K)[..., 0] == GROUP  # [V, G]
+    b = torch.arange(n_blocks, device=lod.device)
+    for level in range(max_level(n_blocks, K), 1, -1):
+        size = K ** (level - 1)
+        node = lod == level
+        if not bool(node.any()):
+            continue
+        first = node & (b % size == 0)  # [V, n] one candidate per node, at its first block
+        open_cost = _node_sum(node, size) // (size // K) - 1  # [V, n] children - 1
         fraction = torch.rand(V, generator=generator, device=lod.device)
-        # groups take a random share of the slack, but at least what the LOD1 blocks could not absorb
-        share = torch.maximum((fraction * slack).long(), slack - cost * (lod == GIST).sum(1))
-        chosen = _pick_random(is_group, share // cost, generator)
-        lod = expand_groups(lod, chosen, K)
-        slack = slack - chosen.sum(1) * cost
+        share = (fraction * slack).long()
+        if level == 2:  # at least what the LOD1 blocks could not absorb
+            share = torch.maximum(share, slack - cost * (lod == GIST).sum(1))
+        chosen = _pick_random_within(first, open_cost, share, generator)
+        opened = _node_sum(chosen, size) > 0
+        lod = torch.where(opened & node, level - 1, lod).to(torch.int8)
+        slack = slack - torch.where(chosen, open_cost, 0).sum(1)
     chosen = _pick_random(lod == GIST, slack // cost, generator)
     return expand_blocks(lod, chosen)
 
@@ -184,8 +256,8 @@ class WorkingContext:
     """A batch of V materialised working contexts, right-padded to W entries."""
     embeds: torch.Tensor   # [V, W, D] entry embeddings (dtype/device of the levels); padding = 0
     pos: torch.Tensor      # [V, W] long, global start token of each entry; padding = 0
-    span: torch.Tensor     # [V, W] long, tokens covered: 1, K or K**2; padding = 1
-    lod: torch.Tensor      # [V, W] long, 0 token, 1 LOD1 gist, 2 LOD2 gist; padding = 0
+    span: torch.Tensor     # [V, W] long, tokens covered: 1, K, K**l (a partial node: its children's); padding = 1
+    lod: torch.Tensor      # [V, W] long, 0 token, l >= 1 a LOD-l gist; padding = 0
     targets: torch.Tensor  # [V, W] long, next token of LOD0 entries, else -1; padding = -1
     valid: torch.Tensor    # [V, W] bool, real entries (a prefix of each row)
     sample: torch.Tensor   # [V] long, history row each variant reads
@@ -207,8 +279,9 @@ def default_samples(V: int, B: int, device=None):
 def materialize(lod_map, levels, tokens, cfg: MCConfig, next_token=None, sample=None) -> WorkingContext:
     """Build V working contexts from LOD maps [V, n_blocks] and the tree levels.
 
-    levels: [LOD0 [B, T, D], LOD1 [B, T // K, D], (LOD2 [B, T // K**2, D] when max_lod = 2)], where T
-    may include a partial block of t < K tokens (always raw). tokens [B, T]: the history ids.
+    levels: [LOD0 [B, T, D], LOD1 [B, T // K, D], LOD2, ...] as `mc.tree.build_tree` returns them (rows:
+    `mc.tree.level_rows`; as many levels as the maps use), where T may include a partial block of t < K
+    tokens (always raw). tokens [B, T]: the history ids.
     next_token [B]: the token after the history (target of the last position), else -1.
     sample [V]: history row of each variant (default: `default_samples`).
     Raises ValueError when a map is illegal or exceeds W (one host sync for both checks).
@@ -225,46 +298,42 @@ def materialize(lod_map, levels, tokens, cfg: MCConfig, next_token=None, sample=
                          f"(LOD1 level {tuple(levels[1].shape)})")
     if tokens.shape != (B, T):
         raise ValueError(f"tokens {tuple(tokens.shape)} do not match the LOD0 level {tuple(lod0.shape)}")
-    n2 = levels[2].size(1) if len(levels) > 2 else 0
-    if len(levels) > 2 and levels[2].shape[:2] != (B, n // K):
-        raise ValueError(f"LOD2 level {tuple(levels[2].shape)} does not match {n} blocks with K={K}")
+    for level, lvl in enumerate(levels[2:], start=2):
+        if lvl.shape[:2] != (B, level_rows(n, level, cfg)):
+            raise ValueError(f"LOD{level} level {tuple(lvl.shape)} does not match {n} blocks with K={K} "
+                             f"(expected {level_rows(n, level, cfg)} rows)")
     sample = default_samples(V, B, device) if sample is None else sample.to(device).long()
 
     counts = entry_counts(lod, K, t)  # [V]
-    legal = is_legal(lod, K, cfg.recent // K, max_lod=len(levels) - 1)
+    legal = is_legal(lod, K, cfg.recent // K, max_lod=len(levels) - 1, partial=cfg.partial_gists)
     max_count, n_illegal = torch.stack([counts.max(), (~legal).sum()]).tolist() if V else (0, 0)
     if n_illegal:
         v = int((~legal).nonzero()[0])
-        raise ValueError(f"LOD map of variant {v} is illegal (groups must be complete and aligned, uncovered "
+        raise ValueError(f"LOD map of variant {v} is illegal (nodes must be nodes of the tree, uncovered "
                          f"blocks a prefix, the last {cfg.recent // K} blocks raw, LOD <= {len(levels) - 1}): "
                          f"{lod[v].tolist()}")
     if max_count > W:
         v = int(counts.argmax())
         raise ValueError(f"LOD map of variant {v} needs {max_count} entries > --mc_wc_budget={W}")
 
-    # slot grid over token positions: slot s = b*K + j starts an entry iff
-    # RAW (every j) | GIST (j == 0) | GROUP (j == 0 and b first block of its group)
+    # slot grid over token positions: slot s starts an entry iff RAW, or LOD l >= 1 and s a multiple of K^l
     s = torch.arange(T, device=device)  # [T]
-    slot_lod = torch.cat([lod.repeat_interleave(K, dim=1), lod.new_zeros(V, t)], dim=1)  # [V, T]
-    starts_block = s % K == 0
-    starts_group = s % (K * K) == 0
-    valid_slot = (slot_lod == RAW) | ((slot_lod == GIST) & starts_block) | ((slot_lod == GROUP) & starts_group)
+    slot_lod = torch.cat([lod.repeat_interleave(K, dim=1), lod.new_zeros(V, t)], dim=1).long()  # [V, T]
+    valid_slot = (slot_lod >= RAW) & (s % torch.pow(K, slot_lod.clamp(min=0)) == 0)
     dest = torch.where(valid_slot, valid_slot.cumsum(1) - 1, W)  # [V, T]; column W is a dump
     pos = torch.zeros(V, W + 1, dtype=torch.long, device=device)
     pos = pos.scatter_(1, dest, s.expand(V, T))[:, :W]  # [V, W]
     valid = torch.arange(W, device=device) < counts[:, None]  # [V, W], right padding
     pos = torch.where(valid, pos, 0)
-    entry_lod = torch.where(valid, slot_lod.gather(1, pos), RAW).long()  # [V, W]
+    entry_lod = torch.where(valid, slot_lod.gather(1, pos), RAW)  # [V, W]
 
-    # one gather from [LOD0 rows | LOD1 rows | LOD2 rows | a zero row for padding]
-    n1 = n
+    # one gather from [LOD0 rows | LOD1 rows | LOD2 rows | ... | a zero row for padding]
+    rows = torch.tensor([lvl.size(1) for lvl in levels], device=device)  # [L+1]
+    offset = torch.cumsum(B * rows, 0) - B * rows  # [L+1] first table row of each level
     row = sample[:, None]  # [V, 1]
-    src = torch.where(entry_lod == RAW, row * T + pos,
-          torch.where(entry_lod == GIST, B * T + row * n1 + pos // K,
-                      B * T + B * n1 + row * n2 + pos // (K * K)))
-    pad_row = B * (T + n1 + n2)
-    src = torch.where(valid, src, pad_row)
-    table = torch.cat([lvl.reshape(-1, D) for lvl in levels[:3]] + [lod0.new_zeros(1, D)])  # [B(T+n1+n2)+1, D]
+    src = offset[entry_lod] + row * rows[entry_lod] + pos // torch.pow(K, entry_lod)
+    src = torch.where(valid, src, int(B * rows.sum()))
+    table = torch.cat([lvl.reshape(-1, D) for lvl in levels] + [lod0.new_zeros(1, D)])  # [B sum(rows) + 1, D]
     embeds = table.index_select(0, src.view(-1)).view(V, W, D)
 
     # targets from positions: token[p+1] for LOD0 entries, next_token after the last position
@@ -273,7 +342,10 @@ def materialize(lod_map, levels, tokens, cfg: MCConfig, next_token=None, sample=
     following = torch.cat([tokens.to(device).long(), after], dim=1).view(-1)  # [B * (T+1)]
     targets = following[row * (T + 1) + pos + 1]  # [V, W]
     targets = torch.where(valid & (entry_lod == RAW), targets, -1)
-    span = torch.pow(K, entry_lod)
+    # spans: K^l tokens, or up to the end of what the level may show (a partial node covers its children only)
+    ends = torch.tensor([T] + [shown_end(n, level, cfg) * K for level in range(1, len(levels))], device=device)
+    span = torch.minimum(pos + torch.pow(K, entry_lod), ends[entry_lod]) - pos
+    span = torch.where(valid & (entry_lod > RAW), span, 1)
     return WorkingContext(embeds, pos, span, entry_lod, targets, valid, sample, lod_map, T)
 
 
@@ -294,7 +366,8 @@ def _check(bad, invariant: str, describe):
 def validate_wc(wc: WorkingContext, tokens, cfg: MCConfig, next_token=None):
     """Check the five invariants of a materialised batch (plus right padding); raise WorkingContextError.
 
-    1 alignment: an LOD-l entry starts at a multiple of K**l and spans K**l tokens
+    1 alignment: an LOD-l entry starts at a multiple of K**l and spans K**l tokens (a partial node, with
+      cfg.partial_gists: 2 to K-1 of its children, K**(l-1) tokens each)
     2 coverage: entries tile [start, T) in order, without gaps or overlaps, ending at T
     3 budget: at most W = cfg.wc_budget entries
     4 tail: every entry touching the last R tokens is LOD0
@@ -311,11 +384,14 @@ def validate_wc(wc: WorkingContext, tokens, cfg: MCConfig, next_token=None):
            lambda v, w: "a real entry follows padding")
     _check(~valid & (tgt != -1), "(right padding)", lambda v, w: f"padding has target {int(tgt[v, w])}, not -1")
     # 1 alignment
-    _check(valid & ((lod < 0) | (lod > cfg.max_lod)), "1 (alignment)", lambda v, w: f"unknown LOD {int(lod[v, w])}")
-    lod_c = lod.clamp(0, cfg.max_lod)
-    _check(valid & ((span != K ** lod_c) | (pos % K ** lod_c != 0) | (pos < 0)), "1 (alignment)",
+    _check(valid & (lod < 0), "1 (alignment)", lambda v, w: f"unknown LOD {int(lod[v, w])}")
+    lod_c = lod.clamp(min=0)
+    size, child = torch.pow(K, lod_c), torch.pow(K, (lod_c - 1).clamp(min=0))
+    partial = cfg.partial_gists & (lod_c >= 2) & (span % child == 0) & (span >= 2 * child) & (span < size)
+    _check(valid & (((span != size) & ~partial) | (pos % size != 0) | (pos < 0)), "1 (alignment)",
            lambda v, w: f"LOD{int(lod[v, w])} entry at position {int(pos[v, w])} spans {int(span[v, w])} tokens; "
-                        f"it must start at a multiple of {K ** int(lod_c[v, w])} and span that many")
+                        f"it must start at a multiple of {int(size[v, w])} and span that many"
+                        f"{' (or, a partial node, 2 or more of its children)' if cfg.partial_gists else ''}")
     # 2 coverage
     end = pos + span  # [V, W]
     both = valid[:, 1:] & valid[:, :-1]

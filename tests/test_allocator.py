@@ -12,6 +12,7 @@ import torch
 
 from mc.allocator import descend_maps, expanded_units, oracle_map, edit_maps, similarity_scores, unit_scores
 from mc.config import MCConfig
+from mc.tree import level_rows, tree_depth
 from mc.working_context import (GIST, GROUP, RAW, UNCOVERED, collapse_blocks, edit_cost, entry_counts, expand_blocks,
                                 expand_groups, is_legal, materialize, most_compressed_map, random_maps)
 
@@ -19,12 +20,12 @@ D = 3
 
 
 def history(cfg, B, n_blocks, t=0, seed=0):
-    """Random levels [LOD0 [B, T, D], LOD1 [B, n, D], (LOD2)] and tokens [B, T] of a history of n blocks + t tokens."""
+    """Random levels [LOD0 [B, T, D], LOD1 [B, n, D], LOD2, ...] and tokens [B, T] of a history of n blocks + t tokens."""
     g = torch.Generator().manual_seed(seed)
-    K, T = cfg.block_size, n_blocks * cfg.block_size + t
-    levels = [torch.randn(B, T, D, generator=g), torch.randn(B, n_blocks, D, generator=g)]
-    if cfg.max_lod == 2:
-        levels.append(torch.randn(B, n_blocks // K, D, generator=g))
+    T = n_blocks * cfg.block_size + t
+    levels = [torch.randn(B, T, D, generator=g)]
+    for level in range(1, tree_depth(n_blocks, cfg) + 1):
+        levels.append(torch.randn(B, level_rows(n_blocks, level, cfg), D, generator=g))
     return levels, torch.randint(0, 100, (B, T), generator=g)
 
 
@@ -41,7 +42,7 @@ def random_case(seed):
     K = rng.choice([4, 8])
     R = K * rng.randint(1, 2)
     W = R + K * rng.randint(2, 6) + rng.randint(0, K - 1)
-    cfg = MCConfig(block_size=K, recent=R, wc_budget=W, horizon=1, max_lod=rng.choice([1, 2]),
+    cfg = MCConfig(block_size=K, recent=R, wc_budget=W, horizon=1, partial_gists=rng.random() < 0.5,
                    max_edits=rng.randint(1, 4), top_k=rng.randint(1, 6),
                    expand_threshold=rng.choice([0.0, 0.0, 0.5]), collapse_threshold=rng.choice([0.0, 0.0, 0.5]))
     cfg.validate()
@@ -76,7 +77,7 @@ def test_refocus_keeps_maps_legal_and_within_budget():
             for allow_collapse in (True, False):
                 new = edit_maps(maps, scores, wc, cfg, policy, g, tail_tokens=t, allow_collapse=allow_collapse)
                 assert new.shape == maps.shape and new.dtype == maps.dtype
-                assert is_legal(new, K, cfg.recent // K, cfg.max_lod).all(), (seed, policy, new.tolist())
+                assert is_legal(new, K, cfg.recent // K, partial=cfg.partial_gists).all(), (seed, policy, new.tolist())
                 assert (entry_counts(new, K, t) <= W).all(), seed
                 assert torch.equal(new == UNCOVERED, maps == UNCOVERED)  # edit_maps never uncovers or re-covers
                 exp_b, exp_g, col_b, col_g = n_edits(maps, new, K)
@@ -95,11 +96,12 @@ def test_greedy_expands_the_best_candidates():
         cfg, maps, wc, scores, t, g = random_case(seed)
         K, W = cfg.block_size, cfg.wc_budget
         V, n = maps.shape
-        G = n // K
+        G = -(-n // K)  # groups, a partial one included
         new = edit_maps(maps, scores, wc, cfg, "greedy", tail_tokens=t, allow_collapse=False)
         gist_block, group_entry, _, _ = unit_scores(scores, wc, K)
-        unit_score = torch.cat([gist_block, group_entry[:, :G]], 1)  # [V, n + G]
-        is_unit = torch.cat([maps == GIST, maps[:, :G * K].view(V, G, K)[..., 0] == GROUP], 1)
+        unit_score = torch.cat([gist_block, group_entry], 1)  # [V, n + G]
+        first = torch.cat([maps, maps.new_full((V, G * K - n), RAW)], 1).view(V, G, K)[..., 0]
+        is_unit = torch.cat([maps == GIST, first == GROUP], 1)
         candidate = is_unit & (unit_score > cfg.expand_threshold)
         blocks, groups = expanded_units(new, maps, K)
         expanded = torch.cat([blocks, groups], 1)
@@ -114,9 +116,14 @@ def test_greedy_expands_the_best_candidates():
 
 
 def line_cfg(**kw):
-    """K=4, max_lod=1: a history of single blocks, so each candidate is a block."""
-    base = dict(block_size=4, max_lod=1, recent=4, wc_budget=4 + 10 + 3 * 3, horizon=1, max_edits=3)
+    """K=4 and a map of single blocks (`line_map`), so each candidate is a block."""
+    base = dict(block_size=4, recent=4, wc_budget=4 + 10 + 3 * 3, horizon=1, max_edits=3)
     return MCConfig(**{**base, **kw})
+
+
+def line_map(n):
+    """[1, n]: n - 1 LOD1 gists and the raw tail block."""
+    return torch.tensor([[GIST] * (n - 1) + [RAW]], dtype=torch.int8)
 
 
 def gist_scores(wc, block_scores, K=4):
@@ -130,7 +137,7 @@ def gist_scores(wc, block_scores, K=4):
 
 def test_greedy_picks_highest_scores_within_budget_and_max_edits():
     cfg = line_cfg()
-    maps = most_compressed_map(11, cfg)[None]  # 10 gists + 1 raw tail block = 14 entries, free 9 = 3 edits
+    maps = line_map(11)  # 10 gists + 1 raw tail block = 14 entries, free 9 = 3 edits
     wc = wc_of(maps, cfg)
     s = [0.1, 0.9, -1.0, 0.5, 0.7, 0.2, 0.8, 0.0, 0.3, 0.4]
     new = edit_maps(maps, gist_scores(wc, s), wc, cfg, "greedy")
@@ -140,9 +147,9 @@ def test_greedy_picks_highest_scores_within_budget_and_max_edits():
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 6]
     new = edit_maps(maps, gist_scores(wc, s), wc, line_cfg(max_edits=1), "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1]
-    # the default threshold (-inf) spends the budget whatever the sign of the scores; threshold 0 keeps
+    # the default threshold (-inf) spends the budget whatever the sign of the scores (collapses aside); threshold 0 keeps
     # non-positive scores unexpanded, even with budget to spare
-    new = edit_maps(maps, gist_scores(wc, [-0.5] * 9 + [-0.2]), wc, cfg, "greedy")
+    new = edit_maps(maps, gist_scores(wc, [-0.5] * 9 + [-0.2]), wc, cfg, "greedy", allow_collapse=False)
     assert (new[0, :10] == RAW).sum() == 3 and new[0, 9] == RAW
     new = edit_maps(maps, gist_scores(wc, [0.0] * 9 + [0.2]), wc, line_cfg(expand_threshold=0.0), "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [9]
@@ -160,7 +167,7 @@ def test_groups_compete_with_blocks():
 
 def test_thresholds():
     cfg = line_cfg(expand_threshold=0.5)
-    maps = most_compressed_map(11, cfg)[None]
+    maps = line_map(11)
     wc = wc_of(maps, cfg)
     new = edit_maps(maps, gist_scores(wc, [0.4, 0.6, 0.5, 0.9] + [0.0] * 6), wc, cfg, "greedy")
     assert (new[0, :10] == RAW).nonzero().view(-1).tolist() == [1, 3]
@@ -201,7 +208,7 @@ def test_negative_scores_collapse_raw_blocks_and_all_gist_groups():
 
 def test_stochastic_greedy_samples_among_top_k_reproducibly():
     cfg = line_cfg(allocator="stochastic_greedy", top_k=3, max_edits=2, temperature=1.0)
-    maps = most_compressed_map(11, cfg)[None]
+    maps = line_map(11)
     wc = wc_of(maps, cfg)
     s = [0.1, 0.9, 0.3, 0.5, 0.7, 0.2, 0.8, 0.05, 0.3, 0.4]  # top-3: blocks 1, 6, 4
     scores = gist_scores(wc, s)
@@ -228,26 +235,27 @@ def test_stochastic_greedy_samples_among_top_k_reproducibly():
 def test_oracle_map_expands_answer_blocks_and_their_groups():
     K = 4
     cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1)
-    n = 36  # most compressed: 8 groups (blocks 0-31) + 2 loose gists + 8 tail tokens = 18 entries
+    n = 36  # most compressed: 2 LOD3 nodes (blocks 0-15, 16-31) + 2 loose gists + 8 tail tokens = 12 entries
     base = most_compressed_map(n, cfg)
+    assert base.tolist() == [3] * 32 + [GIST] * 2 + [RAW] * 2
     answer = torch.zeros(2, n, dtype=torch.bool)
-    answer[0, 5] = True  # inside group 1 -> group and block expanded (+6)
-    answer[1, [2, 17, 33]] = True  # groups 0 and 4 + blocks 2, 17 + loose gist 33 (+15)
+    answer[0, 5] = True  # inside LOD3 node 0 and its group 1 -> node, group and block expanded (+9)
+    answer[1, [2, 17, 33]] = True  # both LOD3 nodes, groups 0 and 4, blocks 2, 17 and loose gist 33 (+21)
     maps = oracle_map(n, cfg, answer)
-    assert is_legal(maps, K, 2).all() and (entry_counts(maps, K) == torch.tensor([24, 33])).all()
+    assert is_legal(maps, K, 2).all() and (entry_counts(maps, K) == torch.tensor([21, 33])).all()
     assert (maps[answer] == RAW).all()
     assert maps[0, 4:8].tolist() == [GIST, RAW, GIST, GIST]
     assert maps[1, 0:4].tolist() == [GIST, GIST, RAW, GIST] and maps[1, 16:20].tolist() == [GIST, RAW, GIST, GIST]
     blocks, groups = expanded_units(maps, base.expand(2, n), K)
-    assert groups.nonzero().tolist() == [[0, 1], [1, 0], [1, 4]]
+    assert not groups.any()  # LOD3 nodes are not LOD2 units
     assert blocks.nonzero().tolist() == [[1, 33]]
-    assert (maps[0, :4] == GROUP).all() and (maps[0, 8:32] == GROUP).all()  # nothing else changes
+    assert (maps[0, :4] == GROUP).all() and (maps[0, 8:16] == GROUP).all() and (maps[0, 16:32] == 3).all()
     # answers in the raw tail cost nothing; too many answers exceed W with a clear error
     tail = torch.zeros(1, n, dtype=torch.bool)
     tail[0, -1] = True
     assert torch.equal(oracle_map(n, cfg, tail)[0], base)
     over = torch.zeros(1, n, dtype=torch.bool)
-    over[0, [1, 9, 17]] = True  # three groups + three blocks: 18 + 18 > 33
+    over[0, [1, 9, 17]] = True  # two LOD3 nodes, three groups, three blocks: 12 + 24 > 33
     with pytest.raises(ValueError, match="oracle.*mc_wc_budget=33"):
         oracle_map(n, cfg, over)
 
@@ -255,31 +263,39 @@ def test_oracle_map_expands_answer_blocks_and_their_groups():
 def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
     K = 4
     cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1)
-    n = 36  # most compressed: 8 groups (blocks 0-31) + 2 loose gists + 8 tail tokens = 18 entries; 15 to spend
+    n = 36  # most compressed: 2 LOD3 nodes (blocks 0-31) + 2 loose gists + 8 tail tokens = 12 entries; 21 to spend
     base = most_compressed_map(n, cfg).expand(3, n)
     scores = torch.full((3, n), float("-inf"))
-    scores[0, [5, 6, 33]] = torch.tensor([3.0, 2.0, 1.0])  # group 1 (+3), block 5 (+3), block 6 (+3), gist 33 (+3)
-    scores[1, [9, 17, 2, 33]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # 9: +6, 17: +6, then 2 (+6) does not fit: stop
+    scores[0, [5, 6, 33]] = torch.tensor([3.0, 2.0, 1.0])  # LOD3 node 0, group 1, block 5 (+9), block 6 (+3), gist 33 (+3)
+    scores[1, [9, 17, 2, 33]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # 9: +9, 17: +9, then 2 (+6) does not fit: stop
     scores[2] = torch.arange(n, dtype=torch.float)  # every block ranked: the raw tail is never a candidate
     maps = descend_maps(base, scores, cfg)
     assert is_legal(maps, K, 2).all() and (entry_counts(maps, K) <= 33).all()
-    assert maps[0, 4:8].tolist() == [GIST, RAW, RAW, GIST] and maps[0, 33] == RAW and entry_counts(maps[:1], K) == 30
+    assert maps[0, 4:8].tolist() == [GIST, RAW, RAW, GIST] and maps[0, 33] == RAW and entry_counts(maps[:1], K) == 27
+    assert (maps[0, :4] == GROUP).all() and (maps[0, 8:16] == GROUP).all() and (maps[0, 16:32] == 3).all()
     assert maps[1, 8:12].tolist() == [GIST, RAW, GIST, GIST] and maps[1, 16:20].tolist() == [GIST, RAW, GIST, GIST]
     assert (maps[1, :8] == GROUP).all() and maps[1, 33] == GIST  # the prefix stops at the first pick that does not fit
     assert maps[2, 32:].tolist() == [RAW] * 4  # the loose gists first (+3 each), the raw tail never a candidate
-    assert maps[2, 28:32].tolist() == [GIST, GIST, RAW, RAW] and (maps[2, :28] == GROUP).all()  # group 7 (+3), 31, 30
+    assert maps[2, 28:32].tolist() == [GIST, RAW, RAW, RAW]  # 31 opens LOD3 node 1 and group 7 (+9), then 30, 29
+    assert (maps[2, :16] == 3).all() and (maps[2, 16:28] == GROUP).all()
     # no candidate scored: nothing changes
     assert torch.equal(descend_maps(base, torch.full((3, n), float("-inf")), cfg), base)
+    # a block whose nodes alone cost more than W leaves is skipped, not the end of the ranking
+    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1)  # 8 entries to spend
+    scores = torch.full((1, n), float("-inf"))
+    scores[0, [5, 33]] = torch.tensor([2.0, 1.0])  # block 5 needs LOD3 node 0, group 1 and itself: 9
+    m = descend_maps(most_compressed_map(n, tight)[None], scores, tight)
+    assert m[0, 33] == RAW and (m[0, :32] == 3).all() and int(entry_counts(m, K)) == 15
 
 
 def test_similarity_scores_peak_at_a_gist_equal_to_the_tail_mean():
     K = 4
-    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=40, horizon=1, max_lod=1)
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=40, horizon=1)
     n = 10
     levels, tokens = history(cfg, 1, n)
     tail_mean = levels[0][0, -cfg.recent:].mean(0)
     levels[1][0, 3] = 2.5 * tail_mean  # cosine is scale-free
-    maps = most_compressed_map(n, cfg)[None]
+    maps = torch.tensor([[GIST] * 8 + [RAW] * 2], dtype=torch.int8)
     wc = materialize(maps, levels, tokens, cfg)
     sim = similarity_scores(wc, cfg.recent)
     assert sim.shape == wc.valid.shape
@@ -288,7 +304,7 @@ def test_similarity_scores_peak_at_a_gist_equal_to_the_tail_mean():
     torch.testing.assert_close(sim[0, best], torch.tensor(1.0))
     assert (sim[~(wc.valid & (wc.lod > 0))] == 0).all()
     # greedy on similarity expands that block first
-    new = edit_maps(maps, sim, wc, MCConfig(block_size=K, recent=2 * K, wc_budget=40, horizon=1, max_lod=1, max_edits=1), "greedy")
+    new = edit_maps(maps, sim, wc, MCConfig(block_size=K, recent=2 * K, wc_budget=40, horizon=1, max_edits=1), "greedy")
     assert (new[0, :8] == RAW).nonzero().view(-1).tolist() == [3]
 
 
@@ -305,7 +321,7 @@ def test_expanded_units_marks_exactly_the_expanded_units():
         inner = (torch.rand(3, n, generator=g) < 0.5) & (m == GIST) & (base == GROUP)  # blocks inside expanded groups
         m = expand_blocks(m, want_blocks | inner)
         blocks, groups = expanded_units(m, base, K)
-        assert torch.equal(groups, want_groups), "a group counts once however deep it is expanded"
+        assert torch.equal(groups[:, :3], want_groups) and not groups[:, 3:].any(), "a group counts once however deep it is expanded"
         assert torch.equal(blocks, want_blocks), "blocks count only where the base map shows them as gists"
     blocks, groups = expanded_units(base, base, K)
     assert not blocks.any() and not groups.any()

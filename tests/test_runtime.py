@@ -79,6 +79,31 @@ def test_process_batch_shapes_and_finite_loss():
         assert torch.equal(row[row >= 0][-H:], y[v // (1 + N), -H:])
 
 
+def test_training_with_partial_gists(monkeypatch):
+    """T=256, K=8, R=16: 30 older blocks = 3·8 + 6 -> the base cover is a LOD3 partial gist (3 LOD2 nodes) and a LOD2
+    partial gist (6 blocks) beside the raw tail; every WC of the step is valid and the LM loss trains GistNet
+    through the partial gists (their masked calls)."""
+    from mc.working_context import validate_wc
+    controller, x, y = make(partial_gists=True)
+    built, original = [], mc.runtime.materialize
+
+    def checked(maps, levels, tokens, cfg, next_token=None, sample=None):
+        wc = original(maps, levels, tokens, cfg, next_token, sample)
+        validate_wc(wc, tokens, cfg, next_token)
+        built.append(wc)
+        return wc
+
+    monkeypatch.setattr(mc.runtime, "materialize", checked)
+    out = controller.process_batch(x, y, step=0)
+    assert torch.isfinite(out.loss)
+    base, wc = built[0], built[-1]  # the base cover, then the batch of all variants
+    assert base.n_entries.tolist() == [2 + 16] * B
+    assert base.lod[0, :2].tolist() == [3, 2] and base.span[0, :2].tolist() == [3 * 64, 6 * 8]
+    partial = wc.valid & (wc.lod >= 2) & (wc.span < torch.pow(8, wc.lod))
+    assert partial.any() and (wc.lod == 1).any()  # variants open partial nodes too
+    assert "head.2.weight" in nonzero_grads(out.loss, controller.gistnet)  # (the zero-initialised output first)
+
+
 def test_lens_loss_trains_only_lensnet_and_lm_loss_reaches_tree(monkeypatch):
     controller, x, y = make()
     captured = {}
@@ -257,8 +282,8 @@ BAD = [
     ("K not a power of two", dict(block_size=6, recent=18, wc_budget=60), 240, "--mc_block_size=6 must be a power of two"),
     ("unknown positional mode", dict(positional="spiral"), T, "--mc_positional"),
     ("width-changing positional mode", dict(positional="2d"), T, "--mc_positional"),
-    ("history does not fit W", dict(block_size=4, max_lod=1, recent=8, wc_budget=40, horizon=4), T,
-     "does not fit --mc_wc_budget=40"),
+    ("history does not fit W", dict(block_size=4, recent=8, wc_budget=12, horizon=4), T,
+     "does not fit --mc_wc_budget=12"),
     ("W = R", dict(wc_budget=16), T, "--mc_wc_budget=16 equals --mc_recent"),
     ("more teacher variants than variants", dict(teacher_variants=4), T, "--mc_teacher_variants=4 must lie in"),
 ]

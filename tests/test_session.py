@@ -63,15 +63,16 @@ def set_lens_sign(controller, sign):
 def check_session(s, cfg=CFG):
     """The session's WC is legal, within W, equal to a fresh materialisation, and its table matches the map."""
     assert 0 < s.n_entries <= cfg.wc_budget
-    assert bool(is_legal(s.lod_map[None], cfg.block_size, cfg.recent // cfg.block_size)[0])
+    assert bool(is_legal(s.lod_map[None], cfg.block_size, cfg.recent // cfg.block_size, partial=cfg.partial_gists)[0])
     wc = s.working_context()
     validate_wc(wc, s.tree.token_ids, cfg)
     ref = materialize(s.lod_map[None], s.tree.levels(), s.tree.token_ids, cfg)
     for name in ("pos", "lod", "span", "valid", "targets"):
         assert torch.equal(getattr(wc, name), getattr(ref, name)), name
     torch.testing.assert_close(wc.embeds, ref.embeds, rtol=0, atol=0)
-    pos, lod = entry_table(s.lod_map, s.num_tokens, cfg.block_size)
+    pos, lod, span = entry_table(s.lod_map, s.num_tokens, cfg.block_size)
     assert torch.equal(s.entries()[0], pos) and torch.equal(s.entries()[1], lod)
+    assert torch.equal(span, ref.span[0, :pos.numel()])
 
 
 def close(a, b):
@@ -97,7 +98,8 @@ def test_invariants_over_thousands_of_appends_and_refocuses(controller):
     st = s.state()
     assert st["refocus_count"] > 250 and st["map_changes"] > 50
     assert sum(st["spans"].values()) == s.num_tokens  # raw spans include the partial block
-    assert st["lod_mix"]["raw"] + st["lod_mix"]["lod1"] + st["lod_mix"]["lod2"] == st["wc_entries"]
+    assert sum(st["lod_mix"].values()) == st["wc_entries"]
+    assert st["lod_mix"]["lod3"] > 0  # 2,000 tokens at K=4: the tree grew past LOD2
 
 
 def test_the_smallest_budget_a_session_allows():
@@ -128,7 +130,8 @@ def test_100W_prompt_fits_the_budget(controller):
     s = MCSession.begin(controller, prompt)
     assert s.num_tokens == prompt.numel() and torch.equal(s.tree.token_ids[0], prompt)
     check_session(s)
-    assert (s.lod_map == UNCOVERED).any()  # 3200 tokens do not fit 32 entries even fully compressed
+    assert not (s.lod_map == UNCOVERED).any()  # 3200 tokens: the tree grows deep enough that nothing is dropped
+    assert int(s.lod_map.max()) >= 4
     close(s.logits(), s.recompute_logits())
 
 
@@ -174,12 +177,13 @@ def test_append_only_extends_the_cache(controller):
 
 def test_refocus_edits_reuse_the_prefix(controller):
     s = MCSession.begin(controller, tokens(200, seed=6), refocus_interval=1000)
+    s.refocus()  # the rotary frame of the current history (it moves every 8 tokens here): only maps change below
     for sign in (-1, 1, -1, 1):  # LensNet's preferences flip, so each refocus picks other blocks
         set_lens_sign(controller, sign)
         before = s.lod_map.clone()
         s.logits()  # the cache holds the whole WC
         assert s.refocus() and not torch.equal(before, s.lod_map)
-        old_pos, old_lod = entry_table(before, s.num_tokens, 4)
+        old_pos, old_lod, _ = entry_table(before, s.num_tokens, 4)
         new_pos, new_lod = s.entries()
         m = min(old_pos.numel(), new_pos.numel())
         differ = (old_pos[:m] != new_pos[:m]) | (old_lod[:m] != new_lod[:m])
@@ -292,6 +296,9 @@ def test_load_refuses_bad_files(controller, tmp_path):
     torch.save(state, tmp_path / "v99.pt")
     refused(tmp_path / "v99.pt", "version 99")
     state["version"] = 1
+    torch.save(state, tmp_path / "v1.pt")
+    refused(tmp_path / "v1.pt", "format version 1 .trees capped at LOD2.*start a new session")
+    state["version"] = 2
     state["lod_map"] = state["lod_map"][:-1]
     torch.save(state, tmp_path / "bad_map.pt")
     refused(tmp_path / "bad_map.pt", "inconsistent")
@@ -328,3 +335,68 @@ def test_engine_generates_a_batch_of_sessions(controller):
     columns = list(Engine(controller.model).generate_sessions(sessions, max_tokens=12, temperature=0.0, stop_tokens=[stop]))
     assert [c[0] for c in columns][:i + 1] == alone[0][:i + 1] and all(c[0] == stop for c in columns[i + 1:])
     assert sessions[0].num_tokens == 150 + i + 1
+
+
+# ---- deep trees and partial gists ---------------------------------------------------------------------
+
+def test_partial_gist_session_never_drops_history_and_matches_recompute(tmp_path):
+    """K=4, W=32, R=8 with partial gists: thousands of tokens in uneven appends, LOD4+ nodes and partial nodes
+    opened when the boundary moves; nothing is ever uncovered, the cached decode equals a full recompute, and a
+    saved session loads and continues identically."""
+    cfg = dataclasses.replace(CFG, partial_gists=True)
+    ctl = make_controller(cfg)
+    set_lens_sign(ctl, 0)
+    s = MCSession.begin(ctl, tokens(50), refocus_interval=5)
+    stream, t, i = tokens(3000, seed=11), 0, 0
+    chunks = [1] * 20 + [3, 7, 61]
+    while t < stream.numel():
+        n = chunks[i % len(chunks)]
+        s.append(stream[t:t + n])
+        t, i = t + n, i + 1
+        assert s.n_entries <= cfg.wc_budget and not (s.lod_map == UNCOVERED).any()
+        if i % 60 == 0:
+            check_session(s, cfg)
+            close(s.logits(), s.recompute_logits())
+    check_session(s, cfg)
+    assert int(s.lod_map.max()) >= 4 and s.tree.partial[0]  # deep, with partial nodes
+    most = max(len(s.tree.partial[0]), 1) + cfg.recent + cfg.block_size  # the most compressed cover is tiny
+    assert int(entry_counts_of(s)) <= cfg.wc_budget and most <= cfg.wc_budget
+    for tok in tokens(12, seed=12).tolist():  # decoding across block completions (boundary moves)
+        close(s.step(tok), s.recompute_logits())
+    path = tmp_path / "deep.pt"
+    s.save(path)
+    loaded = MCSession.load(path, ctl)
+    for x, y in zip(s.tree.levels(), loaded.tree.levels()):
+        assert torch.equal(x, y)
+    assert list(s.generate(10, temperature=0.0)) == list(loaded.generate(10, temperature=0.0))
+    close(loaded.logits(), loaded.recompute_logits())
+
+
+def entry_counts_of(s):
+    from mc.working_context import entry_counts
+    return entry_counts(s.lod_map[None], s.cfg.block_size, s.num_tokens % s.cfg.block_size)[0]
+
+
+def test_lookback_bounds_what_a_refocus_scores(controller):
+    """A refocus scores the blocks of the last `lookback` tokens afresh; older blocks keep the score of the last
+    refocus that scored them. A whole-history refocus decides as evaluation does, and what it expanded stays
+    expanded through the bounded refocuses that follow while it is the best use of W."""
+    set_lens_sign(controller, 1)
+    s = MCSession.begin(controller, tokens(800, seed=13), lookback=64)
+    s._scores.fill_(float("-inf"))  # forget what the refocuses of the prompt's chunks scored
+    s.refocus()
+    older = s.n_blocks - CFG.recent // CFG.block_size
+    expanded = (s.lod_map == 0).nonzero()[:, 0]
+    assert expanded.min() >= older - 64 // CFG.block_size  # nothing older is scored
+    s.refocus(lookback=s.num_tokens)  # a question: the whole history
+    assert torch.equal(s.lod_map, controller.focus(s.tree.levels(), tail_tokens=0)[0])
+    old_raw = (s.lod_map[:older - 64 // CFG.block_size] == 0).nonzero()[:, 0]
+    assert old_raw.numel() > 0  # the whole-history focus expands blocks outside the lookback
+    kept = s._scores[:older - 64 // CFG.block_size].clone()
+    set_lens_sign(controller, -1)  # fresh scores now lose against the question's (all <= 0 vs >= 0)
+    for tok in tokens(8, seed=14).tolist():  # appends and bounded refocuses: the old picks stay
+        s.append([tok])
+    s.refocus()
+    assert torch.equal(s._scores[:kept.numel()], kept) and (s.lod_map[old_raw] == 0).all()
+    check_session(s)
+    set_lens_sign(controller, 0)

@@ -1,7 +1,8 @@
 """Working contexts as LOD maps (docs/architecture.md §4): constructors, edits, materialisation, invariants.
 
-Property tests run over seeded random configs, history lengths and maps (no hypothesis needed);
-`materialize` is compared against a slow pure-Python reference written here.
+Property tests run over seeded random configs (with and without partial gists), history lengths and maps
+(no hypothesis needed), deep enough for LOD3 and LOD4 nodes; `materialize` is compared against a slow
+pure-Python reference written here.
 """
 
 import random
@@ -10,10 +11,11 @@ import pytest
 import torch
 
 from mc.config import MCConfig
+from mc.tree import level_rows, partial_nodes, tree_depth
 from mc.working_context import (
     GIST, GROUP, RAW, UNCOVERED, WorkingContextError, collapse_blocks, collapse_groups, edit_cost,
-    entry_counts, expand_blocks, expand_groups, is_legal, materialize, most_compressed_map, random_maps,
-    validate_wc,
+    entry_counts, expand_blocks, expand_groups, is_legal, materialize, most_compressed_map, open_nodes,
+    open_partial_nodes, random_maps, validate_wc,
 )
 
 D = 3
@@ -25,9 +27,9 @@ def random_case(seed):
     K = rng.choice([4, 8, 32])
     R = K * rng.randint(1, 3)
     W = R + K * rng.randint(1, 5) + rng.randint(0, K - 1)
-    cfg = MCConfig(block_size=K, recent=R, wc_budget=W, horizon=1, max_lod=rng.choice([1, 2, 2]))
+    cfg = MCConfig(block_size=K, recent=R, wc_budget=W, horizon=1, partial_gists=rng.random() < 0.5)
     cfg.validate()
-    n_blocks = rng.randint(0, 3 * K + R // K) if K < 32 else rng.randint(0, 80)
+    n_blocks = rng.randint(0, K ** 3 + 3 * K + R // K) if K == 4 else rng.randint(0, 3 * K + R // K) if K < 32 else rng.randint(0, 80)
     t = rng.randint(0, K - 1) if rng.random() < 0.5 else 0
     if n_blocks == 0:
         t = max(t, 1)
@@ -36,12 +38,12 @@ def random_case(seed):
 
 
 def make_history(cfg, n_blocks, t, B, seed):
-    """Random level tensors [LOD0 [B, T, D], LOD1 [B, n, D], (LOD2 [B, n // K, D])], tokens [B, T], next [B]."""
+    """Random level tensors [LOD0 [B, T, D], LOD1 [B, n, D], LOD2, ... (rows: mc.tree.level_rows)], tokens [B, T], next [B]."""
     g = torch.Generator().manual_seed(seed)
-    K, T = cfg.block_size, n_blocks * cfg.block_size + t
-    levels = [torch.randn(B, T, D, generator=g), torch.randn(B, n_blocks, D, generator=g)]
-    if cfg.max_lod == 2:
-        levels.append(torch.randn(B, n_blocks // K, D, generator=g))
+    T = n_blocks * cfg.block_size + t
+    levels = [torch.randn(B, T, D, generator=g)]
+    for level in range(1, tree_depth(n_blocks, cfg) + 1):
+        levels.append(torch.randn(B, level_rows(n_blocks, level, cfg), D, generator=g))
     tokens = torch.randint(0, 1000, (B, T), generator=g)
     next_token = torch.randint(0, 1000, (B,), generator=g)
     return levels, tokens, next_token
@@ -70,8 +72,11 @@ def reference(lod_map, levels, tokens, next_token, sample, cfg):
                     token_entry(blk * K + j)
             elif lod == GIST:
                 entries.append((levels[1][b, blk], blk * K, K, 1, -1))
-            elif lod == GROUP and blk % K == 0:
-                entries.append((levels[2][b, blk // K], blk * K, K * K, 2, -1))
+            elif lod >= GROUP and blk % K ** (lod - 1) == 0:  # the node's first block: its run is the node
+                run = 1
+                while blk + run < n and int(lod_map[v, blk + run]) == lod and (blk + run) % K ** (lod - 1):
+                    run += 1
+                entries.append((levels[lod][b, blk // K ** (lod - 1)], blk * K, run * K, lod, -1))
         for p in range(n * K, T):
             token_entry(p)
         assert len(entries) <= W
@@ -105,17 +110,16 @@ def test_most_compressed_map_properties():
         m = most_compressed_map(n, cfg, t)
         assert m.dtype == torch.int8 and m.shape == (n,)
         lod = m[None]
-        assert is_legal(lod, K, cfg.recent // K, cfg.max_lod).all()
+        assert is_legal(lod, K, cfg.recent // K, partial=cfg.partial_gists).all()
         count = int(entry_counts(lod, K, t))
         assert count <= W
         older = m[:max(0, n - cfg.recent // K)]
         assert not (older == RAW).any(), "only the raw tail is expanded"
         if (m == UNCOVERED).any():
             assert count == W, "blocks are uncovered only while the budget is exceeded"
-        if cfg.max_lod == 2:  # no complete group outside the tail is left uncollapsed
-            assert collapse_groups(lod, torch.ones(1, -(-n // K), dtype=torch.bool), K).equal(lod)
-        else:
-            assert not (m == GROUP).any()
+        elif n >= cfg.recent // K:  # one entry per non-zero base-K digit of the older blocks (K per digit without partial gists)
+            assert count == cfg.min_entries(n * K) + t
+        assert collapse_groups(lod, torch.ones(1, -(-n // K), dtype=torch.bool), K).equal(lod)
         check_batch(lod.expand(B, n), cfg, n, t, B, seed)
 
 
@@ -130,7 +134,7 @@ def test_random_maps_are_legal_within_budget_and_match_reference():
         g = torch.Generator().manual_seed(seed)
         maps = random_maps(V, n, cfg, g, tail_tokens=t)
         assert maps.shape == (V, n) and maps.dtype == torch.int8
-        assert is_legal(maps, K, cfg.recent // K, cfg.max_lod).all()
+        assert is_legal(maps, K, cfg.recent // K, partial=cfg.partial_gists).all()
         counts = entry_counts(maps, K, t)
         assert (counts <= W).all()
         # the budget is used up to less than one edit, unless nothing is left to expand
@@ -157,12 +161,13 @@ def random_edits(maps, cfg, gen):
     m = expand_blocks(maps, masks[0])
     n_expanded = ((maps == GIST) & (m == RAW)).sum(1)
     m2 = expand_groups(m, masks[1], K)
-    n_expanded += ((m == GROUP) & (m2 == GIST)).sum(1) // K
+    opened = (m == GROUP) & (m2 == GIST)  # a group of j blocks (K, or fewer when partial) adds j - 1 entries
+    added = opened.sum(1) - (opened & (torch.arange(n) % K == 0)).sum(1)
     m3 = collapse_blocks(m2, masks[2], cfg.recent // K)
     n_collapsed = ((m2 == RAW) & (m3 == GIST)).sum(1)
-    m4 = collapse_groups(m3, masks[3], K) if cfg.max_lod == 2 else m3
+    m4 = collapse_groups(m3, masks[3], K)
     n_collapsed += ((m3 == GIST) & (m4 == GROUP)).sum(1) // K
-    expected = counts0 + edit_cost(K) * (n_expanded - n_collapsed)
+    expected = counts0 + edit_cost(K) * (n_expanded - n_collapsed) + added
     return m4, expected
 
 
@@ -176,7 +181,7 @@ def test_edits_keep_maps_legal_and_cost_k_minus_1():
         maps = random_maps(2 * B, n, cfg, g, tail_tokens=t)
         edited, expected = random_edits(maps, cfg, g)
         assert edited.dtype == maps.dtype
-        assert is_legal(edited, K, cfg.recent // K, cfg.max_lod).all()
+        assert is_legal(edited, K, cfg.recent // K, partial=cfg.partial_gists).all()
         assert torch.equal(entry_counts(edited, K), expected)
         fits = entry_counts(edited, K, t) <= W
         if fits.all():
@@ -205,7 +210,8 @@ def test_is_legal_rejects_each_violation():
         "incomplete group": [2, 2, 2, 1, 1, 0, 0],
         "uncovered after covered": [1, -1, 1, 1, 1, 0, 0],
         "raw tail gist": [2, 2, 2, 2, 1, 0, 1],
-        "unknown value": [3, 2, 2, 2, 1, 0, 0],
+        "unknown value": [-2, 2, 2, 2, 1, 0, 0],
+        "LOD3 node not in the tree": [3, 3, 3, 3, 1, 0, 0],
     }
     assert is_legal(torch.tensor([ok, [-1, -1, -1, -1, 1, 0, 0]]), K, 2).all()
     legal = is_legal(torch.tensor(list(bad.values())), K, 2)
@@ -263,17 +269,17 @@ def test_materialize_rejects_bad_maps():
         materialize(torch.tensor([[1, 1, 1, 0, 0]]), levels, tokens, cfg)
 
 
-def test_max_lod_1_and_gradients():
-    cfg = MCConfig(block_size=8, recent=16, wc_budget=40, horizon=1, max_lod=1)
+def test_gradients_reach_every_level():
+    cfg = MCConfig(block_size=8, recent=16, wc_budget=40, horizon=1)
     n, B = 20, 2
     levels, tokens, next_token = make_history(cfg, n, 5, B, 3)
     levels = [lvl.requires_grad_() for lvl in levels]
     maps = random_maps(4, n, cfg, torch.Generator().manual_seed(3), tail_tokens=5)
-    assert not (maps == GROUP).any()
     wc = materialize(maps, levels, tokens, cfg, next_token=next_token)
     validate_wc(wc, tokens, cfg, next_token)
     (wc.embeds * torch.randn_like(wc.embeds)).sum().backward()
-    assert levels[0].grad.abs().sum() > 0 and levels[1].grad.abs().sum() > 0
+    shown = [level for level in range(len(levels)) if (wc.valid & (wc.lod == level)).any()]
+    assert len(shown) >= 2 and all(levels[level].grad.abs().sum() > 0 for level in shown)
 
 
 def test_follows_levels_dtype():
@@ -316,3 +322,27 @@ def test_validate_wc_catches_each_violation():
         validate_wc(good, tokens, MCConfig(block_size=4, recent=4, wc_budget=16, horizon=1), next_token)
     with pytest.raises(WorkingContextError, match="4 \\(tail\\)"):
         validate_wc(good, tokens, MCConfig(block_size=4, recent=12, wc_budget=20, horizon=1), next_token)
+
+
+def test_partial_nodes_open_and_go_stale():
+    """K=4, R=8, partial gists: 16 blocks, 14 older = 3 LOD2 nodes + 2 blocks -> a LOD3 partial of 3 LOD2 nodes and a
+    LOD2 partial of 2 blocks: 2 entries + the raw tail. One more block moves the boundary: the LOD2 partial of 2
+    blocks is no longer a node of the tree and is opened into its gists."""
+    K = 4
+    cfg = MCConfig(block_size=K, recent=8, wc_budget=24, horizon=1, partial_gists=True)
+    m = most_compressed_map(16, cfg)[None]
+    assert m.tolist() == [[3] * 12 + [2] * 2 + [0] * 2] and int(entry_counts(m, K)) == 2 + 8
+    check_batch(m, cfg, 16, 0, 1, 0)
+    opened = open_nodes(m, torch.arange(16)[None] == 5, K)  # block 5: LOD3 node 0, then LOD2 node 1
+    assert opened.tolist() == [[2] * 4 + [1] * 4 + [2] * 6 + [0] * 2]
+    assert is_legal(opened, K, 2, partial=True).all() and int(entry_counts(opened, K)) == 1 + 4 + 1 + 1 + 8
+    grown = torch.cat([m, m.new_zeros(1, 1)], 1)  # block 16 completes: 15 older blocks
+    assert not is_legal(grown, K, 2, partial=True).any() and is_legal(grown, K, 2).tolist() == [False]
+    assert partial_nodes(16, cfg) == [(2, 3, 2), (3, 0, 3)] and partial_nodes(17, cfg) == [(2, 3, 3), (3, 0, 3)]
+    fixed = open_partial_nodes(grown, [(2, 3, 2)], K)  # the node whose gist the tree replaced
+    assert fixed.tolist() == [[3] * 12 + [1] * 2 + [0] * 3] and is_legal(fixed, K, 2, partial=True).all()
+    assert torch.equal(open_partial_nodes(fixed, [(2, 3, 2)], K), fixed)  # not shown: nothing to open
+    assert most_compressed_map(17, cfg).tolist() == [3] * 12 + [2] * 3 + [0] * 2
+    # without partial gists the incomplete group is shown as its gists, K - 1 entries at most per level
+    plain = most_compressed_map(16, MCConfig(block_size=K, recent=8, wc_budget=24, horizon=1))
+    assert plain.tolist() == [2] * 12 + [1] * 2 + [0] * 2
