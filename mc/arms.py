@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from mc.allocator import edit_maps, similarity_scores
 from mc.runtime import visible_entries
-from mc.working_context import (RAW, entry_counts, expand_blocks, materialize, most_compressed_map, open_nodes,
-                                tail_mask)
+from mc.working_context import (RAW, entry_counts, entry_token_ids, expand_blocks, materialize, most_compressed_map,
+                                open_nodes, tail_mask)
 
 MC_ARMS = ("mc", "gists_only", "random", "similarity", "oracle", "shuffled")  # read the MC checkpoint's tree
 ARMS = ("truncation", "full", *MC_ARMS, "mean_gist", "plain_truncation", "plain_full")
@@ -115,9 +115,10 @@ class ArmEvaluator:
     def _gpt_tail(self, model, x):
         return model(x)[:, -self.tail:]  # [B, E, vocab]
 
-    def _wc_tail(self, controller, wc):
-        """Logits [V, E, vocab] of the last E entries of materialised WCs (raw tail tokens)."""
-        logits = controller.model(inputs_embeds=wc.embeds, rope=controller.rope(wc))  # [V, W, vocab]
+    def _wc_tail(self, controller, wc, x):
+        """Logits [V, E, vocab] of the last E entries of materialised WCs of histories x (raw tail tokens)."""
+        logits = controller.model(inputs_embeds=wc.embeds, token_ids=entry_token_ids(wc.pos, wc.lod, x, wc.valid, wc.sample),
+                                  rope=controller.rope(wc))  # [V, W, vocab]
         return logits[tail_mask(wc.valid, self.tail)].view(wc.valid.size(0), self.tail, -1)
 
     def _similarity_maps(self, levels, base, x, next_token, focus_end):
@@ -163,7 +164,7 @@ class ArmEvaluator:
             if arm == "mean_gist":
                 m_levels = self.mean.tree(x)
                 maps = self.mean.focus(m_levels, focus_end=focus_end)
-                out[arm] = (*_score(self._wc_tail(self.mean, materialize(maps, m_levels, x, self.mean.cfg, nt)), target), maps)
+                out[arm] = (*_score(self._wc_tail(self.mean, materialize(maps, m_levels, x, self.mean.cfg, nt), x), target), maps)
                 continue
             if levels is None:
                 levels = ctl.tree(x)
@@ -179,7 +180,7 @@ class ArmEvaluator:
                     out[arm] = "no answer blocks known for this task"
                     continue
                 maps = fitting_oracle_maps(L // cfg.block_size, cfg, evidence.to(x.device))
-            out[arm] = (*_score(self._wc_tail(ctl, materialize(maps, arm_levels, x, cfg, nt)), target), maps)
+            out[arm] = (*_score(self._wc_tail(ctl, materialize(maps, arm_levels, x, cfg, nt), x), target), maps)
         return out
 
     @torch.no_grad()
@@ -198,5 +199,5 @@ class ArmEvaluator:
             maps = maps.expand(x.size(0), -1)
             raw = int((maps == RAW).sum(1).max()) * cfg.block_size
             wide = dataclasses.replace(cfg, wc_budget=max(cfg.wc_budget, raw + maps.size(1)))
-            out[name] = _score(self._wc_tail(self.controller, materialize(maps, levels, x, wide, nt)), y[:, -self.tail:])
+            out[name] = _score(self._wc_tail(self.controller, materialize(maps, levels, x, wide, nt), x), y[:, -self.tail:])
         return out

@@ -43,7 +43,7 @@ from mc.config import MCConfig
 from mc.positional import wc_rope
 from mc.telemetry import PhaseTimer
 from mc.tree import build_tree
-from mc.working_context import (WorkingContext, materialize, most_compressed_map, random_maps, tail_mask,
+from mc.working_context import (WorkingContext, entry_token_ids, materialize, most_compressed_map, random_maps, tail_mask,
                                 truncation_map)
 from nanochat.longrange import weighted_lm_loss
 
@@ -214,10 +214,11 @@ class MCController:
         return wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.model.config.head_dim, self.cfg.positional,
                        max_len=self.max_len, frame=frame)
 
-    def forward_wc(self, wc, forward_fn=None):
-        """Per-position loss [V, W] of the GPT over materialised working contexts."""
+    def forward_wc(self, wc, x, forward_fn=None):
+        """Per-position loss [V, W] of the GPT over materialised working contexts of histories x [B, T]."""
         forward_fn = forward_fn or self.model
-        return forward_fn(inputs_embeds=wc.embeds, rope=self.rope(wc), targets=wc.targets, loss_reduction="none")
+        return forward_fn(inputs_embeds=wc.embeds, token_ids=entry_token_ids(wc.pos, wc.lod, x, wc.valid, wc.sample),
+                          rope=self.rope(wc), targets=wc.targets, loss_reduction="none")
 
     def history_lm_loss(self, x, y, weights=None, forward_fn=None):
         """LM loss over every target of the micro-batch, read in windows of W raw tokens ([B·T/W, W], standard
@@ -270,7 +271,7 @@ class MCController:
         with timer.phase("wc_build"):
             wc = materialize(maps, levels, x, cfg, next_token)  # sequence-major: sample = v // (1 + N)
         with timer.phase("forward"):
-            per_pos = self.forward_wc(wc, forward_fn)  # [V, W]
+            per_pos = self.forward_wc(wc, x, forward_fn)  # [V, W]
             history_lm = self.history_lm_loss(x, y, weights, forward_fn) if history_lm_weight > 0 else None
         with timer.phase("losses"):
             lod0 = (wc.targets >= 0).float()
@@ -331,7 +332,7 @@ class MCController:
         next_token = y[:, -1]
         maps = self.focus(levels, focus_end=focus_ends(torch.zeros_like(x, dtype=torch.bool), H))
         wc = materialize(maps, levels, x, cfg, next_token)
-        per_pos = self.forward_wc(wc)
+        per_pos = self.forward_wc(wc, x)
         mc = per_pos[tail_mask(wc.valid, H)].view(B, H)
         return {"truncation": truncation, "mc": mc, "full": full}
 

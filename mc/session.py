@@ -73,8 +73,8 @@ from mc.allocator import NEG
 from mc.config import LEGACY_MC_CONFIG, MCConfig
 from mc.positional import rope_frame, wc_rope
 from mc.tree import MCTree, boundary, partial_nodes
-from mc.working_context import (RAW, UNCOVERED, WorkingContext, _node_sum, entry_counts, is_legal, materialize,
-                                max_level, most_compressed_map, open_partial_nodes)
+from mc.working_context import (RAW, UNCOVERED, WorkingContext, _node_sum, entry_counts, entry_token_ids, is_legal,
+                                materialize, max_level, most_compressed_map, open_partial_nodes)
 from nanochat.checkpoint import load_error_reason
 from nanochat.common import atomic_write_bytes
 from nanochat.engine import sample_next_token
@@ -429,9 +429,10 @@ class MCSession:
             embeds = self.tree.lod0(T - 1, T)  # [1, 1, D]
         else:
             embeds = self._entry_embeds(self._pos[start:E], self._lod[start:E])[None]  # [1, m, D]
+        token_ids = entry_token_ids(self._pos[None, start:E], self._lod[None, start:E], self.tree.token_ids)
         rope = self._rope[start:E]  # [m, 2, hd/2]
         with self._amp():
-            out = self.model(inputs_embeds=embeds, rope=(rope[None, :, None, 0], rope[None, :, None, 1]),
+            out = self.model(inputs_embeds=embeds, token_ids=token_ids, rope=(rope[None, :, None, 0], rope[None, :, None, 1]),
                              kv_cache=self.cache)
         self._logits = out[0, -1].float()
         self._valid = E
@@ -476,7 +477,8 @@ class MCSession:
         """Reference next-token logits [vocab]: materialise the WC afresh and run a full forward, no cache."""
         wc = materialize(self.lod_map[None], self.tree.levels(), self.tree.token_ids, self.cfg)
         with self._amp():
-            out = self.model(inputs_embeds=wc.embeds, rope=self.controller.rope(wc, torch.tensor([self._frame], device=self.device)))
+            out = self.model(inputs_embeds=wc.embeds, token_ids=entry_token_ids(wc.pos, wc.lod, self.tree.token_ids, wc.valid),
+                             rope=self.controller.rope(wc, torch.tensor([self._frame], device=self.device)))
         return out[0, int(wc.n_entries[0]) - 1].float()
 
     # ---- inspection ----------------------------------------------------------------------------

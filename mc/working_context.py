@@ -352,6 +352,14 @@ def materialize(lod_map, levels, tokens, cfg: MCConfig, next_token=None, sample=
 # ---------------------------------------------------------------------------------------------
 # validation (tests and the --mc debug flag)
 
+def entry_token_ids(pos, lod, tokens, valid=None, sample=None):
+    """The token of every entry [V, W] (-1 for gists and padding), for a GPT with value embeddings: pos/lod [V, W]
+    of entries over histories tokens [B, T] (sample [V]: each row's history, default row 0)."""
+    rows = sample[:, None] if sample is not None else 0
+    is_token = lod == 0 if valid is None else (lod == 0) & valid
+    return torch.where(is_token, tokens[rows, pos.clamp(max=tokens.size(1) - 1)], -1)
+
+
 class WorkingContextError(ValueError):
     """A materialised working context breaks one of the invariants of docs/architecture.md §4."""
 

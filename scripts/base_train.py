@@ -121,8 +121,6 @@ def validate(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(f"--width={width} is not a multiple of --head_dim={cfg.head_dim}")
     if cfg.max_seq_len < 2:
         raise ConfigError(f"--max_seq_len must be >= 2, got {cfg.max_seq_len}")
-    if cfg.value_embeds and cfg.mc:
-        raise ConfigError("--value_embeds with --mc: working contexts do not give the GPT their token ids yet")
     if not cfg.window_pattern or set(cfg.window_pattern) - set("SL"):
         raise ConfigError(f"--window_pattern={cfg.window_pattern!r}: use the letters S (short) and L (long), e.g. SSSL")
     tokens_per_fwd = cfg.device_batch_size * cfg.max_seq_len * world_size

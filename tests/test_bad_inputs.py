@@ -24,7 +24,6 @@ BAD_FLAGS = [  # (script, flags, what the message says)
     ("base_train", ["--log_every=0"], "--log_every: must be >= 1"),
     ("base_train", ["--width=-64"], "--width: must be >= 0"),
     ("base_train", ["--depth=two"], "--depth: expected an integer"),
-    ("base_train", ["--mc", "--value_embeds"], "--value_embeds with --mc: working contexts do not give the GPT"),
     ("base_train", ["--window_pattern=SML"], "--window_pattern='SML': use the letters S (short) and L (long)"),
     ("base_train", ["--device_type=tpu"], "--device_type=tpu: choose cuda, mps or cpu"),
     ("base_train", ["--mc", "--mc_wc_budget=40", "--mc_recent=32", "--mc_block_size=16", "--max_seq_len=128",

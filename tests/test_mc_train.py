@@ -142,3 +142,14 @@ def test_focus_phase_from_an_mc_checkpoint_with_the_bag_loss(tiny_env, capsys):
     run_train(tiny_env, "--num_iterations=1", "--init_from=mc_bag", "--tag=mc_nobag")  # other --mc_* flags: fresh nets
     out = capsys.readouterr().out
     assert "initialised GistNet and LensNet" not in out and "start fresh" in out and "(bag_head)" in out
+
+
+def test_mc_trains_a_gpt_with_every_model_option(tiny_env):
+    """The nanochat model options through MegaContext training and validation: value embeddings read the tokens of
+    raw entries (gists have none), windows count entries; the checkpoint keeps the options and trained tables."""
+    run_train(tiny_env, "--num_iterations=2", "--tag=mc_options", "--value_embeds", "--layer_scalars", "--backout",
+              "--window_pattern=SL")
+    model, states, meta = build_model(checkpoint_dir("base", "mc_options"), None, "cpu")
+    assert meta["model_config"]["value_embeds"] and meta["model_config"]["window_pattern"] == "SL"
+    assert all(v == v for v in meta["history"]["loss"]) and all(v == v for v in meta["history"]["val_mc"])
+    assert states["gpt"]["value_embeds.0.weight"].abs().sum() > 0, "the zero-initialised table trained"

@@ -25,9 +25,9 @@ CFG = MCConfig(block_size=4, wc_budget=32, recent=8, horizon=4, gist_layers=1, l
                max_edits=4)
 
 
-def make_controller(cfg=CFG, width=64, seed=0):
+def make_controller(cfg=CFG, width=64, seed=0, **gpt):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_embd=width))
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_embd=width, **gpt))
     model.init_weights()
     controller = build_controller(model, cfg)
     with torch.no_grad():
@@ -137,10 +137,13 @@ def test_100W_prompt_fits_the_budget(controller):
 
 # ---- KV cache reuse ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("positional", ["gaussian", "index"])
-def test_kv_reuse_equals_recompute(positional):
+@pytest.mark.parametrize("positional,gpt", [("gaussian", {}), ("index", {}),
+                                            ("gaussian", dict(value_embeds=True, layer_scalars=True, backout=True))])
+def test_kv_reuse_equals_recompute(positional, gpt):
+    """Cached decode equals a fresh materialisation + full forward through refocuses, also with the GPT options
+    (value embeddings read each entry's token; gists have none)."""
     cfg = dataclasses.replace(CFG, positional=positional)
-    ctl = make_controller(cfg)
+    ctl = make_controller(cfg, **gpt)
     s = MCSession.begin(ctl, tokens(60), refocus_interval=6)
     close(s.logits(), s.recompute_logits())
     for step, tok in enumerate(tokens(150, seed=4).tolist()):

@@ -14,7 +14,7 @@ from mc.config import MCConfig
 from mc.tree import level_rows, partial_nodes, tree_depth
 from mc.working_context import (
     GIST, GROUP, RAW, UNCOVERED, WorkingContextError, collapse_blocks, collapse_groups, edit_cost,
-    entry_counts, expand_blocks, expand_groups, is_legal, materialize, most_compressed_map, open_nodes,
+    entry_counts, entry_token_ids, expand_blocks, expand_groups, is_legal, materialize, most_compressed_map, open_nodes,
     open_partial_nodes, random_maps, validate_wc,
 )
 
@@ -346,3 +346,17 @@ def test_partial_nodes_open_and_go_stale():
     # without partial gists the incomplete group is shown as its gists, K - 1 entries at most per level
     plain = most_compressed_map(16, MCConfig(block_size=K, recent=8, wc_budget=24, horizon=1))
     assert plain.tolist() == [2] * 12 + [1] * 2 + [0] * 2
+
+
+def test_entry_token_ids_are_tokens_of_raw_entries_only():
+    """A GPT with value embeddings reads each entry's token: raw entries give theirs, gists and padding -1."""
+    cfg = MCConfig(block_size=4, recent=8, wc_budget=16, horizon=1)
+    K, T = cfg.block_size, 8 * cfg.block_size
+    tokens = torch.randint(0, 50, (2, T))
+    levels = [torch.randn(2, T, D), torch.randn(2, T // K, D), torch.randn(2, T // K ** 2, D)]
+    maps = most_compressed_map(T // K, cfg).expand(2, -1)
+    wc = materialize(maps, levels, tokens, cfg)
+    ids = entry_token_ids(wc.pos, wc.lod, tokens, wc.valid, wc.sample)
+    raw = (wc.lod == 0) & wc.valid
+    assert torch.equal(ids[raw], tokens[wc.sample[:, None].expand_as(wc.pos)[raw], wc.pos[raw]])
+    assert (ids[~raw] == -1).all() and (~raw & wc.valid).any()
