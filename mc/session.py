@@ -73,7 +73,7 @@ from mc.allocator import NEG
 from mc.config import LEGACY_MC_CONFIG, MCConfig
 from mc.positional import rope_frame, wc_rope
 from mc.tree import MCTree, boundary, partial_nodes
-from mc.working_context import (RAW, UNCOVERED, WorkingContext, _node_sum, entry_counts, entry_token_ids, is_legal,
+from mc.working_context import (RAW, UNCOVERED, WorkingContext, node_sum, entry_counts, entry_token_ids, is_legal,
                                 materialize, max_level, most_compressed_map, open_partial_nodes)
 from nanochat.checkpoint import load_error_reason
 from nanochat.common import atomic_write_bytes
@@ -94,7 +94,7 @@ def entry_table(lod_map, history_len: int, K: int):
     b = torch.arange(n, device=lod.device)
     blocks = torch.ones_like(lod)  # blocks covered by the entry starting at each block
     for level in range(2, max_level(n, K) + 1):
-        blocks = torch.where(lod == level, _node_sum((lod == level)[None], K ** (level - 1))[0], blocks)
+        blocks = torch.where(lod == level, node_sum((lod == level)[None], K ** (level - 1))[0], blocks)
     first = b % torch.pow(K, (lod - 1).clamp(min=0)) == 0
     count = torch.where(lod == RAW, K, ((lod >= 1) & first).long())
     block = torch.repeat_interleave(b, count)  # [E_blocks] block of each entry

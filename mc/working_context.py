@@ -63,7 +63,7 @@ def _blocks_of_groups(group_mask, n_blocks: int, K: int):
     return torch.cat([blocks, pad], dim=1)
 
 
-def _node_sum(mask, size: int):
+def node_sum(mask, size: int):
     """Per-block count of marked blocks [V, n] in the aligned node of `size` blocks holding each block."""
     return _group_view(mask.long(), size).sum(-1).repeat_interleave(size, dim=1)[:, :mask.size(1)]
 
@@ -95,7 +95,7 @@ def node_violations(lod_map, cfg: MCConfig, level: int):
     size = cfg.block_size ** (level - 1)
     mask = lod == level
     allowed = (torch.arange(n, device=lod.device) < shown_end(n, level, cfg)).expand_as(mask)
-    return mask & (~allowed | (_node_sum(mask, size) != _node_sum(allowed, size)))
+    return mask & (~allowed | (node_sum(mask, size) != node_sum(allowed, size)))
 
 
 def is_legal(lod_map, K: int, recent_blocks: int, max_lod: int | None = None, partial: bool = False):
@@ -136,7 +136,7 @@ def open_nodes(lod_map, block_mask, K: int):
     down to LOD1 gists: the marked blocks end up GIST (blocks already RAW or GIST stay)."""
     lod = lod_map
     for level in range(max_level(lod.size(1), K), 1, -1):
-        opened = _node_sum(block_mask & (lod == level), K ** (level - 1)) > 0
+        opened = node_sum(block_mask & (lod == level), K ** (level - 1)) > 0
         lod = torch.where(opened & (lod == level), level - 1, lod).to(lod_map.dtype)
     return lod
 
@@ -235,13 +235,13 @@ def random_maps(V: int, n_blocks: int, cfg: MCConfig, generator=None, tail_token
         if not bool(node.any()):
             continue
         first = node & (b % size == 0)  # [V, n] one candidate per node, at its first block
-        open_cost = _node_sum(node, size) // (size // K) - 1  # [V, n] children - 1
+        open_cost = node_sum(node, size) // (size // K) - 1  # [V, n] children - 1
         fraction = torch.rand(V, generator=generator, device=lod.device)
         share = (fraction * slack).long()
         if level == 2:  # at least what the LOD1 blocks could not absorb
             share = torch.maximum(share, slack - cost * (lod == GIST).sum(1))
         chosen = _pick_random_within(first, open_cost, share, generator)
-        opened = _node_sum(chosen, size) > 0
+        opened = node_sum(chosen, size) > 0
         lod = torch.where(opened & node, level - 1, lod).to(torch.int8)
         slack = slack - torch.where(chosen, open_cost, 0).sum(1)
     chosen = _pick_random(lod == GIST, slack // cost, generator)
