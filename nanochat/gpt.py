@@ -49,7 +49,11 @@ because it acts per position (or, for windows, through the same key positions th
   last layer always L); a window counts entries of the sequence, which in a working context are entries;
 - `vocab_multiple` = 64: embedding and head rows padded for aligned matmuls; logits are cropped to the
   vocabulary, so padding rows are never predicted (checkpoints from before it load unpadded).
-They are off by default (padding aside) until measured on the CPU preset (issue 11).
+Measured on the CPU preset of run10.sh (books, d4/w256, T=512, 170 steps of 8,192 tokens, bf16, same seed),
+final val bpb: default 1.9004; layer_scalars 1.9052; backout 1.9009; value_embeds 1.8826; window_pattern SSSL
+1.8955; the runs that had the machine to themselves took 274-278 s each (no option costs measurable time).
+Value embeddings help most (-0.018 bpb; 2.1M more parameters, all lookups); they stay off by default until a
+run10.sh --mc re-run shows what they do to retrieval through working contexts (issue 11's closing note).
 
 The hooks MegaContext uses (docs/architecture.md §2) are plain `forward` arguments: `inputs_embeds`
 replaces the embedding lookup, `rope=(cos, sin)` gives per-row rotary tables `[B, T, 1, hd/2]`,
