@@ -207,7 +207,7 @@ def test_truncation_baseline_is_the_model_on_the_last_w_tokens(positional):
     with torch.no_grad():
         levels = build_tree(model.transformer.wte(x), controller.gistnet, cfg)
         wc = materialize(truncation_map(n, cfg).expand(B, n), levels, x, cfg, y[:, -1])
-        baseline = controller.forward_wc(wc)  # [B, W], what the training step's variant 0 computes
+        baseline = controller.forward_wc(wc, x)  # [B, W], what the training step's variant 0 computes
         plain = model(x[:, -W:], y[:, -W:], loss_reduction="none")
         arms = controller.evaluate_arms(x, y)
         out = controller.process_batch(x, y, step=0)
