@@ -51,6 +51,16 @@ def tokens(n, seed=0):
     return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+def uneven_appends(session, stream, chunks):
+    """Append stream to the session in chunks of the given sizes, cycled; yield (appends so far, tokens so far)."""
+    t, i = 0, 0
+    while t < stream.numel():
+        n = chunks[i % len(chunks)]
+        session.append(stream[t:t + n])
+        t, i = t + n, i + 1
+        yield i, t
+
+
 def set_lens_sign(controller, sign):
     """Make LensNet score every entry >= 0 (sign +1), <= 0 (-1), or restore random signs (0)."""
     w = controller.lensnet.score_w
@@ -84,12 +94,7 @@ def close(a, b):
 def test_invariants_over_thousands_of_appends_and_refocuses(controller):
     set_lens_sign(controller, 0)
     s = MCSession.begin(controller, tokens(50), refocus_interval=5)
-    stream, t, i = tokens(2000, seed=1), 0, 0
-    chunks = [1] * 30 + [3, 7, 40]
-    while t < stream.numel():
-        n = chunks[i % len(chunks)]
-        s.append(stream[t:t + n])
-        t, i = t + n, i + 1
+    for i, t in uneven_appends(s, tokens(2000, seed=1), [1] * 30 + [3, 7, 40]):
         assert s.n_entries <= CFG.wc_budget and s.num_tokens == 50 + t
         if i % 50 == 0:
             check_session(s)
@@ -350,12 +355,7 @@ def test_partial_gist_session_never_drops_history_and_matches_recompute(tmp_path
     ctl = make_controller(cfg)
     set_lens_sign(ctl, 0)
     s = MCSession.begin(ctl, tokens(50), refocus_interval=5)
-    stream, t, i = tokens(3000, seed=11), 0, 0
-    chunks = [1] * 20 + [3, 7, 61]
-    while t < stream.numel():
-        n = chunks[i % len(chunks)]
-        s.append(stream[t:t + n])
-        t, i = t + n, i + 1
+    for i, _ in uneven_appends(s, tokens(3000, seed=11), [1] * 20 + [3, 7, 61]):
         assert s.n_entries <= cfg.wc_budget and not (s.lod_map == UNCOVERED).any()
         if i % 60 == 0:
             check_session(s, cfg)
