@@ -26,7 +26,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
 FORMAT_VERSION = 1
-LEGACY_MODEL_CONFIG = {"smear": "none", "vocab_multiple": 1}  # fields a checkpoint written before they existed was trained without
+LEGACY_MODEL_CONFIG = {"smear": "none", "vocab_multiple": 1, "value_embeds": False}  # fields a checkpoint written before they existed was trained without
 
 
 class CheckpointError(Exception):

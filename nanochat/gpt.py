@@ -88,7 +88,7 @@ class GPTConfig:
     backout: bool = False  # the head reads the residual minus a learned share of the one after the middle layer
     vocab_multiple: int = 64  # embedding and head rows padded to a multiple of this (logits are cropped)
     window_pattern: str = "L"  # per layer, tiled: L attends to every earlier position, S to the last sequence_len/2
-    value_embeds: bool = False  # alternate layers (the last included) add a per-token embedding to their values
+    value_embeds: bool = True  # alternate layers (the last included) add a per-token embedding to their values
 
     @property
     def smear_keys(self) -> bool:

@@ -91,9 +91,9 @@ def test_previous_token_mixing_is_causal_and_active():
 def test_inputs_embeds_equals_token_path(model):
     idx = torch.randint(0, 97, (2, 10))
     embeds = model.transformer.wte(idx)
-    assert torch.allclose(model(inputs_embeds=embeds), model(idx), atol=1e-6)
+    assert torch.allclose(model(inputs_embeds=embeds, token_ids=idx), model(idx), atol=1e-6)
     cache = model.new_kv_cache(2, 16)
-    prefill = model(inputs_embeds=embeds, kv_cache=cache, rope=model.default_rope(10))
+    prefill = model(inputs_embeds=embeds, token_ids=idx, kv_cache=cache, rope=model.default_rope(10))
     assert torch.allclose(prefill, model(idx), atol=1e-5)
     with pytest.raises(ValueError, match="exactly one"):
         model(idx, inputs_embeds=embeds)
@@ -116,7 +116,8 @@ def test_per_row_rope_override(model):
 
 def test_flops_and_params(model):
     c = model.config
-    assert model.num_params() == model.num_params(exclude_embedding=True) + c.padded_vocab * c.n_embd
+    tables = 1 + len(model.value_embeds)  # token embedding + value embeddings (kv_dim = n_embd here)
+    assert model.num_params() == model.num_params(exclude_embedding=True) + tables * c.padded_vocab * c.n_embd
     assert model.estimate_flops() > 6 * model.num_params(exclude_embedding=True)
 
 
@@ -139,7 +140,8 @@ def test_padded_vocab_is_cropped_and_never_predicted():
     logits = padded(idx)
     assert logits.shape == (2, 12, 97) and logits.argmax(-1).max() < 97
     exact = GPT(GPTConfig(**{**padded.config.__dict__, "vocab_multiple": 1})).eval()
-    state = {k: v[:97] if k in ("transformer.wte.weight", "lm_head.weight") else v for k, v in padded.state_dict().items()}
+    tables = ("transformer.wte.weight", "lm_head.weight", *(f"value_embeds.{i}.weight" for i in padded.value_embeds))
+    state = {k: v[:97] if k in tables else v for k, v in padded.state_dict().items()}
     exact.load_state_dict(state)
     assert torch.allclose(exact(idx), logits, atol=1e-5)
 
@@ -168,19 +170,20 @@ def test_layer_scalars_and_backout_start_neutral_and_learn():
 def test_checkpoints_from_before_vocab_padding_load(tmp_path):
     """A checkpoint written before vocab_multiple existed (unpadded tables, no field in its config) loads as it was
     trained and predicts the same."""
-    old = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=1, n_embd=64, vocab_multiple=1))
+    old = GPT(GPTConfig(sequence_len=64, vocab_size=97, n_layer=1, n_embd=64, vocab_multiple=1, value_embeds=False))
     old.init_weights()
     config = asdict(old.config)
-    del config["vocab_multiple"], config["layer_scalars"], config["backout"]
+    del config["vocab_multiple"], config["layer_scalars"], config["backout"], config["value_embeds"]
     save_checkpoint(tmp_path, 1, {"gpt": old}, None, {"model_config": config, "step": 1})
     model, _, _ = build_model(tmp_path, 1, "cpu")
     idx = torch.randint(0, 97, (1, 8))
-    assert model.config.vocab_multiple == 1 and torch.allclose(model(idx), old(idx))
+    assert model.config.vocab_multiple == 1 and not model.config.value_embeds and torch.allclose(model(idx), old(idx))
 
 
 def test_short_window_layers_see_only_the_last_half_context():
     """window_pattern S: a layer's query at t sees positions (t - sequence_len/2, t]; the last layer always sees all."""
-    config = GPTConfig(sequence_len=16, vocab_size=97, n_layer=3, n_embd=128, smear="none", window_pattern="S")
+    config = GPTConfig(sequence_len=16, vocab_size=97, n_layer=3, n_embd=128, smear="none", window_pattern="S",
+                       value_embeds=False)
     assert config.windows == [8, 8, None]
     torch.manual_seed(0)
     attn = GPT(config).transformer.h[0].attn

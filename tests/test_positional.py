@@ -5,7 +5,7 @@ import torch
 
 from mc.config import MCConfig
 from mc.positional import compress_far, rope_frame, wc_rope
-from mc.working_context import materialize
+from mc.working_context import entry_token_ids, materialize
 from nanochat.gpt import GPT, GPTConfig, rotary_frequencies, rotary_tables
 
 HD = 64
@@ -121,7 +121,8 @@ def test_all_raw_wc_reproduces_the_plain_gpt():
     wc = materialize(torch.zeros(2, 7, dtype=torch.int8), levels, tokens, cfg, next_token=next_token)
     rope = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, HD, "gaussian")
     with torch.no_grad():
-        loss = model(inputs_embeds=wc.embeds, rope=rope, targets=wc.targets, loss_reduction="none")
+        ids = entry_token_ids(wc.pos, wc.lod, tokens, wc.valid, wc.sample)
+        loss = model(inputs_embeds=wc.embeds, token_ids=ids, rope=rope, targets=wc.targets, loss_reduction="none")
         targets = torch.cat([tokens[:, 1:], next_token[:, None]], dim=1)
         plain = model(tokens, targets, loss_reduction="none")
     assert torch.allclose(loss[:, :30], plain, atol=1e-5) and (loss[:, 30:] == 0).all()

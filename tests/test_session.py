@@ -17,7 +17,7 @@ from mc.config import MCConfig
 from mc.focus_map import plot_focus
 from mc.positional import wc_rope
 from mc.session import MCSession, entry_table
-from mc.working_context import UNCOVERED, is_legal, materialize, validate_wc
+from mc.working_context import UNCOVERED, entry_token_ids, is_legal, materialize, validate_wc
 from nanochat.gpt import GPT, GPTConfig
 
 VOCAB = 97
@@ -168,7 +168,8 @@ def test_session_frame_matches_evaluation_past_the_training_length(controller):
     wc = materialize(s.lod_map[None], s.tree.levels(), s.tree.token_ids, CFG)
     rope = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, controller.model.config.head_dim, CFG.positional, max_len=s.max_len)
     with torch.no_grad():
-        ref = controller.model(inputs_embeds=wc.embeds, rope=rope)[0, int(wc.n_entries[0]) - 1].float()
+        ids = entry_token_ids(wc.pos, wc.lod, s.tree.token_ids, wc.valid, wc.sample)
+        ref = controller.model(inputs_embeds=wc.embeds, token_ids=ids, rope=rope)[0, int(wc.n_entries[0]) - 1].float()
     close(s.logits(), ref)
 
 
