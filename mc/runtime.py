@@ -216,7 +216,7 @@ class MCController:
 
     def forward_wc(self, wc, x, forward_fn=None):
         """Per-position loss [V, W] of the GPT over materialised working contexts of histories x [B, T]."""
-        forward_fn = forward_fn or self.model
+        forward_fn = self.model if forward_fn is None else forward_fn  # a compiled model has no truth value
         return forward_fn(inputs_embeds=wc.embeds, token_ids=entry_token_ids(wc.pos, wc.lod, x, wc.valid, wc.sample),
                           rope=self.rope(wc), targets=wc.targets, loss_reduction="none")
 
@@ -228,7 +228,7 @@ class MCController:
         start = x.size(1) % W  # histories are longer than W (MCConfig.validate)
         xs, ys = x[:, start:].reshape(-1, W), y[:, start:].reshape(-1, W)
         windowed = None if weights is None else weights[:, start:].reshape(-1, W)
-        return weighted_lm_loss(forward_fn or self.model, xs, ys, windowed)
+        return weighted_lm_loss(self.model if forward_fn is None else forward_fn, xs, ys, windowed)
 
     def process_batch(self, x, y, step: int, forward_fn=None, answers=None, weights=None,
                       history_lm_weight: float = 0.0) -> StepOutput:

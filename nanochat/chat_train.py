@@ -30,9 +30,11 @@ import torch.distributed as dist
 from nanochat import report, tracing
 from nanochat.chat_data import load_conversations
 from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, claim_run_dir, config_changes, find_last_step,
-                                 load_training_state, model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint)
-from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir, print0,
-                             resumed_autocast_dtype, synchronize)
+                                 load_training_state, model_meta, resolve_checkpoint_dir, restore_rng, save_checkpoint,
+                                 saved_train_config)
+from nanochat.common import (COMPILE_CHOICES, CPU_BF16_CHOICES, CPU_COMPILE_MIN_STEPS, autocast_ctx, autocast_dtype,
+                             compute_cleanup, compute_init, get_report_dir, print0, resumed_autocast_dtype, synchronize,
+                             use_compile)
 from nanochat.dataset import DataError, filler_paragraphs, prepare
 from nanochat.longdoc_qa import LongDocQAConfig, longdoc_qa
 from nanochat.loss_eval import evaluate_bpb
@@ -265,7 +267,7 @@ class ChatTrainConfig:
     wandb_run: str = field(default="", metadata={"help": "wandb run name; empty = wandb off"})
     device_type: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
     cpu_bf16: str = field(default="auto", metadata={"help": "bf16 autocast on CPU: auto = where this CPU's bf16 matmuls are faster than fp32", "choices": CPU_BF16_CHOICES})
-    compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA, packed rows only)"})
+    compile: str = field(default="auto", metadata={"help": f"torch.compile the GPT (packed rows only): auto = on CUDA, and on CPU for runs of >= {CPU_COMPILE_MIN_STEPS} steps", "choices": COMPILE_CHOICES})
     seed: int = field(default=42, metadata={"help": "seed of the data mix and order"})
 
 
@@ -307,7 +309,7 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
     if cfg.resume:
         start_step = find_last_step(ckpt_dir)
         model, states, meta = build_model(ckpt_dir, start_step, device, phase="train")
-        if changes := config_changes(meta["train_config"], asdict(cfg), RESUME_FREE, asdict(type(cfg)())):
+        if changes := config_changes(saved_train_config(meta), asdict(cfg), RESUME_FREE, asdict(type(cfg)())):
             raise ConfigError(f"--resume: the run in {ckpt_dir} was trained with other flags (saved -> given): "
                               f"{'; '.join(changes)}")
         source = meta["source"]
@@ -348,11 +350,12 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
         restore_rng(training_state["rng"])
         batcher.load_state_dict(training_state["rank_state"]["batcher"])
         print0(f"resumed from {ckpt_dir} at step {start_step}")
-    train_model = torch.compile(model, dynamic=False) if cfg.compile and pack and device.type == "cuda" else model
+    compiled = pack and use_compile(device.type, cfg.compile, cfg.num_iterations)
+    train_model = torch.compile(model, dynamic=False) if compiled else model
     print0(f"{stage}: {source['stage']} checkpoint {source['dir']} step {source['step']} -> {ckpt_dir}; "
            f"{cfg.num_iterations} steps x {cfg.rows_per_step} rows ({'packed' if pack else 'padded'}, "
            f"{grad_accum} micro-batches of {cfg.device_batch_size} on {world_size} rank(s)), context {seq_len}, "
-           f"device {device}, autocast {amp_dtype}")
+           f"device {device}, autocast {amp_dtype}, compile {'on' if compiled else 'off'}")
 
     def val_batches():  # the whole val set, in a fixed order
         return ChatBatcher(tokenizer, val_convs, cfg.device_batch_size, seq_len, pack, 0, rank, world_size, device,

@@ -142,6 +142,15 @@ def claim_run_dir(directory, overwrite: bool, rank: int = 0):
     print(f"--overwrite: moved the previous run in {directory} to {aside}", flush=True)
 
 
+def saved_train_config(meta: dict) -> dict:
+    """The training flags a checkpoint was written with, in today's form (--compile was a bool: True meant "auto",
+    compiling on CUDA only)."""
+    saved = meta.get("train_config", {})
+    if isinstance(saved.get("compile"), bool):
+        saved = {**saved, "compile": "auto" if saved["compile"] else "off"}
+    return saved
+
+
 def config_changes(saved: dict, given: dict, free=(), defaults=None) -> list[str]:
     """'flag: saved -> given' for every field that differs between two training configs, except those in `free`;
     a field the saved config lacks (added to the code after that run started) counts as its value in `defaults`."""

@@ -3,11 +3,15 @@
 Device autodetect prefers cuda, then mps, then cpu. The dtype policy is bf16 autocast on CUDA
 devices that support it; on CPU it is measured (`cpu_bf16="auto"`): bf16 autocast where this CPU's bf16
 matmuls are clearly faster than fp32 (native bf16 instructions, e.g. AVX512-BF16 or AMX: 2-4x here),
-fp32 where bf16 is emulated (slower); "on"/"off" force it. Distributed runs are launched with torchrun; the backend is nccl on CUDA and gloo on CPU.
+fp32 where bf16 is emulated (slower); "on"/"off" force it. torch.compile (`compile="auto"`) is on for CUDA, and on
+CPU for runs long enough to earn back inductor's compile time (CPU_COMPILE_MIN_STEPS; it needs a C++ compiler).
+Distributed runs are launched with torchrun; the backend is nccl on CUDA and gloo on CPU.
 """
 
 import glob
 import os
+import shutil
+import sys
 import random
 import contextlib
 import functools
@@ -78,6 +82,22 @@ def autocast_dtype(device_type: str, cpu_bf16: str = "auto"):
     if device_type == "cpu" and (cpu_bf16 == "on" or (cpu_bf16 == "auto" and cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP)):
         return torch.bfloat16
     return None
+
+
+COMPILE_CHOICES = ["auto", "on", "off"]
+CPU_COMPILE_MIN_STEPS = 100  # "auto" compiles on CPU only for runs of at least this many steps (compiling takes ~1 min)
+
+
+def use_compile(device_type: str, choice: str, steps: int) -> bool:
+    """Whether to torch.compile the training model (see the module docstring)."""
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"--compile must be one of {COMPILE_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice == "on"
+    if device_type == "cuda":
+        return True
+    compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")  # what inductor builds with
+    return device_type == "cpu" and steps >= CPU_COMPILE_MIN_STEPS and shutil.which(compiler) is not None
 
 
 def resumed_autocast_dtype(dtype, cpu_bf16: str, saved: str | None):

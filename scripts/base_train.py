@@ -29,9 +29,10 @@ from mc.telemetry import NoTelemetry, StepTelemetry
 from nanochat import report, tracing
 from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, claim_run_dir, config_changes, find_last_step,
                                  load_state_strict, load_training_state, model_meta, resolve_checkpoint_dir, restore_rng,
-                                 save_checkpoint)
-from nanochat.common import (CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_cleanup, compute_init, get_report_dir,
-                             measure_matmul_flops, print0, resumed_autocast_dtype, seed_everything, synchronize)
+                                 save_checkpoint, saved_train_config)
+from nanochat.common import (COMPILE_CHOICES, CPU_BF16_CHOICES, CPU_COMPILE_MIN_STEPS, autocast_ctx, autocast_dtype,
+                             compute_cleanup, compute_init, get_report_dir, measure_matmul_flops, print0,
+                             resumed_autocast_dtype, seed_everything, synchronize, use_compile)
 from nanochat.configurator import FlagParser, add_dataclass_args, dataclass_from_args
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, prepare
@@ -102,7 +103,7 @@ class TrainConfig:
     # runtime
     device_type: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
     cpu_bf16: str = field(default="auto", metadata={"help": "bf16 autocast on CPU: auto = where this CPU's bf16 matmuls are faster than fp32", "choices": CPU_BF16_CHOICES})
-    compile: bool = field(default=True, metadata={"help": "torch.compile the model (CUDA only)"})
+    compile: str = field(default="auto", metadata={"help": f"torch.compile the GPT: auto = on CUDA, and on CPU for runs of >= {CPU_COMPILE_MIN_STEPS} steps", "choices": COMPILE_CHOICES})
     seed: int = field(default=42, metadata={"min": 0, "help": "seed of model init and data order"})
     mc: bool = field(default=False, metadata={"help": "train with MegaContext (see the --mc_* flags)"})
 
@@ -209,7 +210,13 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
                              value_embeds=cfg.value_embeds)
     model = GPT(model_config).to(device)
     model.init_weights()
-    train_model = torch.compile(model, dynamic=False) if cfg.compile and device.type == "cuda" else model
+    num_params = model.num_params()
+    if cfg.num_iterations > 0:
+        num_iterations = cfg.num_iterations
+    else:
+        num_iterations = max(1, round(cfg.target_param_data_ratio * num_params / cfg.total_batch_size))
+    compiled = use_compile(device.type, cfg.compile, num_iterations)
+    train_model = torch.compile(model, dynamic=False) if compiled else model
     flops_per_token = model.estimate_flops()
     # the micro-step, loss, metrics = step_fn(x, y, index, answers=, weights=), and what the step's log and trace count
     def step_fn(x, y, index, answers=None, weights=None):
@@ -268,7 +275,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         if saved_mc != mc_config:
             raise ConfigError(f"--resume: the checkpoint in {ckpt_dir} was trained with MegaContext config "
                               f"{meta.get('mc_config')}, but the flags give {mc_config}")
-        if changes := config_changes(meta.get("train_config", {}), asdict(cfg), RESUME_FREE, asdict(TrainConfig())):
+        if changes := config_changes(saved_train_config(meta), asdict(cfg), RESUME_FREE, asdict(TrainConfig())):
             raise ConfigError(f"--resume: the run in {ckpt_dir} was trained with other flags (saved -> given): "
                               f"{'; '.join(changes)}")
         for name, module in {"gpt": model, **mc_modules}.items():
@@ -282,16 +289,11 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         loader_state, history = training_state["rank_state"]["loader"], meta["history"]
         print0(f"resumed from {ckpt_dir} at step {start_step}")
     params = [p for module in (model, *mc_modules.values()) for p in module.parameters()]
-    num_params = model.num_params()
-    if cfg.num_iterations > 0:
-        num_iterations = cfg.num_iterations
-    else:
-        num_iterations = max(1, round(cfg.target_param_data_ratio * num_params / cfg.total_batch_size))
     peak_flops = measure_matmul_flops(device, amp_dtype) * world_size
     print0(f"model: {num_params:,} parameters, {flops_per_token:.3g} FLOPs/token, config {asdict(model_config)}")
     print0(f"training: {num_iterations} steps x {cfg.total_batch_size:,} tokens "
            f"({grad_accum} micro-batches of {batch_size} x {cfg.max_seq_len} on {world_size} rank(s)), "
-           f"device {device}, autocast {amp_dtype}")
+           f"device {device}, autocast {amp_dtype}, compile {'on' if compiled else 'off'}")
 
     if cfg.data_mix:
         loader = MixedLoader(tokenizer, batch_size, cfg.max_seq_len, data_dir, parse_mix(cfg.data_mix, cfg.data),

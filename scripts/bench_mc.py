@@ -6,11 +6,11 @@ GPT forward sees the same number of entries, and each step consumes B_mc*T data 
 all measured in this one run on this machine (medians over --steps steps, steps of the two kinds
 interleaved so background load hits both alike):
 
-  (a) MC step time / plain step time                  target <= 1.15 (the controller adds <= 15 %)
-  (b) orchestration overhead share of the MC step       target <= 10 %
+  (a) MC step time / plain step time                  target <= 1.10 (the controller adds <= 10 %)
+  (b) orchestration overhead share of the MC step       target <= 5 %
       = MC step - (GPT fwd+bwd + GistNet fwd+bwd + LensNet fwd(+bwd) + optimizer), each net timed
       alone on exactly the inputs it sees inside the MC step
-  (c) data tokens/s with MC / without                   target >= 0.6
+  (c) data tokens/s with MC / without                   target >= 0.8
   (d) peak memory of each mode, each in a fresh subprocess (CUDA: max_memory_allocated; CPU: peak RSS
       of the steps, VmHWM, and its growth over the RSS just before the first step)
 
@@ -38,7 +38,7 @@ from nanochat.configurator import FlagParser, checked_number
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 
-TARGETS = {"step_ratio": 1.15, "overhead_share": 0.10, "tokens_ratio": 0.6}
+TARGETS = {"step_ratio": 1.10, "overhead_share": 0.05, "tokens_ratio": 0.8}  # issue 12
 
 
 def parse_args(argv=None):
@@ -335,9 +335,9 @@ def main(argv=None):
     print(f"{'(a) step time (ms)':36s}{ms(med['plain']):>12s}{ms(med['mc']):>12s}{step_ratio:>9.2f}x"
           f"{'<= ' + str(TARGETS['step_ratio']) + 'x':>10s}  {verdict(step_ratio, TARGETS['step_ratio'], False)}")
     print(f"{'(b) orchestration overhead (ms)':36s}{'':>12s}{ms(overhead):>12s}{100 * overhead_share:>9.1f}%"
-          f"{'<= 10%':>10s}  {verdict(overhead_share, TARGETS['overhead_share'], False)}")
+          f"{'<= ' + format(TARGETS['overhead_share'], '.0%'):>10s}  {verdict(overhead_share, TARGETS['overhead_share'], False)}")
     print(f"{'(c) data tokens/s':36s}{tok_plain:>12,.0f}{tok_mc:>12,.0f}{tokens_ratio:>9.2f}x"
-          f"{'>= 0.6x':>10s}  {verdict(tokens_ratio, TARGETS['tokens_ratio'], True)}")
+          f"{'>= ' + str(TARGETS['tokens_ratio']) + 'x':>10s}  {verdict(tokens_ratio, TARGETS['tokens_ratio'], True)}")
     if memory:
         kind = "max allocated" if device.type == "cuda" else "peak RSS"
         p, m = memory["plain"], memory["mc"]

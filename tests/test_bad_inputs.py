@@ -41,6 +41,8 @@ BAD_FLAGS = [  # (script, flags, what the message says)
     ("tok_train", ["--vocab_size=0"], "--vocab_size: must be >= 1"),
     ("tok_eval", ["--max_docs=-1"], "--max_docs: must be >= 0"),
     ("bench_train", ["--steps=0"], "--steps: must be >= 1"),
+    ("bench_train", ["--settings=fp16"], "--settings: a comma-separated subset of fp32,bf16"),
+    ("base_train", ["--compile=yes"], "--compile: invalid choice"),
     ("bench_mc", ["--wc_budget=-8"], "--wc_budget: must be >= 4"),
     ("bench_infer", ["--repeats=0"], "--repeats: must be >= 1"),
 ]

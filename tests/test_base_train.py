@@ -93,6 +93,36 @@ def test_resume_keeps_the_autocast_dtype_auto_chose(tiny_env, monkeypatch):
     assert load_meta(ckpt, 3)["autocast"] == "torch.bfloat16"
 
 
+def test_compile_auto_rule(monkeypatch):
+    """--compile=auto: always on CUDA; on CPU only for long runs and where inductor's C++ compiler exists."""
+    from nanochat.checkpoint import saved_train_config
+    from nanochat.common import CPU_COMPILE_MIN_STEPS, use_compile
+    monkeypatch.setenv("CXX", sys.executable)  # some executable: a compiler is "there"
+    assert use_compile("cuda", "auto", 1) and not use_compile("cpu", "auto", CPU_COMPILE_MIN_STEPS - 1)
+    assert use_compile("cpu", "auto", CPU_COMPILE_MIN_STEPS) and not use_compile("mps", "auto", 10_000)
+    assert use_compile("cpu", "on", 1) and not use_compile("cuda", "off", 10_000)
+    monkeypatch.setenv("CXX", "/no/such/compiler")
+    assert not use_compile("cpu", "auto", 10_000)
+    with pytest.raises(ValueError, match="--compile"):
+        use_compile("cpu", "yes", 1)
+    assert saved_train_config({"train_config": {"compile": True}})["compile"] == "auto"  # written before the choices
+    assert saved_train_config({"train_config": {"compile": False}})["compile"] == "off"
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler")
+def test_compiled_training_on_cpu_matches_eager(tiny_env, capsys):
+    """--compile=on on CPU trains the torch.compile'd GPT, to the same losses as eager up to float rounding."""
+    args = ("--num_iterations=3", "--eval_every=3", "--cpu_bf16=off")
+    run_train(tiny_env, *args, "--compile=off", "--tag=eager")
+    assert "compile off" in capsys.readouterr().out
+    run_train(tiny_env, *args, "--compile=on", "--tag=compiled")
+    assert "compile on" in capsys.readouterr().out
+    eager, compiled = (load_meta(checkpoint_dir("base", tag), 3) for tag in ("eager", "compiled"))
+    assert compiled["train_config"]["compile"] == "on"
+    assert eager["history"]["loss"] == pytest.approx(compiled["history"]["loss"], rel=1e-3)
+    assert eager["val_bpb"] == pytest.approx(compiled["val_bpb"], rel=1e-3)
+
+
 def test_bad_flags_and_inputs(tiny_env, tmp_path):
     with pytest.raises(SystemExit, match="total_batch_size"):
         run_train(tiny_env, "--total_batch_size=100")

@@ -52,6 +52,17 @@ def test_mc_trains_and_checkpoint_restores_the_nets(tiny_env, capsys):
     assert controller.cfg.num_variants == 3 and controller.model is model
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler")
+def test_mc_compiled_matches_eager(tiny_env):
+    """--compile=on: the controller drives the torch.compile'd GPT (working contexts and the history LM) to the same
+    losses as eager up to float rounding."""
+    args = ("--num_iterations=2", "--eval_every=2", "--cpu_bf16=off", "--history_lm_weight=1")
+    run_train(tiny_env, *args, "--compile=off", "--tag=mc_eager")
+    run_train(tiny_env, *args, "--compile=on", "--tag=mc_compiled")
+    eager, compiled = (build_model(checkpoint_dir("base", tag), None, "cpu")[2] for tag in ("mc_eager", "mc_compiled"))
+    assert eager["history"]["loss"] == pytest.approx(compiled["history"]["loss"], rel=1e-3)
+
+
 def test_mc_resume_is_exact(tiny_env):
     run_train(tiny_env, "--num_iterations=4", "--save_every=2", "--tag=mc_full")
     full_dir, part_dir = checkpoint_dir("base", "mc_full"), checkpoint_dir("base", "mc_part")
