@@ -57,14 +57,14 @@ if [ "$PRESET" = gpu ]; then
              --data_mix=text:0.4,copy:0.1,needle:0.3,recall:0.2 --answer_weight=5 --filler_weight=0
              --eval_every=250 --sample_every=-1)
     MC_TRAIN=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=1000
-              --data_mix=text:0.2,needle:0.5,recall:0.3 --pack_rows=0.3 --answer_weight=5 --eval_every=250 --sample_every=-1)
+              --data_mix=text:0.2,needle:0.4,recall:0.2,memory:0.2 --pack_rows=0.3 --answer_weight=5 --eval_every=250 --sample_every=-1)
     MC_FOCUS=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=300
-              --freeze=gpt,mc_gist --data_mix=text:0.1,needle:0.55,recall:0.35 --eval_every=300 --sample_every=-1)
+              --freeze=gpt,mc_gist --data_mix=text:0.1,needle:0.45,recall:0.25,memory:0.2 --eval_every=300 --sample_every=-1)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
     MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64 --mc_bag_loss_weight=0.1)
     MC_EVAL=()
-    MC_MID=()
-    MC_SFT=()
+    MC_MID=(--data=smoltalk:4,longdoc_qa:2,identity:0.5,memory:2)  # the defaults plus memory conversations
+    MC_SFT=(--data=smoltalk:4,gsm8k:1,longdoc_qa:1,identity:0.5,memory:1)
 else
     DATA=books
     VOCAB=4096
@@ -78,31 +78,34 @@ else
     CHAT_EVAL=(--num_longdoc=200 --num_arc=100 --num_arc_challenge=100 --num_mmlu=100 --num_humaneval=16 --num_gsm8k=16)  # hub benchmarks: skipped offline
     # --mc: 1. a copy curriculum at T=256 (copy rows until the induction circuit forms, then needles and
     # recall pairs, loss on the answers); 2. long-range pretraining at T=1024 (books + long-range rows);
-    # 3. from there, the same steps and data twice (30% of the long-range rows pack several shorter
-    # examples, so short histories stay in distribution): with MegaContext (W=128 entries, K=32, raw tail
-    # R=32, LensNet horizon H=16, GistNet's bag-of-tokens loss, plus an LM loss over the whole history)
-    # and without (the plain twin); 4. a focus phase for the MC model: GPT and GistNet frozen, LensNet
-    # alone learns which block to expand on needle/recall rows
+    # 3. from there, the same steps and data twice (needles, recall pairs and chat-format memory
+    # conversations; 30% of the long-range rows pack several shorter examples, so short histories stay in
+    # distribution): with MegaContext (W=128 entries, K=32, raw tail R=32, LensNet horizon H=16, GistNet's
+    # bag-of-tokens loss, plus an LM loss over the whole history) and without (the plain twin); 4. a focus
+    # phase for the MC model: GPT and GistNet frozen, LensNet alone learns which block to expand. The chat
+    # stages then run long enough for the chat skills (150 mid + 100 SFT steps, with memory conversations):
+    # the MC GPT has learnt to answer a memory question through working contexts in step 3, so
+    # chat_cli --mc recalls a fact told more than 8W tokens earlier
     MC_COPY=(--depth=4 --max_seq_len=256 --device_batch_size=16 --total_batch_size=4096 --num_iterations=400
              --warmdown_ratio=0.3 --data_mix=copy:0.3,needle:0.35,recall:0.35 --warmup_mix=copy:1 --warmup_mix_steps=120
              --filler_weight=0 --eval_every=200 --eval_tokens=16384 --sample_every=-1 --log_every=25)
     MC_LONG=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=300
              --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.4,copy:0.1,needle:0.3,recall:0.2
              --answer_weight=5 --filler_weight=0 --eval_every=100 --eval_tokens=32768 --sample_every=-1 --log_every=25)
-    MC_TRAIN=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=300
-              --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.2,needle:0.5,recall:0.3 --pack_rows=0.3
-              --answer_weight=5 --eval_every=150 --eval_tokens=32768 --sample_every=-1 --log_every=25)
+    MC_TRAIN=(--depth=4 --max_seq_len=1024 --device_batch_size=8 --total_batch_size=8192 --num_iterations=400
+              --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.2,needle:0.4,recall:0.2,memory:0.2 --pack_rows=0.3
+              --answer_weight=5 --eval_every=200 --eval_tokens=32768 --sample_every=-1 --log_every=25)
     MC_FOCUS=(--depth=4 --max_seq_len=1024 --device_batch_size=16 --total_batch_size=16384 --num_iterations=400
-              --freeze=gpt,mc_gist --data_mix=books:0.1,needle:0.55,recall:0.35 --warmup_ratio=0.03
+              --freeze=gpt,mc_gist --data_mix=books:0.1,needle:0.45,recall:0.25,memory:0.2 --warmup_ratio=0.03
               --warmdown_ratio=0.3 --eval_every=400 --eval_tokens=32768 --sample_every=-1 --log_every=25)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
     MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=32 --mc_horizon=16 --mc_bag_loss_weight=0.1)
     MC_EVAL=(--needle_examples=100 --recall_examples=40 --loss_examples=24 --batch_size=16)
     # the chat stages add conversations that ask for a fact the user told many turns earlier (memory)
-    MC_MID=(--data=identity,longdoc_qa:2,memory:2 --num_conversations=2000 --val_conversations=64 --num_iterations=40
-            --device_batch_size=8 --rows_per_step=8 --eval_every=20)
-    MC_SFT=(--data=identity,longdoc_qa,memory --num_conversations=1000 --val_conversations=64 --num_iterations=40
-            --device_batch_size=8 --rows_per_step=8 --eval_every=20)
+    MC_MID=(--data=identity,longdoc_qa:2,memory:4 --num_conversations=3000 --val_conversations=64 --num_iterations=150
+            --device_batch_size=8 --rows_per_step=8 --eval_every=50)
+    MC_SFT=(--data=identity,longdoc_qa,memory:2 --num_conversations=1500 --val_conversations=64 --num_iterations=100
+            --device_batch_size=8 --rows_per_step=8 --eval_every=50)
 fi
 echo "run10.sh: preset $PRESET, data $DATA, MegaContext $([ "$MC" -eq 1 ] && echo on || echo off)"
 
