@@ -2,11 +2,11 @@
 # The main job on one machine: tokenizer -> base pretraining -> evaluation -> mid-training -> SFT ->
 # chat evaluation -> report/report.md; then chat with `.venv/bin/python -m scripts.chat_cli` (add --mc after --mc).
 #
-#   bash run10.sh              GPU if one is present (d12-class run), else the CPU preset (8 min on 2 cores)
+#   bash run10.sh              GPU if one is present (d12-class run), else the CPU preset (7 min on 2 cores)
 #   bash run10.sh --mc         with MegaContext: a GPT that copies (copy curriculum at T=256, then long-range
 #                              pretraining at T=1024), from it an MC model (then a LensNet focus phase) and
 #                              its plain twin (same data and steps), mc_eval comparing them (needle,
-#                              recall, loss vs history), then mid/SFT of the MC model for chat_cli --mc; CPU 44 min
+#                              recall, loss vs history), then mid/SFT of the MC model for chat_cli --mc; CPU 41 min
 #   bash run10.sh --cpu        force the CPU preset (--gpu: the GPU preset)
 #   bash run10.sh --dry-run    print every command without running it
 #
