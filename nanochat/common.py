@@ -85,7 +85,7 @@ def autocast_dtype(device_type: str, cpu_bf16: str = "auto"):
 
 
 COMPILE_CHOICES = ["auto", "on", "off"]
-CPU_COMPILE_MIN_STEPS = 100  # "auto" compiles on CPU only for runs of at least this many steps (compiling takes ~1 min)
+CPU_COMPILE_MIN_STEPS = 100  # "auto" compiles on CPU only for runs of at least this many steps (~15 s a graph here)
 
 
 def use_compile(device_type: str, choice: str, steps: int) -> bool:
