@@ -88,6 +88,11 @@ COMPILE_CHOICES = ["auto", "on", "off"]
 CPU_COMPILE_MIN_STEPS = 100  # "auto" compiles on CPU only for runs of at least this many steps (~15 s a graph here)
 
 
+def cpu_compiler() -> str | None:
+    """The C++ compiler inductor builds CPU kernels with ($CXX, else g++ / clang++ on macOS), if installed."""
+    return shutil.which(os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++"))
+
+
 def use_compile(device_type: str, choice: str, steps: int) -> bool:
     """Whether to torch.compile the training model (see the module docstring)."""
     if choice not in COMPILE_CHOICES:
@@ -96,8 +101,7 @@ def use_compile(device_type: str, choice: str, steps: int) -> bool:
         return choice == "on"
     if device_type == "cuda":
         return True
-    compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")  # what inductor builds with
-    return device_type == "cpu" and steps >= CPU_COMPILE_MIN_STEPS and shutil.which(compiler) is not None
+    return device_type == "cpu" and steps >= CPU_COMPILE_MIN_STEPS and cpu_compiler() is not None
 
 
 def resumed_autocast_dtype(dtype, cpu_bf16: str, saved: str | None):

@@ -4,7 +4,7 @@ Training is timed in each setting of --settings (fp32 or bf16 autocast, eager or
 ratio to fp32 eager; the setting base_train's defaults pick here (--cpu_bf16=auto, --compile=auto for a
 long run) is marked, with issue 12's target for it: >= 1.5x fp32 eager on CPU. MFU = model FLOP/s
 (estimate_flops x tokens/s) / matmul FLOP/s of this device in that setting's dtype, measured in the same
-process, so the ratio means the same on a laptop CPU and on an H100. Compiling takes ~1 min a setting on CPU.
+process, so the ratio means the same on a laptop CPU and on an H100. Compiling takes ~15 s a setting on this 2-core CPU.
 
     python -m scripts.bench_train                       # the CPU preset model (depth 4, seq 512)
     python -m scripts.bench_train --depth=12 --seq_len=2048 --batch_size=16 --settings=bf16+compile

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import CheckpointError, build_model, checkpoint_dir, load_meta, load_module_states, load_training_state
+from nanochat.common import cpu_compiler
 from nanochat import report
 from scripts import base_eval, base_train
 
@@ -109,7 +110,7 @@ def test_compile_auto_rule(monkeypatch):
     assert saved_train_config({"train_config": {"compile": False}})["compile"] == "off"
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler")
+@pytest.mark.skipif(cpu_compiler() is None, reason="inductor needs a C++ compiler")
 def test_compiled_training_on_cpu_matches_eager(tiny_env, capsys):
     """--compile=on on CPU trains the torch.compile'd GPT, to the same losses as eager up to float rounding."""
     args = ("--num_iterations=3", "--eval_every=3", "--cpu_bf16=off")

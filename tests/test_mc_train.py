@@ -15,7 +15,7 @@ import torch
 
 from mc.build import load_controller
 from nanochat.checkpoint import build_model, checkpoint_dir, load_module_states
-from nanochat.common import get_report_dir
+from nanochat.common import cpu_compiler, get_report_dir
 from scripts import base_train
 
 TINY = ["--depth=1", "--width=64", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=128",
@@ -52,7 +52,7 @@ def test_mc_trains_and_checkpoint_restores_the_nets(tiny_env, capsys):
     assert controller.cfg.num_variants == 3 and controller.model is model
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="inductor needs a C++ compiler")
+@pytest.mark.skipif(cpu_compiler() is None, reason="inductor needs a C++ compiler")
 def test_mc_compiled_matches_eager(tiny_env):
     """--compile=on: the controller drives the torch.compile'd GPT (working contexts and the history LM) to the same
     losses as eager up to float rounding."""
