@@ -13,6 +13,8 @@ arm was skipped for this batch. Arms:
                  but beyond a few times the trained length the model is out of distribution)
   mc             the full system, as sessions run it: LensNet scores every old block as a LOD1 gist and
                  the best blocks are expanded with their groups while they fit W (MCController.focus)
+  no_read_on     the mc arm with each block expanded on its own merit (MCConfig.read_on off: a block does not
+                 bring the block after it), the ablation of read-on
   gists_only     the most compressed map (everything old as gists, nothing expanded)
   random         random legal maps that use the budget (working_context.random_maps)
   similarity     greedy expansion ranked by cosine(gist, mean of the raw tail) instead of LensNet
@@ -26,7 +28,7 @@ arm was skipped for this batch. Arms:
   mean_gist      the mc arm of a second checkpoint trained with --mc_gist_type=mean
   plain_truncation, plain_full   truncation / full of a plain (no --mc) checkpoint, when given
 MC arms are skipped for histories that do not fit W even fully compressed (cfg.min_entries(L) > W).
-The focus of the LensNet-driven arms (mc, shuffled, mean_gist, similarity) is decided from the history up
+The focus of the LensNet-driven arms (mc, no_read_on, shuffled, mean_gist, similarity) is decided from the history up
 to `focus_end` (tokens per row; default L - E + 1, the input of the first scored target; mc_eval passes
 the start of the answer): what a session would know when the question has been asked, never the
 answer itself (see mc.runtime.focus_ends; training decides its focus the same way).
@@ -38,12 +40,12 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from mc.allocator import edit_maps, similarity_scores
+from mc.allocator import descend_maps, edit_maps, similarity_scores
 from mc.runtime import visible_entries
 from mc.working_context import (RAW, entry_counts, entry_token_ids, expand_blocks, materialize, most_compressed_map,
                                 open_nodes, tail_mask)
 
-MC_ARMS = ("mc", "gists_only", "random", "similarity", "oracle", "shuffled")  # read the MC checkpoint's tree
+MC_ARMS = ("mc", "no_read_on", "gists_only", "random", "similarity", "oracle", "shuffled")  # read the MC checkpoint's tree
 ARMS = ("truncation", "full", *MC_ARMS, "mean_gist", "plain_truncation", "plain_full")
 
 
@@ -171,6 +173,9 @@ class ArmEvaluator:
             arm_levels = shuffle_gists(levels, gen) if arm == "shuffled" else levels
             if arm in ("mc", "shuffled"):
                 maps = ctl.focus(arm_levels, focus_end=focus_end)
+            elif arm == "no_read_on":
+                maps = descend_maps(ctl.focus(levels, policy="gists_only"), ctl.block_scores(levels, focus_end),
+                                    dataclasses.replace(cfg, read_on=False))
             elif arm in ("gists_only", "random"):
                 maps = ctl.focus(levels, policy=arm, generator=gen)
             elif arm == "similarity":

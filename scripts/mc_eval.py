@@ -4,7 +4,8 @@
 
 Every task scores the same final E tokens (--tail, default R = the checkpoint's --mc_recent) of each
 history under every arm (see mc/arms.py): truncation (last W tokens), mc (LensNet-guided focus), full
-(whole history, up to --full_max_len), the ablations gists_only (the most compressed map),
+(whole history, up to --full_max_len), the ablations no_read_on (mc with each block expanded alone,
+without the block after it), gists_only (the most compressed map),
 random, similarity, oracle (the answer's blocks expanded), shuffled (gists permuted across positions),
 mean_gist (a second checkpoint trained with --mc_gist_type=mean: --mean_gist_tag) and, with
 --plain_tag, plain_truncation / plain_full of a checkpoint trained without --mc on the same data.

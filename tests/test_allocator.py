@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 
-from mc.allocator import descend_maps, expanded_units, oracle_map, edit_maps, similarity_scores, unit_scores
+from mc.allocator import (descend_maps, edit_maps, expanded_units, oracle_map, read_on_scores, similarity_scores,
+                          unit_scores)
 from mc.config import MCConfig
 from mc.tree import level_rows, tree_depth
 from mc.working_context import (GIST, GROUP, RAW, UNCOVERED, collapse_blocks, edit_cost, entry_counts, expand_blocks,
@@ -262,7 +263,7 @@ def test_oracle_map_expands_answer_blocks_and_their_groups():
 
 def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
     K = 4
-    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1)
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1, read_on=False)
     n = 36  # most compressed: 2 LOD3 nodes (blocks 0-31) + 2 loose gists + 8 tail tokens = 12 entries; 21 to spend
     base = most_compressed_map(n, cfg).expand(3, n)
     scores = torch.full((3, n), float("-inf"))
@@ -281,11 +282,36 @@ def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
     # no candidate scored: nothing changes
     assert torch.equal(descend_maps(base, torch.full((3, n), float("-inf")), cfg), base)
     # a block whose nodes alone cost more than W leaves is skipped, not the end of the ranking
-    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1)  # 8 entries to spend
+    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1, read_on=False)  # 8 entries to spend
     scores = torch.full((1, n), float("-inf"))
     scores[0, [5, 33]] = torch.tensor([2.0, 1.0])  # block 5 needs LOD3 node 0, group 1 and itself: 9
     m = descend_maps(most_compressed_map(n, tight)[None], scores, tight)
     assert m[0, 33] == RAW and (m[0, :32] == 3).all() and int(entry_counts(m, K)) == 15
+
+
+def test_read_on_ranks_each_block_right_behind_its_predecessor():
+    inf = float("inf")
+    scores = torch.tensor([[5.0, -2.0, 4.9, 1.0, -inf, 0.5, -inf],
+                           [-inf, 3.0, 9.0, 2.0, 8.0, 0.0, 7.0]])
+    s = read_on_scores(scores)
+    assert scores[0, 2] < s[0, 1] < scores[0, 0] and s[0, 2] == scores[0, 2] and 1.0 < s[0, 3] < scores[0, 2]
+    assert s[0, 5] == scores[0, 5] and s[0, 4] == -inf and s[0, 6] == -inf  # unscored blocks (the raw tail) stay so
+    assert s[1, 0] == -inf and scores[1, 4] < s[1, 3] < scores[1, 2] and s[1, 2] == scores[1, 2]
+    assert s[1, 4] == scores[1, 4] and s[1, 6] == scores[1, 6]  # the predecessor's own score is inherited, not a chain
+    assert scores[1, 6] < s[1, 5] < scores[1, 4]
+    assert s.argsort(1, descending=True)[0, :4].tolist() == [0, 1, 2, 3]
+    # descent: with room for two blocks, a needle's block and the one after it (off: the two best blocks)
+    K = 4
+    n = 10  # no LOD2 group: 8 loose gists + 2 tail blocks = 16 entries; 2 x (K-1) more fit W = 22
+    on = MCConfig(block_size=K, recent=2 * K, wc_budget=22, horizon=1)
+    block_scores = torch.tensor([[0.0, 0.0, 6.0, 0.5, 0.0, 5.0, 0.0, 0.0, -inf, -inf]])
+    base = most_compressed_map(n, on)[None]
+    assert (descend_maps(base, block_scores, on)[0] == RAW).nonzero().view(-1).tolist() == [2, 3, 8, 9]
+    off = MCConfig(block_size=K, recent=2 * K, wc_budget=22, horizon=1, read_on=False)
+    assert (descend_maps(base, block_scores, off)[0] == RAW).nonzero().view(-1).tolist() == [2, 5, 8, 9]
+    # the last old block's successor is the raw tail: the budget goes to the next best block
+    last = torch.tensor([[0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 6.0, -inf, -inf]])
+    assert (descend_maps(base, last, on)[0] == RAW).nonzero().view(-1).tolist() == [0, 7, 8, 9]
 
 
 def test_similarity_scores_peak_at_a_gist_equal_to_the_tail_mean():

@@ -48,7 +48,7 @@ def results(checkpoints, tmp_path_factory):
 
 
 def test_every_arm_runs_and_files_are_written(results):
-    arms = ["truncation", "full", "mc", "gists_only", "random", "similarity", "oracle", "shuffled", "mean_gist",
+    arms = ["truncation", "full", "mc", "no_read_on", "gists_only", "random", "similarity", "oracle", "shuffled", "mean_gist",
             "plain_truncation", "plain_full"]
     assert results["arms"] == arms and results["lengths"] == [64, 256]
     needle = results["needle"]
