@@ -16,11 +16,10 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 @torch.no_grad()
-def orthogonalize(G, steps: int = 5, dtype=None):
-    """Approximate the orthogonal polar factor U V^T of G [..., m, n] with a quintic Newton-Schulz iteration
-    in `dtype` (None: bf16 on CUDA, fp32 elsewhere)."""
+def orthogonalize(G, steps: int = 5):
+    """Approximate the orthogonal polar factor U V^T of G [..., m, n] with a quintic Newton-Schulz iteration."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
+    X = G.bfloat16() if G.is_cuda else G.float()
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
@@ -35,17 +34,10 @@ def orthogonalize(G, steps: int = 5, dtype=None):
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD-momentum (Nesterov) whose update for each 2-D parameter is orthogonalised.
+    """SGD-momentum (Nesterov) whose update for each 2-D parameter is orthogonalised."""
 
-    The Newton-Schulz matmuls run in `ns_dtype` (None: bf16 on CUDA, fp32 elsewhere); training passes the
-    dtype it autocasts to, so a CPU run in bf16 orthogonalises in bf16 too. CPU preset (d4/w256 GPT +
-    GistNet + LensNet, 62 matrices, this 2-core AMX CPU): a step takes 216 ms in fp32, 65-73 ms in bf16
-    (the update differs from fp32 by ~3 %). Stacking same-shape matrices into one batched call saved
-    ~10 % in bf16 and cost ~10 % in fp32 here, so each matrix is done on its own."""
-
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
-        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self):
@@ -59,7 +51,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = orthogonalize(g, group["ns_steps"], self.ns_dtype)
+                update = orthogonalize(g, group["ns_steps"])
                 scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
                 p.add_(update, alpha=-group["lr"] * scale)
 
@@ -84,9 +76,8 @@ def split_params(modules):
 
 
 def build_optimizers(model, extra_modules=(), *, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
-                     other_lr=0.003, weight_decay=0.0, ns_dtype=None):
-    """[AdamW, Muon] over the GPT plus any extra modules (e.g. the MegaContext nets); ns_dtype: Muon's
-    Newton-Schulz dtype (pass the dtype training autocasts to; None: bf16 on CUDA, fp32 elsewhere).
+                     other_lr=0.003, weight_decay=0.0):
+    """[AdamW, Muon] over the GPT plus any extra modules (e.g. the MegaContext nets).
 
     Every param group remembers its `initial_lr` so the training loop can apply a schedule.
     """
@@ -99,7 +90,7 @@ def build_optimizers(model, extra_modules=(), *, matrix_lr=0.02, embedding_lr=0.
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
     adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-    muon = Muon(matrices, lr=matrix_lr, ns_dtype=ns_dtype)
+    muon = Muon(matrices, lr=matrix_lr)
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:
