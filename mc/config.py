@@ -46,7 +46,7 @@ class MCConfig:
     collapse_threshold: float = field(default=0.0, metadata={"help": "collapse a group only if its score is below minus this"})
     max_edits: int = field(default=8, metadata={"help": "most expansions/collapses per refocus iteration"})
     allocator_iterations: int = field(default=2, metadata={"help": "refocus iterations (LensNet re-scores in between)"})
-    read_on: bool = field(default=True, metadata={"help": "inference focus (mc arm, sessions): every block LensNet ranks brings the block after it right behind it in the ranking, since a passage continues past the words that match the question (a fact's value follows its key; a needle across a block boundary was found but cut off: CPU preset at 8W, mc .77 -> .90 on 400 needles)"})
+    read_on: bool = field(default=True, metadata={"help": "inference focus (mc arm, sessions): every block LensNet ranks brings the block after it right behind it in the ranking, since a passage continues past the words that match the question (a fact's value follows its key; a needle across a block boundary was found but cut off: CPU preset at 8W, mc .77 -> .90 on 400 needles; it costs recall rows that need several separate blocks, 2 pairs .80 -> .56)"})
     top_k: int = field(default=8, metadata={"help": "stochastic_greedy samples among the top-k candidates"})
     temperature: float = field(default=1.0, metadata={"help": "stochastic_greedy sampling temperature"})
     # positions, precision, losses, memory
