@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from mc.positional import check_mode
 
 
-LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "max_distance": 0, "partial_gists": False}  # settings of checkpoints saved before the field existed
+# settings of checkpoints and sessions saved before the field existed; read_on changes no training (only the
+# inference focus), so what was saved before it gets it as the current default and still resumes and loads
+LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "max_distance": 0, "partial_gists": False, "read_on": True}
 
 
 class MCConfigError(ValueError):
