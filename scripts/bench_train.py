@@ -72,7 +72,8 @@ def main(argv=None):
         ("+compile" if use_compile(device.type, "auto", CPU_COMPILE_MIN_STEPS) else "")
 
     def measure(setting: str) -> dict:
-        """tokens/s, MFU and compile seconds of the training step in one setting (a fresh model each time)."""
+        """({tokens_per_s, step_s, first_s (the warm-up step, compile included), mfu}, the model) of the training step
+        in one setting (a fresh model each time)."""
         torch.manual_seed(0)
         model = GPT(config).to(device)
         model.init_weights()
