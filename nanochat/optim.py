@@ -34,27 +34,38 @@ def orthogonalize(G, steps: int = 5):
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD-momentum (Nesterov) whose update for each 2-D parameter is orthogonalised."""
+    """SGD-momentum (Nesterov) whose update for each 2-D parameter is orthogonalised.
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    `stack` (default: on CUDA): orthogonalise all matrices of one shape as one batch. On CUDA a step is otherwise
+    launch-bound (~100 small kernels per matrix); on CPU stacking gained nothing (fp32, the CPU preset's 62
+    matrices: 243-278 ms per step stacked vs 247-253 ms one at a time)."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, stack: bool | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.stack = stack
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = orthogonalize(g, group["ns_steps"])
-                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.add_(update, alpha=-group["lr"] * scale)
-
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            grads = [p.grad for p in params]
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+            stack = params[0].is_cuda if self.stack is None else self.stack
+            batches = {}
+            for i, p in enumerate(params):
+                batches.setdefault((p.shape, p.dtype) if stack else i, []).append(i)
+            for idx in batches.values():
+                shape = params[idx[0]].shape
+                ortho = orthogonalize(torch.stack([updates[i] for i in idx]), group["ns_steps"])
+                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
+                torch._foreach_add_([params[i] for i in idx], list(ortho.unbind(0)), alpha=-group["lr"] * scale)
 
 def split_params(modules):
     """Partition parameters into (2-D matrices for Muon, token embeddings (input and value), LM head, the rest for AdamW)."""

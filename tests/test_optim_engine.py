@@ -23,6 +23,23 @@ def test_orthogonalize_flattens_singular_values():
     assert 0.5 < s.min() and s.max() < 1.3
 
 
+def test_muon_stacked_update_equals_one_matrix_at_a_time():
+    models = [tiny_model(), tiny_model()]
+    for model in models:
+        for p in model.parameters():
+            p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32)).view_as(p)
+    stacked, single = (build_optimizers(m)[1] for m in models)
+    stacked.stack, single.stack = True, False
+    shapes = [p.shape for g in stacked.param_groups for p in g["params"]]
+    assert len(set(shapes)) < len(shapes)  # some matrices share a shape: real batches form
+    for _ in range(2):
+        stacked.step()
+        single.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(models[0].parameters(), tiny_model().parameters()))
+
+
 def test_optimizer_groups_cover_every_parameter_once():
     model = tiny_model()
     adamw, muon = build_optimizers(model)
