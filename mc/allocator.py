@@ -26,11 +26,13 @@ Evaluation baselines build maps directly: `gists_only` (the most compressed map:
 the tail, then greedy) and `oracle` (expands the blocks it is told hold the answer).
 """
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from mc.config import MCConfig
-from mc.tree import partial_nodes
+from mc.tree import boundary, partial_nodes, shown_end
 from mc.working_context import (GIST, GROUP, RAW, _group_view, collapse_blocks, collapse_groups, edit_cost,
                                 entry_counts, expand_blocks, expand_groups, max_level, most_compressed_map, open_nodes,
                                 tail_mask)
@@ -216,6 +218,52 @@ def descend_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0):
     take = cand_t & (spent <= budget[:, None])
     chosen = torch.zeros_like(candidate).scatter(1, top, take)  # [V, n]
     return expand_blocks(open_nodes(base_map, chosen, K), chosen)
+
+
+def fixed_prefix(n_blocks: int, cfg: MCConfig, tail_tokens: int = 0) -> tuple[int, int]:
+    """(start, entries): `descend_maps` from the most compressed map of n_blocks blocks leaves blocks [0, start)
+    as that map shows them (`entries` entries): opening any node there down to one raw block costs more than the
+    budget the map leaves (its `alone` cost). `start` is where a run of the map's nodes of one level begins, so
+    [start, n) is a history of its own (aligned nodes, the same partial nodes below that level): descending it
+    with W less `entries` gives the full map's suffix. Host arithmetic, O(log_K n); (0, 0) when the map drops
+    history. A session at 1M tokens (W=128, K=32) descends ~530 of its 31,250 blocks this way."""
+    K, older = cfg.block_size, boundary(n_blocks, cfg)
+    top = max_level(n_blocks, K)
+    runs, end, entries = [], 0, 0  # runs [(start, level, alone cost, entries)], oldest first
+    for level in range(top, 0, -1):
+        size = K ** (level - 1)
+        complete = older // size * size
+        if complete > end:
+            runs.append((end, level, (K - 1) * level, (complete - end) // size))
+            end = complete
+        shown = shown_end(n_blocks, level, cfg)
+        if shown > end:  # the partial node of this level: j children, j - 1 entries to open it
+            j = (shown - end) // K ** (level - 2)
+            runs.append((end, level, (K - 1) * (level - 1) + j - 1, 1))
+            end = shown
+    budget = cfg.wc_budget - (n_blocks - older) * K - tail_tokens - sum(r[3] for r in runs)
+    if budget < 0:
+        return 0, 0
+    for start, _, alone, count in runs:
+        if alone <= budget:
+            return start, entries
+        entries += count
+    return older, entries
+
+
+def descend_suffix(block_scores, cfg: MCConfig, tail_tokens: int = 0):
+    """(start, maps [V, n - start]): `descend_maps` from the most compressed map, computed only for the blocks it can
+    change (`fixed_prefix`; blocks [0, start) keep the most compressed map), at O(n - start) tensor work, so a
+    session's refocus does not grow with its history. Equal to the full descent's blocks [start, n) (up to the order
+    `topk` gives exactly tied scores)."""
+    V, n = block_scores.shape
+    start, entries = fixed_prefix(n, cfg, tail_tokens)
+    if start:
+        scores = block_scores[:, start - 1:]  # one block before: read-on ranks block `start` right behind it
+        block_scores = (read_on_scores(scores) if cfg.read_on else scores)[:, 1:]
+        cfg = replace(cfg, wc_budget=cfg.wc_budget - entries, read_on=False)
+    base = most_compressed_map(n - start, cfg, tail_tokens, device=block_scores.device).expand(V, n - start)
+    return start, descend_maps(base, block_scores, cfg, tail_tokens)
 
 
 def oracle_map(n_blocks: int, cfg: MCConfig, answer_blocks, tail_tokens: int = 0):

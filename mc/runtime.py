@@ -186,8 +186,8 @@ class MCController:
 
     def descend(self, block_scores, tail_tokens: int = 0):
         """The `mc` focus from LensNet's block scores [B, n]: from the most compressed map, the best blocks expanded
-        with the nodes above them while they fit W (`mc.allocator.descend_maps`); sessions call it with the scores
-        they keep (`MCSession.refocus`)."""
+        with the nodes above them while they fit W (`mc.allocator.descend_maps`); sessions compute the same map from
+        the scores they keep at a cost that does not grow with the history (`mc.allocator.descend_suffix`)."""
         B, n = block_scores.shape
         base = most_compressed_map(n, self.cfg, tail_tokens, device=block_scores.device).expand(B, n)
         return descend_maps(base, block_scores, self.cfg, tail_tokens)

@@ -24,7 +24,8 @@ A token's way (`append`; `generate` appends each sampled token):
     oldest entries UNCOVERED only when even that does not fit W) the best blocks are expanded with the
     nodes above them while they fit W (`MCController.descend`). So the focus is a function of the
     history and its scores, not of earlier focus decisions, and a periodic refocus costs one LensNet
-    window plus O(n_blocks) tensor work, however long the history. `refocus(lookback=T)` scores the
+    window plus tensor work on the blocks a descent can change (`mc.allocator.descend_suffix`; the older
+    ones keep the most compressed map, whose table rows are cached), however long the history. `refocus(lookback=T)` scores the
     whole history (linear in it): a chat does that once per user turn, so a question can pull any
     block back in full, and the refocuses while it answers keep those scores. Capacity: the tree grows as deep as the history needs, so
     the most compressed cover needs one entry per non-zero base-K digit of the older blocks with
@@ -69,10 +70,10 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from mc.allocator import NEG
+from mc.allocator import NEG, descend_suffix
 from mc.config import LEGACY_MC_CONFIG, MCConfig
 from mc.positional import rope_frame, wc_rope
-from mc.tree import MCTree, boundary, partial_nodes
+from mc.tree import MCTree, boundary, partial_nodes, shown_end
 from mc.working_context import (RAW, UNCOVERED, WorkingContext, node_sum, entry_counts, entry_token_ids, is_legal,
                                 materialize, max_level, most_compressed_map, open_partial_nodes)
 from nanochat.checkpoint import load_error_reason
@@ -195,6 +196,7 @@ class MCSession:
         self.stats = dict(refocus=0, budget_fits=0, map_changes=0, forwards=0, prefills=0, kv_reused=0, kv_computed=0,
                           decode_tokens=0, decode_seconds=0.0, append_tokens=0, append_seconds=0.0)
         self.edits = deque(maxlen=EDIT_LOG)  # {event, kind, history, expanded [blocks], collapsed [blocks]}
+        self._prefix = (0, None, None, None)  # (start, key, map [start], table rows): see `_base_prefix`
 
     @classmethod
     def begin(cls, controller, prompt_ids, **kwargs) -> "MCSession":
@@ -319,7 +321,7 @@ class MCSession:
         """Install map [n] in rotary frame `frame` (default: the frame of the current history): rebuild the entry
         table, keep the cache up to the first changed entry, log the edits under `kind` (None: no log).
         Returns False (and does nothing) when neither the map nor the frame changes."""
-        K, W, T = self.cfg.block_size, self.cfg.wc_budget, self.tree.T
+        W, T = self.cfg.wc_budget, self.tree.T
         new_map = new_map.to(torch.int8)
         frame = rope_frame(T - 1, self.max_len) if frame is None else frame
         if (kind is not None and self._tab_len == self.n_entries and torch.equal(new_map, self.lod_map)
@@ -327,7 +329,7 @@ class MCSession:
             return False
         old_map = self.lod_map.clone()
         self._map[:self.n_blocks] = new_map
-        pos, lod, span = entry_table(new_map, T, K)
+        pos, lod, span = self._entry_table(new_map)
         E = pos.numel()
         if E > W:
             raise ValueError(f"internal: a map of {E} entries exceeds --mc_wc_budget={W}")
@@ -349,6 +351,30 @@ class MCSession:
         if kind is not None:
             self._log_edits(old_map, new_map, kind)
         return True
+
+    def _entry_table(self, lod_map):
+        """`entry_table(lod_map, T, K)`, reusing the rows of the cached most compressed prefix (`_base_prefix`)
+        when the map starts with it and no node of the map crosses its end (a newer, larger node of the same
+        level would): O(n - start) work instead of O(n)."""
+        start, _, prefix, rows = self._prefix
+        T, K = self.tree.T, self.cfg.block_size
+        if start and lod_map.numel() >= start and torch.equal(lod_map[:start], prefix):
+            edge = lod_map[start - 1:start + 1].tolist()  # the blocks either side of the prefix's end
+            if not (len(edge) == 2 and edge[0] == edge[1] >= 2 and start % K ** (edge[1] - 1)):  # one node across it
+                pos, lod, span = entry_table(lod_map[start:], T - start * K, K)
+                return tuple(torch.cat([r, x]) for r, x in zip(rows, (pos + start * K, lod, span)))
+        return entry_table(lod_map, T, K)
+
+    def _base_prefix(self, start: int, tail_tokens: int):
+        """Blocks [0, start) of the most compressed map (int8), which a refocus leaves as they are
+        (`mc.allocator.descend_suffix`), with their entry-table rows; cached until the nodes there change
+        (every ~K^(l-1) blocks for a prefix ending at level l)."""
+        n, cfg = self.n_blocks, self.cfg
+        key = tuple(min(shown_end(n, level, cfg), start) for level in range(1, max_level(n, cfg.block_size) + 1))
+        if self._prefix[:2] != (start, key):
+            prefix = most_compressed_map(n, cfg, tail_tokens, device=self.device)[:start].clone()
+            self._prefix = (start, key, prefix, entry_table(prefix, start * cfg.block_size, cfg.block_size))
+        return self._prefix[2]
 
     def _log_edits(self, old_map, new_map, kind: str):
         detail = lambda lod: torch.where(lod == UNCOVERED, 0, 127 - lod.long())  # noqa: E731  raw > LOD1 > LOD2 > ... > none
@@ -394,7 +420,8 @@ class MCSession:
         first = max(0, boundary(n, self.cfg) - lookback // K)  # first block LensNet scores
         levels = [tree.lod0(first * K, tree.T), tree.gists[0][:, first:n]]  # the history from that block on
         self._scores[first:n] = self.controller.block_scores(levels)[0].float()  # -inf on the raw tail
-        return self.controller.descend(self._scores[:n][None], tail_tokens)[0]
+        start, suffix = descend_suffix(self._scores[:n][None], self.cfg, tail_tokens)
+        return torch.cat([self._base_prefix(start, tail_tokens), suffix[0]]) if start else suffix[0]
 
     @torch.no_grad()
     def refocus(self, lookback: int | None = None) -> bool:

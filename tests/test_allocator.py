@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-from mc.allocator import (descend_maps, edit_maps, expanded_units, oracle_map, read_on_scores, similarity_scores,
-                          unit_scores)
+from mc.allocator import (descend_maps, descend_suffix, edit_maps, expanded_units, fixed_prefix, oracle_map, read_on_scores,
+                          similarity_scores, unit_scores)
 from mc.config import MCConfig
 from mc.tree import level_rows, tree_depth
 from mc.working_context import (GIST, GROUP, RAW, UNCOVERED, collapse_blocks, edit_cost, entry_counts, expand_blocks,
@@ -287,6 +287,31 @@ def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
     scores[0, [5, 33]] = torch.tensor([2.0, 1.0])  # block 5 needs LOD3 node 0, group 1 and itself: 9
     m = descend_maps(most_compressed_map(n, tight)[None], scores, tight)
     assert m[0, 33] == RAW and (m[0, :32] == 3).all() and int(entry_counts(m, K)) == 15
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_descend_suffix_equals_the_full_descent(K):
+    """A session's refocus descends only the blocks it can change: over history lengths up to 200 blocks (LOD4+),
+    with and without partial gists and read-on, tight and roomy budgets, the suffix equals the full descent and
+    the prefix is the most compressed map; deep histories leave most blocks in the prefix."""
+    g = torch.Generator().manual_seed(K)
+    deep = 0
+    for partial in (True, False):
+        for read_on in (True, False):
+            for W in (2 * K + K - 1, 5 * K, 9 * K):
+                cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=W, horizon=1, partial_gists=partial, read_on=read_on)
+                for n in range(0, 200, 3):
+                    t = n % K if 2 * K + n % K <= W else 0
+                    scores = torch.randn(2, n, generator=g)
+                    scores[torch.rand(2, n, generator=g) < 0.2] = float("-inf")
+                    scores[:, n - min(2, n):] = float("-inf")  # the raw tail is never scored
+                    base = most_compressed_map(n, cfg, t)
+                    full = descend_maps(base.expand(2, n), scores, cfg, t)
+                    start, suffix = descend_suffix(scores, cfg, t)
+                    assert torch.equal(suffix, full[:, start:]) and torch.equal(full[:, :start], base[:start].expand(2, -1))
+                    assert fixed_prefix(n, cfg, t)[1] == (int(entry_counts(base[None, :start], K)) if start else 0)
+                    deep += n >= 60 and start >= n // 2
+    assert deep > 20  # the prefix really is most of a long history
 
 
 def test_read_on_ranks_each_block_right_behind_its_predecessor():

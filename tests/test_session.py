@@ -382,6 +382,31 @@ def test_partial_gist_session_never_drops_history_and_matches_recompute(tmp_path
     close(loaded.logits(), loaded.recompute_logits())
 
 
+@pytest.mark.parametrize("partial", [True, False])
+def test_refocus_descends_only_what_it_can_change(partial):
+    """A tight budget (W=20, K=4) leaves the old history in the most compressed map's prefix, which a refocus
+    skips (`descend_suffix`) and whose entry-table rows it reuses: every refocus still gives the full descent's
+    map, and the table always equals the map's."""
+    cfg = dataclasses.replace(CFG, wc_budget=20, partial_gists=partial)
+    ctl = make_controller(cfg)
+    set_lens_sign(ctl, 0)
+    s = MCSession.begin(ctl, tokens(50), refocus_interval=3)
+    focus, skipped = s._focus_map, []
+
+    def full_descent(tail_tokens, lookback):
+        m = focus(tail_tokens, lookback)
+        assert torch.equal(m, ctl.descend(s._scores[:s.n_blocks][None], tail_tokens)[0])
+        skipped.append(s._prefix[0] / s.n_blocks)
+        return m
+
+    s._focus_map = full_descent
+    for i, _ in uneven_appends(s, tokens(1500, seed=15), [1] * 20 + [3, 7, 61]):
+        if i % 25 == 0:
+            check_session(s, cfg)
+    check_session(s, cfg)
+    assert len(skipped) > 200 and sum(x > 0.5 for x in skipped) > 0.8 * len(skipped)
+
+
 def entry_counts_of(s):
     from mc.working_context import entry_counts
     return entry_counts(s.lod_map[None], s.cfg.block_size, s.num_tokens % s.cfg.block_size)[0]
