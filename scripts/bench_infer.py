@@ -20,7 +20,9 @@ intra-op work then runs on), so other processes on a shared machine do not decid
 rates are printed next to them. Otherwise (GPU, several threads) the verdicts use the wall clock.
 Plain decoding "at context L" = a KV cache prefilled with L tokens, each timed step attends over
 exactly L + 1 positions (the cache is truncated back to L after every step). Both arms sample
-greedily and move each token to the host, as a chat would.
+greedily and move each token to the host, as a chat would, inside one autocast region held over the
+timed rounds, as chat_cli holds it (weights cast once; per-token regions cast them every forward:
+on this CPU that made both arms ~1.5x slower).
 
 The default model is the CPU preset size (depth 4, width 256) with the MC settings of bench_mc
 (K=32, W=128, R=32) and random weights; zero-initialised GistNet/LensNet outputs get small random
@@ -228,7 +230,8 @@ def main(argv=None):
             synchronize(device)
             ingest[cache] = L / (time.perf_counter() - t0)
             arms[f"mc_long_{cache}"] = MCArm(long_sessions[cache])
-    rates, cpu_rates, peaks = time_arms(arms, n, args.repeats, device)
+    with amp():  # one autocast region over the timed decoding, as chat_cli holds it (nanochat/engine.py)
+        rates, cpu_rates, peaks = time_arms(arms, n, args.repeats, device)
     use_cpu_time = device.type == "cpu" and torch.get_num_threads() == 1
     judged = cpu_rates if use_cpu_time else rates  # the verdicts' measure (see the module docstring)
     base = judged["plain_W"]
@@ -273,7 +276,8 @@ def main(argv=None):
 
     appenders = {f"{m}W": AppendArm(begin(controller, ids, m * W, args, amp), ids, m * W) for m in (1, 4, 64)}
     appenders.update({f"long_{c}": AppendArm(session, ids, L) for c, session in long_sessions.items()})
-    wall, cpu, _ = time_arms(appenders, n, args.repeats, device)
+    with amp():
+        wall, cpu, _ = time_arms(appenders, n, args.repeats, device)
     rate = cpu if use_cpu_time else wall
     lo, hi = rate["1W"], rate["64W"]
     print("\nappend (one token per call into the session: tree + map + budget fits + refocus, no decoding; "

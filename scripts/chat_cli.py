@@ -148,6 +148,23 @@ def input_lines():
             return
 
 
+def run_chat(args, conversation):
+    """Answer --prompt once, or chat with a terminal or a piped stdin."""
+    if args.prompt is not None:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not prompt.strip():
+            sys.exit("error: the prompt is empty")
+        if not say(conversation, prompt.strip()):
+            sys.exit(1)
+    elif sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+        extra = f"; {MC_COMMANDS}" if args.mc else ""
+        print(f"Chatting with MegaContext-nano. {COMMANDS}{extra}.", file=sys.stderr, flush=True)
+        chat_loop(conversation, input_lines(), interactive=True)
+    else:
+        chat_loop(conversation, sys.stdin, interactive=False)
+
+
 def main(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to chat with")
@@ -190,19 +207,8 @@ def main(argv=None):
     print(f"{args.source} checkpoint {ckpt_dir} step {meta['step']}, {context}, device {device}", file=sys.stderr, flush=True)
 
     try:
-        if args.prompt is not None:
-            prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-            if not prompt.strip():
-                sys.exit("error: the prompt is empty")
-            if not say(conversation, prompt.strip()):
-                sys.exit(1)
-        elif sys.stdin.isatty():
-            import readline  # noqa: F401  (line editing and history for input())
-            extra = f"; {MC_COMMANDS}" if args.mc else ""
-            print(f"Chatting with MegaContext-nano. {COMMANDS}{extra}.", file=sys.stderr, flush=True)
-            chat_loop(conversation, input_lines(), interactive=True)
-        else:
-            chat_loop(conversation, sys.stdin, interactive=False)
+        with autocast():  # one region over the chat: weights cast once, not per token (nanochat/engine.py)
+            run_chat(args, conversation)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
