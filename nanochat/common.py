@@ -133,8 +133,9 @@ def keep_freed_memory() -> bool:
     a no-op, False). PyTorch on CPU frees and re-allocates the same large activations and gradients every step;
     by default glibc maps each one above 32 MB (and many smaller) afresh and unmaps it when freed, so every step
     page-faults its whole working set again: ~200k faults (~800 MB zeroed) per CPU-preset training step. Kept:
-    none; `bench_mc` (2 cores) plain step 702 -> 530 ms, MC step 903 -> 698 ms. The process's RSS then stays at
-    its peak instead of shrinking between steps."""
+    none; `bench_mc` (2 cores) plain step 680 -> 520 ms, MC step 918 -> 698 ms. The process's RSS then stays at
+    its peak instead of shrinking between steps, and aligned allocations leave a few freed copies in the heap
+    (`bench_mc` peak RSS of the plain step 1,485 -> 1,938 MB)."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -110,6 +110,35 @@ def test_compile_auto_rule(monkeypatch):
     assert saved_train_config({"train_config": {"compile": False}})["compile"] == "off"
 
 
+FAULTS = """
+import resource, sys, torch
+from nanochat.common import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+for _ in range(16):  # 64 MB, freed: glibc unmaps it unless it keeps freed memory (then a few copies settle in the heap)
+    x = torch.ones(2**24); del x
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    x = torch.ones(2**24); del x
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
+def test_kept_freed_memory_is_not_page_faulted_again():
+    """A training step frees and re-allocates its big activations: with keep_freed_memory (compute_init on CPU)
+    they come back from the heap, instead of ~16k page faults per 64 MB re-allocation."""
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        kept, n = out.stdout.split()
+        return kept, int(n)
+    kept, with_it = faults("keep")
+    if kept != "True":
+        pytest.skip("no glibc mallopt here")
+    _, without = faults("default")
+    assert without > 4 * 10_000 and with_it < 1_000
+
+
 @pytest.mark.skipif(cpu_compiler() is None, reason="inductor needs a C++ compiler")
 def test_compiled_training_on_cpu_matches_eager(tiny_env, capsys):
     """--compile=on on CPU trains the torch.compile'd GPT, to the same losses as eager up to float rounding."""
