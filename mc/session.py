@@ -25,9 +25,10 @@ A token's way (`append`; `generate` appends each sampled token):
     nodes above them while they fit W (`MCController.descend`). So the focus is a function of the
     history and its scores, not of earlier focus decisions, and a periodic refocus costs one LensNet
     window plus tensor work on the blocks a descent can change (`mc.allocator.descend_suffix`; the older
-    ones keep the most compressed map, whose table rows are cached), however long the history. `refocus(lookback=T)` scores the
-    whole history (linear in it): a chat does that once per user turn, so a question can pull any
-    block back in full, and the refocuses while it answers keep those scores. Capacity: the tree grows as deep as the history needs, so
+    ones keep the most compressed map, whose table rows are cached), however long the history.
+    `refocus(lookback=T)` scores the whole history (linear in it): a chat does that once per user turn,
+    so a question can pull any block back in full, and the refocuses while it answers keep those
+    scores. Capacity: the tree grows as deep as the history needs, so
     the most compressed cover needs one entry per non-zero base-K digit of the older blocks with
     cfg.partial_gists (a partial gist per level) and up to K-1 per level without; history is dropped
     (oldest first) only when that no longer fits W beside the raw tail. When the boundary of the raw
