@@ -53,16 +53,15 @@ Choices recorded here:
   soon as they fit (e.g. when a LOD2 group completes and compresses its K gists into one).
 - `save` stores ids, gists (complete and partial), the map, the block scores and counters, not LOD0 (re-embedded
   exactly on load) nor the KV cache (one prefill). Format 2 (trees of any depth, partial gists);
-  files of format 1 (trees capped at LOD2) are refused with a one-line error. It records the MCConfig, the GPT config hash, a fingerprint of the weights
+  files of format 1 (trees capped at LOD2) are refused with a one-line error (format and checks: mc/session_file.py).
+  It records the MCConfig, the GPT config hash, a fingerprint of the weights
   that made the stored gists (embedding + GistNet), the tokenizer identity and a digest of the whole
   content; `load` refuses any mismatch, a wrong version, a changed digest and corrupt/truncated/foreign
   files with a ValueError saying which.
 """
 
 import contextlib
-import hashlib
 import io
-import json
 import os
 import time
 from collections import deque
@@ -74,15 +73,14 @@ import torch.nn.functional as F
 from mc.allocator import NEG, descend_suffix
 from mc.config import LEGACY_MC_CONFIG, MCConfig
 from mc.positional import rope_frame, wc_rope
+from mc.session_file import (FORMAT, FORMAT_VERSION, config_hash, content_digest, read_session_file,
+                             weights_fingerprint)
 from mc.tree import MCTree, boundary, partial_nodes, shown_end
 from mc.working_context import (RAW, UNCOVERED, WorkingContext, node_sum, entry_counts, entry_token_ids, is_legal,
                                 materialize, max_level, most_compressed_map, open_partial_nodes)
-from nanochat.checkpoint import load_error_reason
 from nanochat.common import atomic_write_bytes
 from nanochat.engine import sample_next_token
 
-FORMAT = "megacontext-session"
-FORMAT_VERSION = 2
 DEFAULT_REFOCUS_INTERVAL = 32
 ROPE_AHEAD = 1024  # standard rotary rows computed at once for appended raw tokens
 EDIT_LOG = 2048  # map-change events kept for the focus map
@@ -108,52 +106,6 @@ def entry_table(lod_map, history_len: int, K: int):
     tail = torch.arange(n * K, history_len, device=lod.device)  # the partial block, raw
     return torch.cat([pos, tail]), torch.cat([blod, torch.zeros_like(tail)]), torch.cat([span, torch.ones_like(tail)])
 
-
-def config_hash(config) -> str:
-    """Short stable hash of a dataclass config."""
-    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def content_digest(obj, h=None) -> str:
-    """SHA-256 of a saved state's content (tensors by dtype, shape and bytes; dicts, lists and scalars by value):
-    recorded in a session file and checked on load, so a file changed on disk is refused."""
-    h = h or hashlib.sha256()
-    if isinstance(obj, torch.Tensor):
-        h.update(f"tensor {obj.dtype} {tuple(obj.shape)};".encode())
-        h.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, dict):
-        h.update(f"dict {len(obj)};".encode())
-        for key in sorted(obj, key=str):
-            h.update(f"{key!r}:".encode())
-            content_digest(obj[key], h)
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"list {len(obj)};".encode())
-        for item in obj:
-            content_digest(item, h)
-    else:
-        h.update(f"{type(obj).__name__} {obj!r};".encode())
-    return h.hexdigest()
-
-
-def weights_fingerprint(controller) -> str:
-    """Hash of the weights that made a tree's stored tensors: the GPT's embedding and the GistNet."""
-    h = hashlib.sha256()
-    tensors = [("wte", controller.model.transformer.wte.weight)] + list(controller.gistnet.state_dict().items())
-    for name, t in tensors:
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def read_session_file(path: str):
-    """The object torch saved at `path` (weights only), or a clear error for a missing, corrupt or truncated file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"MegaContext session file {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any parse failure of foreign bytes (pickle raises a zoo of types)
-        raise ValueError(f"{path} is not a readable MegaContext session: corrupt or truncated "
-                         f"({load_error_reason(e)})") from None
 
 class MCSession:
     """One growing stream decoded through a working context of at most W entries (see module docstring)."""
