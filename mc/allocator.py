@@ -19,7 +19,9 @@ gist (a 1,024-token summary it cannot rank: the greedy policy found the needle's
 4–24 % of rows at the CPU preset, descent in 33–43 %, mc exact match 0.08–0.38 -> 0.66–0.71). Below
 K²+R tokens (no LOD2 group) descent and one greedy iteration without an edit cap coincide. With
 `read_on` (the default) each block in the ranking is followed by the block after it (`read_on_scores`):
-the answer to a question usually continues past the words that match it, into the next block.
+the answer to a question usually continues past the words that match it, into the next block. Before
+that, `recency_bonus` favours the block right before the raw tail (`recency_scores`): it is shown unless LensNet
+is clearly surer of another, so text with no question reads on from its recent words.
 
 Evaluation baselines build maps directly: `gists_only` (the most compressed map: nothing expanded),
 `random` (working_context.random_maps), `similarity` (scores = cosine of each gist with the mean of
@@ -178,6 +180,22 @@ def read_on_scores(block_scores):
     return torch.where(block_scores > NEG, torch.maximum(block_scores, below), block_scores)
 
 
+def recency_scores(block_scores, bonus: float):
+    """Block scores [V, n] with `bonus` added to each row's most recent scored block (the one right before the raw tail)."""
+    if block_scores.size(1) == 0:
+        return block_scores
+    scored = block_scores > NEG
+    last = (scored * torch.arange(1, block_scores.size(1) + 1, device=block_scores.device)).argmax(1, keepdim=True)  # [V, 1]
+    return block_scores.scatter_add(1, last, torch.full_like(last, bonus, dtype=block_scores.dtype))
+
+
+def ranking_scores(block_scores, cfg: MCConfig):
+    """The scores the inference focus ranks blocks by: LensNet's, with the recency bonus, then read-on."""
+    if cfg.recency_bonus:
+        block_scores = recency_scores(block_scores, cfg.recency_bonus)
+    return read_on_scores(block_scores) if cfg.read_on else block_scores
+
+
 def descend_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0):
     """Maps [V, n] grown from base_map [V, n] (a most compressed map) by expanding blocks in the order of
     block_scores [V, n] (-inf: never), each with the nodes above it (`open_nodes`), while the total fits W.
@@ -188,8 +206,7 @@ def descend_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0):
     the first budget // (K-1) + 1 blocks of the ranking are looked at (a top-k, not a sort of the history).
     With cfg.read_on the ranking is `read_on_scores`: each block followed by its successor."""
     K = cfg.block_size
-    if cfg.read_on:
-        block_scores = read_on_scores(block_scores)
+    block_scores = ranking_scores(block_scores, cfg)
     V, n = base_map.shape
     device = base_map.device
     lod = base_map.long()
@@ -260,8 +277,8 @@ def descend_suffix(block_scores, cfg: MCConfig, tail_tokens: int = 0):
     start, entries = fixed_prefix(n, cfg, tail_tokens)
     if start:
         scores = block_scores[:, start - 1:]  # one block before: read-on ranks block `start` right behind it
-        block_scores = (read_on_scores(scores) if cfg.read_on else scores)[:, 1:]
-        cfg = replace(cfg, wc_budget=cfg.wc_budget - entries, read_on=False)
+        block_scores = ranking_scores(scores, cfg)[:, 1:]
+        cfg = replace(cfg, wc_budget=cfg.wc_budget - entries, read_on=False, recency_bonus=0.0)
     base = most_compressed_map(n - start, cfg, tail_tokens, device=block_scores.device).expand(V, n - start)
     return start, descend_maps(base, block_scores, cfg, tail_tokens)
 

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from mc.positional import check_mode
 
 
-# settings of checkpoints and sessions saved before the field existed; read_on changes no training (only the
-# inference focus), so what was saved before it gets it as the current default and still resumes and loads
-LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "max_distance": 0, "partial_gists": False, "read_on": True}
+RECENCY_BONUS = 3.0  # MCConfig.recency_bonus
+
+# settings of checkpoints and sessions saved before the field existed; read_on and recency_bonus change no training
+# (only the inference focus), so what was saved before them gets them as the current default and still resumes and loads
+LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "max_distance": 0, "partial_gists": False, "read_on": True,
+                    "recency_bonus": RECENCY_BONUS}
 
 
 class MCConfigError(ValueError):
@@ -49,6 +52,7 @@ class MCConfig:
     max_edits: int = field(default=8, metadata={"help": "most expansions/collapses per refocus iteration"})
     allocator_iterations: int = field(default=2, metadata={"help": "refocus iterations (LensNet re-scores in between)"})
     read_on: bool = field(default=True, metadata={"help": "inference focus (mc arm, sessions): every block LensNet ranks brings the block after it right behind it in the ranking, since a passage continues past the words that match the question (a fact's value follows its key; a needle across a block boundary was found but cut off: CPU preset at 8W, mc .77 -> .90 on 400 needles; it costs recall rows that need several separate blocks, 2 pairs .80 -> .56)"})
+    recency_bonus: float = field(default=RECENCY_BONUS, metadata={"help": "inference focus (mc arm, sessions): added to LensNet's score of the block right before the raw tail, so that block is shown raw unless LensNet rates another one more than e^bonus times likelier to be worth expanding (its scores are softmax logits); text with no question in it then reads on from recent words instead of from a far block (CPU preset, 96 natural-text rows, 2W..16W: tail NLL 4.27/4.28/4.26/4.29 -> 4.21/4.21/4.22/4.23 at 3, needle .865/.825/.85/.76 -> .85/.83/.845/.75; 0 = off)"})
     top_k: int = field(default=8, metadata={"help": "stochastic_greedy samples among the top-k candidates"})
     temperature: float = field(default=1.0, metadata={"help": "stochastic_greedy sampling temperature"})
     # positions, precision, losses, memory
@@ -91,6 +95,8 @@ class MCConfig:
             fail("--mc_lens_layers must be >= 1 and --mc_lens_width >= 8")
         if self.max_edits < 1 or self.allocator_iterations < 1 or self.top_k < 1:
             fail("--mc_max_edits, --mc_allocator_iterations and --mc_top_k must be >= 1")
+        if not 0 <= self.recency_bonus < float("inf"):
+            fail(f"--mc_recency_bonus={self.recency_bonus} must be a finite number >= 0")
         if self.temperature <= 0:
             fail(f"--mc_temperature={self.temperature} must be > 0")
         if self.max_distance < 0 or 0 < self.max_distance < self.wc_budget:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mc.allocator import (descend_maps, descend_suffix, edit_maps, expanded_units, fixed_prefix, oracle_map, read_on_scores,
+                          recency_scores,
                           similarity_scores, unit_scores)
 from mc.config import MCConfig
 from mc.tree import level_rows, tree_depth
@@ -263,7 +264,7 @@ def test_oracle_map_expands_answer_blocks_and_their_groups():
 
 def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
     K = 4
-    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1, read_on=False)
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1, read_on=False, recency_bonus=0.0)
     n = 36  # most compressed: 2 LOD3 nodes (blocks 0-31) + 2 loose gists + 8 tail tokens = 12 entries; 21 to spend
     base = most_compressed_map(n, cfg).expand(3, n)
     scores = torch.full((3, n), float("-inf"))
@@ -282,7 +283,7 @@ def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
     # no candidate scored: nothing changes
     assert torch.equal(descend_maps(base, torch.full((3, n), float("-inf")), cfg), base)
     # a block whose nodes alone cost more than W leaves is skipped, not the end of the ranking
-    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1, read_on=False)  # 8 entries to spend
+    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1, read_on=False, recency_bonus=0.0)  # 8 entries to spend
     scores = torch.full((1, n), float("-inf"))
     scores[0, [5, 33]] = torch.tensor([2.0, 1.0])  # block 5 needs LOD3 node 0, group 1 and itself: 9
     m = descend_maps(most_compressed_map(n, tight)[None], scores, tight)
@@ -297,9 +298,10 @@ def test_descend_suffix_equals_the_full_descent(K):
     g = torch.Generator().manual_seed(K)
     deep = 0
     for partial in (True, False):
-        for read_on in (True, False):
+        for read_on, bonus in ((True, 0.0), (True, 1.5), (False, 1.5)):
             for W in (2 * K + K - 1, 5 * K, 9 * K):
-                cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=W, horizon=1, partial_gists=partial, read_on=read_on)
+                cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=W, horizon=1, partial_gists=partial, read_on=read_on,
+                               recency_bonus=bonus)
                 for n in range(0, 200, 3):
                     t = n % K if 2 * K + n % K <= W else 0
                     scores = torch.randn(2, n, generator=g)
@@ -337,6 +339,25 @@ def test_read_on_ranks_each_block_right_behind_its_predecessor():
     # the last old block's successor is the raw tail: the budget goes to the next best block
     last = torch.tensor([[0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 6.0, -inf, -inf]])
     assert (descend_maps(base, last, on)[0] == RAW).nonzero().view(-1).tolist() == [0, 7, 8, 9]
+
+
+def test_recency_bonus_shows_the_block_before_the_tail_unless_another_is_clearly_better():
+    inf = float("inf")
+    scores = torch.tensor([[1.0, 2.0, 0.5, -inf, -inf], [-inf, -inf, -inf, -inf, -inf], [0.0, 4.0, -inf, -1.0, -inf]])
+    s = recency_scores(scores, 3.0)
+    assert s[0].tolist() == [1.0, 2.0, 3.5, -inf, -inf]  # the most recent scored block, not the raw tail
+    assert s[1].tolist() == [-inf] * 5  # nothing scored: nothing to favour
+    assert s[2].tolist() == [0.0, 4.0, -inf, 2.0, -inf]  # a block the focus may not read stays so
+    # descent with room for one block: the recent block unless another beats it by more than the bonus
+    K = 4
+    n = 10  # 2 LOD2 groups + 8 tail tokens = 10 entries; a block and its group cost 2 (K-1): one fits W = 16
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=16, horizon=1, recency_bonus=3.0)
+    base = most_compressed_map(n, cfg)[None]
+    close = torch.tensor([[0.0, 2.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -inf, -inf]])
+    far = torch.tensor([[0.0, 3.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -inf, -inf]])
+    shown = lambda c, b: (descend_maps(base, b, c)[0] == RAW).nonzero().view(-1).tolist()  # noqa: E731
+    assert shown(cfg, close) == [7, 8, 9] and shown(cfg, far) == [1, 8, 9]
+    assert shown(MCConfig(block_size=K, recent=2 * K, wc_budget=16, horizon=1, recency_bonus=0.0), close) == [1, 8, 9]
 
 
 def test_similarity_scores_peak_at_a_gist_equal_to_the_tail_mean():

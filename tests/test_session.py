@@ -259,9 +259,9 @@ def test_save_load_round_trip(controller, tmp_path):
     again = [list(MCSession.load(path, controller, tokenizer_id="tok-a").generate(15, seed=5)) for _ in range(2)]
     assert again[0] == again[1]
     assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temp file
-    # a session saved before MCConfig.read_on existed (no digest then either) still loads
+    # a session saved before MCConfig.read_on and recency_bonus existed (no digest then either) still loads
     state = torch.load(path, weights_only=True)
-    del state["mc_config"]["read_on"], state["sha256"]
+    del state["mc_config"]["read_on"], state["mc_config"]["recency_bonus"], state["sha256"]
     torch.save(state, tmp_path / "before_read_on.pt")
     old = MCSession.load(tmp_path / "before_read_on.pt", controller, tokenizer_id="tok-a")
     assert torch.equal(old.lod_map, MCSession.load(path, controller, tokenizer_id="tok-a").lod_map)
