@@ -181,7 +181,7 @@ def read_on_scores(block_scores):
 
 
 def recency_scores(block_scores, bonus: float):
-    """Block scores [V, n] with `bonus` added to each row's most recent scored block (the one right before the raw tail)."""
+    """Block scores [V, n] with `bonus` added to each row's most recent scored block (right before the raw tail)."""
     if block_scores.size(1) == 0:
         return block_scores
     scored = block_scores > NEG
@@ -204,7 +204,7 @@ def descend_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0):
     longest prefix of the ranking that fits, among the blocks that would fit alone (deep in a long history,
     opening every node above a block can cost more than W leaves). Every pick costs at least K-1, so only
     the first budget // (K-1) + 1 blocks of the ranking are looked at (a top-k, not a sort of the history).
-    With cfg.read_on the ranking is `read_on_scores`: each block followed by its successor."""
+    The ranking is `ranking_scores`: the recency bonus, then (cfg.read_on) each block followed by its successor."""
     K = cfg.block_size
     block_scores = ranking_scores(block_scores, cfg)
     V, n = base_map.shape

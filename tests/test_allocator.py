@@ -283,7 +283,7 @@ def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
     # no candidate scored: nothing changes
     assert torch.equal(descend_maps(base, torch.full((3, n), float("-inf")), cfg), base)
     # a block whose nodes alone cost more than W leaves is skipped, not the end of the ranking
-    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1, read_on=False, recency_bonus=0.0)  # 8 entries to spend
+    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1, read_on=False, recency_bonus=0.0)  # 8 to spend
     scores = torch.full((1, n), float("-inf"))
     scores[0, [5, 33]] = torch.tensor([2.0, 1.0])  # block 5 needs LOD3 node 0, group 1 and itself: 9
     m = descend_maps(most_compressed_map(n, tight)[None], scores, tight)
@@ -298,7 +298,7 @@ def test_descend_suffix_equals_the_full_descent(K):
     g = torch.Generator().manual_seed(K)
     deep = 0
     for partial in (True, False):
-        for read_on, bonus in ((True, 0.0), (True, 1.5), (False, 1.5)):
+        for read_on, bonus in ((True, 0.0), (False, 0.0), (True, 1.5), (False, 1.5)):
             for W in (2 * K + K - 1, 5 * K, 9 * K):
                 cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=W, horizon=1, partial_gists=partial, read_on=read_on,
                                recency_bonus=bonus)
