@@ -52,6 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--recent", type=checked_number(int, 1), default=32, help="R (--mc_recent)")
     parser.add_argument("--horizon", type=checked_number(int, 1), default=32, help="H (--mc_horizon)")
     parser.add_argument("--num_variants", type=checked_number(int, 1), default=3, help="N (--mc_num_variants)")
+    parser.add_argument("--gist_type", choices=["transformer", "mean"], default="transformer", help="GistNet body (--mc_gist_type)")
+    parser.add_argument("--gist_layers", type=checked_number(int, 1), default=2, help="GistNet layers (--mc_gist_layers)")
     parser.add_argument("--steps", type=checked_number(int, 1), default=6, help="timed steps of each kind")
     parser.add_argument("--warmup", type=checked_number(int, 0), default=2, help="untimed warm-up steps of each kind")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
@@ -83,7 +85,7 @@ class Bench:
         self.model = GPT(GPTConfig.from_depth(args.depth, sequence_len=T, vocab_size=args.vocab_size)).to(device)
         self.model.init_weights()
         self.cfg = MCConfig(block_size=args.block_size, wc_budget=W, recent=args.recent, horizon=args.horizon,
-                            num_variants=N)
+                            num_variants=N, gist_type=args.gist_type, gist_layers=args.gist_layers)
         self.controller = build_controller(self.model, self.cfg)
         with torch.no_grad():  # mid-training state: zero-initialised outputs get values (timing is value-free)
             for module in (self.model, *self.controller.modules().values()):
