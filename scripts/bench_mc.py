@@ -52,8 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--recent", type=checked_number(int, 1), default=32, help="R (--mc_recent)")
     parser.add_argument("--horizon", type=checked_number(int, 1), default=32, help="H (--mc_horizon)")
     parser.add_argument("--num_variants", type=checked_number(int, 1), default=3, help="N (--mc_num_variants)")
-    parser.add_argument("--gist_type", choices=["transformer", "mean"], default="transformer", help="GistNet body (--mc_gist_type)")
-    parser.add_argument("--gist_layers", type=checked_number(int, 1), default=2, help="GistNet layers (--mc_gist_layers)")
+    gist_types = MCConfig.__dataclass_fields__["gist_type"].metadata["choices"]
+    parser.add_argument("--gist_type", choices=gist_types, default=MCConfig.gist_type, help="GistNet body (--mc_gist_type)")
+    parser.add_argument("--gist_layers", type=checked_number(int, 1), default=MCConfig.gist_layers,
+                        help="GistNet layers (--mc_gist_layers)")
     parser.add_argument("--steps", type=checked_number(int, 1), default=6, help="timed steps of each kind")
     parser.add_argument("--warmup", type=checked_number(int, 0), default=2, help="untimed warm-up steps of each kind")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
