@@ -341,7 +341,8 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
 
     optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr * cfg.init_lr_frac,
                                   embedding_lr=cfg.embedding_lr * cfg.init_lr_frac,
-                                  unembedding_lr=cfg.unembedding_lr * cfg.init_lr_frac, weight_decay=cfg.weight_decay)
+                                  unembedding_lr=cfg.unembedding_lr * cfg.init_lr_frac, weight_decay=cfg.weight_decay,
+                                  ns_dtype=amp_dtype)
     history = meta["history"] if cfg.resume else {"step": [], "loss": [], "val_step": [], "val_loss": []}
     if cfg.resume:
         training_state = load_training_state(ckpt_dir, start_step, rank, device)

@@ -95,8 +95,8 @@ class Bench:
                     if p.abs().sum() == 0:
                         p.normal_(std=0.02)
         self.nets = list(self.controller.modules().values())
-        self.opt_plain = build_optimizers(self.model)
-        self.opt_mc = build_optimizers(self.model, self.nets)
+        self.opt_plain = build_optimizers(self.model, ns_dtype=dtype)
+        self.opt_mc = build_optimizers(self.model, self.nets, ns_dtype=dtype)
         self.fwd = torch.compile(self.model, dynamic=False) if args.compile else self.model
         g = torch.Generator().manual_seed(0)
         rows = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)

@@ -77,8 +77,8 @@ def main(argv=None):
         torch.manual_seed(0)
         model = GPT(config).to(device)
         model.init_weights()
-        optimizers = build_optimizers(model)
         setting_dtype = torch.bfloat16 if setting.startswith("bf16") else None
+        optimizers = build_optimizers(model, ns_dtype=setting_dtype)
         train_model = torch.compile(model, dynamic=False) if setting.endswith("+compile") else model
 
         def train_step():

@@ -223,7 +223,8 @@ def train_rl(cfg: RLConfig):
 
     optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr * cfg.init_lr_frac,
                                   embedding_lr=cfg.embedding_lr * cfg.init_lr_frac,
-                                  unembedding_lr=cfg.unembedding_lr * cfg.init_lr_frac, weight_decay=cfg.weight_decay)
+                                  unembedding_lr=cfg.unembedding_lr * cfg.init_lr_frac, weight_decay=cfg.weight_decay,
+                                  ns_dtype=amp_dtype)
     params = list(model.parameters())
     engine = Engine(model, autocast=lambda: autocast_ctx(device.type, amp_dtype))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()

@@ -40,6 +40,28 @@ def test_muon_stacked_update_equals_one_matrix_at_a_time():
     assert any(not torch.equal(a, b) for a, b in zip(models[0].parameters(), tiny_model().parameters()))
 
 
+def test_muon_orthogonalises_in_the_dtype_it_is_given():
+    """The trainers pass their autocast dtype: bf16 on a CPU with fast bf16 matmuls gives bf16's update, not fp32's."""
+    G = torch.randn(32, 64) @ torch.diag(torch.logspace(-2, 1, 64))
+    s = torch.linalg.svdvals(orthogonalize(G, dtype=torch.bfloat16).float())
+    assert 0.5 < s.min() and s.max() < 1.3
+    updates = {}
+    for dtype in (None, torch.bfloat16):
+        model = tiny_model()
+        for p in model.parameters():
+            p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32)).view_as(p)
+        muon = build_optimizers(model, ns_dtype=dtype)[1]
+        assert muon.ns_dtype == dtype
+        p = muon.param_groups[0]["params"][0]
+        before = p.detach().clone()
+        muon.step()
+        updates[dtype] = p.detach() - before
+    expected = -muon.param_groups[0]["lr"] * orthogonalize(torch.lerp(p.grad, 0.05 * p.grad, 0.95), dtype=torch.bfloat16)
+    scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+    torch.testing.assert_close(updates[torch.bfloat16], scale * expected)
+    assert not torch.equal(updates[None], updates[torch.bfloat16])
+
+
 def test_optimizer_groups_cover_every_parameter_once():
     model = tiny_model()
     adamw, muon = build_optimizers(model)
