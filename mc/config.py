@@ -39,7 +39,7 @@ class MCConfig:
     teacher_variants: int = field(default=1, metadata={"help": "of the N variants, how many the lexical-overlap teacher focuses (training exploration; see mc/runtime.py)"})
     # GistNet
     gist_type: str = field(default="transformer", metadata={"help": "GistNet body", "choices": ["transformer", "mean"]})
-    gist_layers: int = field(default=1, metadata={"help": "bidirectional transformer layers of GistNet (CPU preset, MC and focus phases from one checkpoint: 1 layer vs 2, needle at 2W-16W .885/.895/.88/.745 vs .85/.83/.845/.75, natural-text tail NLL .01-.03 nats worse, val bpb 1.768 vs 1.764; bench_mc MC step 1.24x plain vs 1.42x)"})
+    gist_layers: int = field(default=1, metadata={"help": "bidirectional transformer layers of GistNet (CPU preset, MC and focus phases from one checkpoint: 1 layer vs 2, needle at 2W-16W .885/.895/.88/.745 vs .85/.83/.845/.75, natural-text tail NLL .01-.03 nats worse, val bpb 1.768 vs 1.764; a fresh-clone run10 with 1: .82/.845/.825/.675; bench_mc MC step 1.22x plain vs 1.36x)"})
     gist_pooling: str = field(default="query", metadata={"help": "how GistNet pools a block", "choices": ["mean", "query", "cls"]})
     gist_head: str = field(default="mlp", metadata={"help": "GistNet output head", "choices": ["linear", "mlp"]})
     # LensNet
