@@ -160,7 +160,8 @@ def test_run10_mc_dry_run():
     assert "--init_from=mc_joint" in focus and "--freeze=gpt,mc_gist" in focus and "--mc " in focus
     # the twins differ only in MegaContext (--mc* and the MC model's LM loss over its whole history): same
     # start, data, steps and size
-    assert "--history_lm_weight=1" in mc_train and "--history_lm_weight" not in focus
+    history_lm = [word for word in mc_train.split() if word.startswith("--history_lm_weight=")]
+    assert len(history_lm) == 1 and float(history_lm[0].split("=")[1]) > 0 and "--history_lm_weight" not in focus
     without_mc = " ".join(word for word in mc_train.split() if not word.startswith(("--mc", "--history_lm_weight")))
     assert without_mc.replace("--tag=mc_joint", "--tag=plain") == plain_train and without_mc != mc_train
     assert any("scripts.mc_eval --mc_tag=mc --plain_tag=plain" in line for line in lines)
