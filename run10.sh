@@ -118,11 +118,11 @@ run uv run python -m scripts.tok_train --data="$DATA" --vocab_size="$VOCAB"
 run uv run python -m scripts.tok_eval --data="$DATA"
 if [ "$MC" -eq 1 ]; then
     # a GPT that copies, then the MC model and its plain twin (same start, data and steps; the MC model also
-    # learns from every target of its histories, --history_lm_weight, as the plain one does; at 2 rather than 1 its
-    # GPT is better locally and at retrieval, see docs/architecture.md §11): the arms of mc_eval
+    # learns from every target of its histories, --history_lm_weight, as the plain one does; at 4 rather than 1 or 2
+    # its GPT is better locally and at retrieval, see docs/architecture.md §11): the arms of mc_eval
     run uv run python -m scripts.base_train --data="$DATA" $NEW "${MC_COPY[@]}" --tag=copy
     run uv run python -m scripts.base_train --data="$DATA" $NEW "${MC_LONG[@]}" --init_from=copy --tag=long
-    run uv run python -m scripts.base_train --data="$DATA" $NEW "${MC_TRAIN[@]}" "${MC_FLAGS[@]}" --history_lm_weight=2 --init_from=long --tag=mc_joint
+    run uv run python -m scripts.base_train --data="$DATA" $NEW "${MC_TRAIN[@]}" "${MC_FLAGS[@]}" --history_lm_weight=4 --init_from=long --tag=mc_joint
     run uv run python -m scripts.base_train --data="$DATA" $NEW "${MC_FOCUS[@]}" "${MC_FLAGS[@]}" --init_from=mc_joint --tag=mc
     run uv run python -m scripts.base_train --data="$DATA" $NEW "${PLAIN_TWIN[@]}" --init_from=long --tag=plain
     run uv run python -m scripts.mc_eval --mc_tag=mc --plain_tag=plain "${MC_EVAL[@]}"
