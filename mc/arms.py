@@ -115,13 +115,15 @@ class ArmEvaluator:
     # ---- pieces ----------------------------------------------------------------------------------
 
     def _gpt_tail(self, model, x):
-        return model(x)[:, -self.tail:]  # [B, E, vocab]
+        return model(x, logits_to_keep=self.tail)  # [B, E, vocab]
 
     def _wc_tail(self, controller, wc, x):
         """Logits [V, E, vocab] of the last E entries of materialised WCs of histories x (raw tail tokens)."""
+        tail = tail_mask(wc.valid, self.tail)  # [V, W]
+        keep = wc.valid.size(1) - int(tail.float().argmax(1).min())  # slots from the earliest tail entry on
         logits = controller.model(inputs_embeds=wc.embeds, token_ids=entry_token_ids(wc.pos, wc.lod, x, wc.valid, wc.sample),
-                                  rope=controller.rope(wc))  # [V, W, vocab]
-        return logits[tail_mask(wc.valid, self.tail)].view(wc.valid.size(0), self.tail, -1)
+                                  rope=controller.rope(wc), logits_to_keep=keep)  # [V, keep, vocab]
+        return logits[tail[:, -keep:]].view(wc.valid.size(0), self.tail, -1)
 
     def _similarity_maps(self, levels, base, x, next_token, focus_end):
         cfg, maps = self.cfg, base

@@ -413,7 +413,7 @@ class MCSession:
         rope = self._rope[start:E]  # [m, 2, hd/2]
         with self._amp():
             out = self.model(inputs_embeds=embeds, token_ids=token_ids, rope=(rope[None, :, None, 0], rope[None, :, None, 1]),
-                             kv_cache=self.cache)
+                             kv_cache=self.cache, logits_to_keep=1)
         self._logits = out[0, -1].float()
         self._valid = E
         st = self.stats

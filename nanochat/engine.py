@@ -76,7 +76,7 @@ class Engine:
         capacity = len(tokens) + max_tokens
         generator = torch.Generator(device=device).manual_seed(seed)
         prefill_cache = model.new_kv_cache(1, capacity)
-        logits = self._forward(torch.tensor([tokens], device=device), kv_cache=prefill_cache)[:, -1]
+        logits = self._forward(torch.tensor([tokens], device=device), kv_cache=prefill_cache, logits_to_keep=1)[:, -1]
         cache = model.new_kv_cache(num_samples, capacity)
         cache.copy_prefix_from(prefill_cache)
         logits = logits.expand(num_samples, -1)

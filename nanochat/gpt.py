@@ -424,9 +424,11 @@ class GPT(nn.Module):
                        raw_keys=c.smear_keys, embed_dim=c.n_embd if c.smear_embed else 0)
 
     def forward(self, idx=None, targets=None, *, inputs_embeds=None, token_ids=None, rope=None, kv_cache=None,
-                loss_reduction="mean"):
+                loss_reduction="mean", logits_to_keep: int = 0):
         """Logits [B, T, V] when targets is None, else the loss (scalar, or [B, T] for 'none'). With inputs_embeds and
-        value embeddings, token_ids [B, T] says which token each entry is (-1: none, e.g. a gist: no value embedding)."""
+        value embeddings, token_ids [B, T] says which token each entry is (-1: none, e.g. a gist: no value embedding).
+        logits_to_keep > 0: logits of the last that many positions only ([B, n, V]; prefill and evaluation read no
+        more, and the head over every position is a third of an inference forward at the CPU preset)."""
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx or inputs_embeds")
         if self.value_embeds and idx is None and token_ids is None:
@@ -458,6 +460,10 @@ class GPT(nn.Module):
         if self.backout_share is not None:
             x = x - self.backout_share.to(x.dtype) * x_mid
         x = norm(x)
+        if logits_to_keep > 0:
+            if targets is not None:
+                raise ValueError("logits_to_keep is for inference: the loss needs every position's logits")
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:

@@ -91,7 +91,7 @@ class PlainArm:
         self.cache = model.new_kv_cache(1, L + 1)
         with torch.no_grad(), amp():
             for s in range(0, L, 1024):  # chunked prefill
-                logits = model(ids[None, s:min(L, s + 1024)], kv_cache=self.cache)
+                logits = model(ids[None, s:min(L, s + 1024)], kv_cache=self.cache, logits_to_keep=1)
         self.token = logits[:, -1:].argmax(-1)
 
     @torch.no_grad()

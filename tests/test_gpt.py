@@ -40,6 +40,19 @@ def test_forward_backward_shapes(model):
     assert torch.allclose(per_position.mean(), loss, atol=1e-5)
 
 
+def test_logits_to_keep_gives_the_last_positions_only(model):
+    """Prefill and evaluation ask for the last n logits: the same values as a full forward's last n, also after
+    a cached prefix; with targets it is an error (the loss needs every position)."""
+    idx = torch.randint(0, 97, (2, 14))
+    full = model(idx)
+    assert torch.allclose(model(idx, logits_to_keep=3), full[:, -3:], atol=1e-5)
+    cache = model.new_kv_cache(2, 16)
+    model(idx[:, :6], kv_cache=cache, logits_to_keep=1)
+    assert torch.allclose(model(idx[:, 6:], kv_cache=cache, logits_to_keep=1), full[:, -1:], atol=1e-4)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(idx, idx, logits_to_keep=1)
+
+
 def test_ignored_targets(model):
     idx = torch.randint(0, 97, (2, 12))
     targets = idx.clone()

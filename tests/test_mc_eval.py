@@ -8,7 +8,8 @@ import torch
 
 from mc.arms import ArmEvaluator, shuffle_gists
 from mc.build import load_controller
-from mc.working_context import GIST, GROUP, RAW, entry_counts, most_compressed_map
+from mc.working_context import (GIST, GROUP, RAW, entry_counts, entry_token_ids, materialize, most_compressed_map,
+                                tail_mask)
 from mc.tree import build_tree
 from nanochat.checkpoint import build_model, checkpoint_dir
 from nanochat.common import get_report_dir
@@ -100,6 +101,26 @@ def test_oracle_expands_the_answer_block(checkpoints):
     maps = ev.oracle_maps(x[:1], weights)[0]
     assert maps[1] == RAW and maps[9] == RAW and (maps[17] == GROUP) and maps[2] == GIST
     assert (maps[16:24] == GROUP).all() and entry_counts(maps[None], K)[0] <= W
+
+
+def test_arms_score_their_tail_like_a_full_forward(checkpoints):
+    """Arms ask the GPT for the logits of the scored tail only (`logits_to_keep`): the same as the tail of a full
+    forward, also for working contexts whose rows hold different numbers of entries (random and most compressed maps)."""
+    model, states, meta = build_model(checkpoint_dir("base", "mceval_mc"), None, "cpu")
+    controller = load_controller(model, states, meta)
+    ev = ArmEvaluator(controller)
+    x = torch.randint(0, 500, (3, 256))
+    levels = controller.tree(x)
+    maps = controller.focus(levels, policy="random", generator=torch.Generator().manual_seed(0))
+    maps[0] = controller.focus(levels, policy="gists_only")[0]
+    wc = materialize(maps, levels, x, controller.cfg, x[:, -1])
+    assert wc.n_entries.unique().numel() > 1  # rows of different lengths
+    with torch.no_grad():
+        full = model(inputs_embeds=wc.embeds, token_ids=entry_token_ids(wc.pos, wc.lod, x, wc.valid, wc.sample),
+                     rope=controller.rope(wc))
+        tail = ev._wc_tail(controller, wc, x)
+        assert torch.allclose(tail, full[tail_mask(wc.valid, ev.tail)].view(3, ev.tail, -1), atol=1e-4)
+        assert torch.allclose(ev._gpt_tail(model, x), model(x)[:, -ev.tail:], atol=1e-4)
 
 
 def test_shuffled_gists_permute_each_level(checkpoints):
