@@ -115,19 +115,12 @@ class MCController:
     def __init__(self, model, gistnet, lensnet, cfg: MCConfig, rank: int = 0):
         cfg.validate(model.config.sequence_len, model.config.head_dim)
         self.model, self.gistnet, self.lensnet, self.cfg = model, gistnet, lensnet, cfg
-        self.gist_fn = gistnet  # what builds trees: GistNet, or its compiled forward (`compile_gistnet`)
         self.max_len = cfg.rope_max_len(model.config.sequence_len)  # rotary distances in a WC stay below it
         self.rank = rank
         self.timer = PhaseTimer(model.lm_head.weight.device)
 
     def modules(self) -> dict:
         return {"mc_gist": self.gistnet, "mc_lens": self.lensnet}
-
-    def compile_gistnet(self):
-        """Build trees with a torch.compiled GistNet (static shapes: a graph per tree level and batch shape, so
-        for training, not sessions). It runs over every token of the history: ~13 % of a CPU-preset MC step
-        eager, a quarter less compiled (docs/architecture.md §12). Checkpoints keep the module's own keys."""
-        self.gist_fn = torch.compile(self.gistnet, dynamic=False)
 
     def _generator(self, step: int, device):
         """Variant sampling RNG, a pure function of (seed, rank, step) so --resume replays it exactly."""
@@ -174,7 +167,7 @@ class MCController:
 
     def tree(self, x):
         """The tree [LOD0 [B, L, D], LOD1 [B, L/K, D], ...] of histories x [B, L], differentiable."""
-        return build_tree(self.model.transformer.wte(x), self.gist_fn, self.cfg)
+        return build_tree(self.model.transformer.wte(x), self.gistnet, self.cfg)
 
     def focus(self, levels, *, policy: str = "mc", focus_end=None, tail_tokens: int = 0, generator=None):
         """The LOD maps [B, n] a focus policy shows of a tree; validation, evaluation and sessions decide every

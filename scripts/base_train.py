@@ -103,7 +103,7 @@ class TrainConfig:
     # runtime
     device_type: str = field(default="", metadata={"help": "cuda|mps|cpu (empty = autodetect)"})
     cpu_bf16: str = field(default="auto", metadata={"help": "bf16 autocast on CPU: auto = where this CPU's bf16 matmuls are faster than fp32", "choices": CPU_BF16_CHOICES})
-    compile: str = field(default="auto", metadata={"help": f"torch.compile the GPT (with --mc GistNet too): auto = on CUDA, and on CPU for runs of >= {CPU_COMPILE_MIN_STEPS} steps", "choices": COMPILE_CHOICES})
+    compile: str = field(default="auto", metadata={"help": f"torch.compile the GPT: auto = on CUDA, and on CPU for runs of >= {CPU_COMPILE_MIN_STEPS} steps", "choices": COMPILE_CHOICES})
     seed: int = field(default=42, metadata={"min": 0, "help": "seed of model init and data order"})
     mc: bool = field(default=False, metadata={"help": "train with MegaContext (see the --mc_* flags)"})
 
@@ -232,8 +232,6 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         # timings; MFU counts the GPT's work: attention over W entries, the history LM's windows too, only the
         # forward pass when the GPT is frozen (a focus phase)
         controller = build_controller(model, mc_cfg, rank)
-        if compiled:
-            controller.compile_gistnet()
         mc_modules = controller.modules()
         batch_size = mc_micro_batch(cfg.device_batch_size, cfg.max_seq_len, mc_cfg)
         grad_accum *= cfg.device_batch_size // batch_size

@@ -60,7 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=checked_number(int, 0), default=2, help="untimed warm-up steps of each kind")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     parser.add_argument("--cpu_bf16", default="auto", choices=CPU_BF16_CHOICES, help="bf16 autocast on CPU (auto: where faster than fp32)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the GPT (both modes) and GistNet")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the GPT (both modes)")
     parser.add_argument("--threads", type=checked_number(int, 0), default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time, robust to other processes on a "
@@ -98,8 +98,6 @@ class Bench:
         self.opt_plain = build_optimizers(self.model, ns_dtype=dtype)
         self.opt_mc = build_optimizers(self.model, self.nets, ns_dtype=dtype)
         self.fwd = torch.compile(self.model, dynamic=False) if args.compile else self.model
-        if args.compile:
-            self.controller.compile_gistnet()
         g = torch.Generator().manual_seed(0)
         rows = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)
         self.x, self.y = rows[:, :-1], rows[:, 1:]
@@ -179,7 +177,7 @@ class Bench:
         """The tree's GistNet calls (every level) forward + backward, grad into LOD0 as in MC."""
         lod0 = self.lod0.clone().requires_grad_()
         with self.amp():
-            levels = build_tree(lod0, self.controller.gist_fn, self.cfg)
+            levels = build_tree(lod0, self.controller.gistnet, self.cfg)
         sum(level.float().mean() for level in levels[1:] if level.numel()).backward()
         self.zero_grad()
 

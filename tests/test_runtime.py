@@ -17,7 +17,6 @@ from mc.config import MCConfig, MCConfigError
 from mc.runtime import VALIDATION_ARMS
 from mc.tree import build_tree
 from mc.working_context import GIST, RAW, entry_counts, is_legal, materialize, most_compressed_map, truncation_map
-from nanochat.common import cpu_compiler
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizers
 
@@ -366,26 +365,6 @@ def test_bag_loss_teaches_gists_the_tokens_they_cover():
         opt.step()
     after = gistnet.bag_loss(build_tree(controller.model.transformer.wte(x), gistnet, controller.cfg), x)
     assert after.item() < bag.item() - 0.5
-
-
-@pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_gistnet_builds_the_same_tree():
-    """Training compiles GistNet (`compile_gistnet`): the same tree and gradients as eager, and the module's own
-    state_dict keys, so checkpoints load either way."""
-    controller, x, _ = make()
-    with torch.no_grad():
-        for p in controller.gistnet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    keys = list(controller.gistnet.state_dict())
-    eager = controller.tree(x)
-    controller.compile_gistnet()
-    compiled = controller.tree(x)
-    assert len(eager) == len(compiled) > 2
-    for e, c in zip(eager, compiled):
-        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
-    compiled[1].sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in controller.gistnet.blocks.parameters())
-    assert list(controller.modules()["mc_gist"].state_dict()) == keys
 
 
 def test_checkpoints_from_before_the_bag_loss_load():
