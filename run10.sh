@@ -59,7 +59,7 @@ if [ "$PRESET" = gpu ]; then
     MC_TRAIN=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=1000
               --data_mix=text:0.2,needle:0.4,recall:0.2,memory:0.2 --pack_rows=0.3 --answer_weight=5 --eval_every=250 --sample_every=-1)
     MC_FOCUS=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=300
-              --freeze=gpt,mc_gist --data_mix=text:0.2,needle:0.4,recall:0.25,memory:0.15 --eval_every=300 --sample_every=-1)
+              --freeze=gpt,mc_gist --data_mix=text:0.1,needle:0.45,recall:0.25,memory:0.2 --eval_every=300 --sample_every=-1)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
     MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64 --mc_bag_loss_weight=0.1)
     MC_EVAL=()
@@ -82,8 +82,7 @@ else
     # conversations; 30% of the long-range rows pack several shorter examples, so short histories stay in
     # distribution): with MegaContext (W=128 entries, K=32, raw tail R=32, LensNet horizon H=16, GistNet's
     # bag-of-tokens loss, plus an LM loss over the whole history) and without (the plain twin); 4. a focus
-    # phase for the MC model: GPT and GistNet frozen, LensNet alone learns which block to expand (a fifth of
-    # its rows books, so it also learns what helps plain text, see docs/architecture.md §11). The chat
+    # phase for the MC model: GPT and GistNet frozen, LensNet alone learns which block to expand. The chat
     # stages then run long enough for the chat skills (150 mid + 100 SFT steps, with memory conversations):
     # the MC GPT has learnt to answer a memory question through working contexts in step 3, so
     # chat_cli --mc recalls a fact told more than 8W tokens earlier
@@ -97,7 +96,7 @@ else
               --warmup_ratio=0.03 --warmdown_ratio=0.3 --data_mix=books:0.2,needle:0.4,recall:0.2,memory:0.2 --pack_rows=0.3
               --answer_weight=5 --eval_every=200 --eval_tokens=32768 --sample_every=-1 --log_every=25)
     MC_FOCUS=(--depth=4 --max_seq_len=1024 --device_batch_size=16 --total_batch_size=16384 --num_iterations=400
-              --freeze=gpt,mc_gist --data_mix=books:0.2,needle:0.4,recall:0.25,memory:0.15 --warmup_ratio=0.03
+              --freeze=gpt,mc_gist --data_mix=books:0.1,needle:0.45,recall:0.25,memory:0.2 --warmup_ratio=0.03
               --warmdown_ratio=0.3 --eval_every=400 --eval_tokens=32768 --sample_every=-1 --log_every=25)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
     MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=32 --mc_horizon=16 --mc_bag_loss_weight=0.1)
