@@ -120,7 +120,7 @@ def main(argv=None):
     def decode_cached():
         cache = model.new_kv_cache(1, context.size(1) + n + 1)
         with amp():
-            logits = model(context, kv_cache=cache)
+            logits = model(context, kv_cache=cache, logits_to_keep=1)
             for _ in range(n):
                 logits = model(logits[:, -1:].argmax(-1), kv_cache=cache)
 
@@ -129,7 +129,7 @@ def main(argv=None):
         ids = context
         with amp():
             for _ in range(n):
-                ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+                ids = torch.cat([ids, model(ids, logits_to_keep=1).argmax(-1)], dim=1)
 
     cached_s = timed(decode_cached, device, 2)
     recompute_s = timed(decode_recompute, device, 2)
