@@ -261,9 +261,11 @@ class CausalSelfAttention(nn.Module):
         self.value_gate = nn.Linear(SMEAR_GATE_CHANNELS, self.n_kv_head, bias=False) \
             if config.has_value_embeds(layer_idx) else None
 
-    def forward(self, x, cos, sin, kv_cache=None, value_embed=None):
+    def forward(self, x, cos, sin, kv_cache=None, value_embed=None, queries: int = 0):
+        """queries > 0: the output of the last that many positions only (keys and values still come from all)."""
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        Tq = queries or T
+        q = self.c_q(x[:, T - Tq:]).view(B, Tq, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if self.value_gate is not None:
@@ -275,25 +277,25 @@ class CausalSelfAttention(nn.Module):
             k = torch.lerp(k, previous_entries(k, before), share)
         # QK-norm, then rotary: a rotation keeps the norm, so for tokens the order does not matter, and
         # damped tables (MegaContext gists) then really shrink the high-frequency parts of q/k.
-        q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
+        q, k = apply_rotary(norm(q), cos[:, T - Tq:], sin[:, T - Tq:]), apply_rotary(norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
         gqa = self.n_kv_head != self.n_head
         past = 0
         if kv_cache is not None:
             past = kv_cache.pos
             k, v = kv_cache.insert(self.layer_idx, k, v)
-        if self.window is None and past == 0:
+        if self.window is None and past == 0 and Tq == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif self.window is None and T == 1:
+        elif self.window is None and Tq == 1:  # the last position sees every key
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:  # query i (position past + i) sees keys in (past + i - window, past + i]
+        else:  # a query at position p sees keys in (p - window, p]
             key_pos = torch.arange(past + T, device=x.device)
-            query_pos = torch.arange(past, past + T, device=x.device)[:, None]
+            query_pos = torch.arange(past + T - Tq, past + T, device=x.device)[:, None]
             mask = key_pos <= query_pos
             if self.window is not None:
                 mask = mask & (key_pos > query_pos - self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, -1)
+        y = y.transpose(1, 2).reshape(B, Tq, -1)
         return self.c_proj(y)
 
 
@@ -335,8 +337,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, value_embed=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, value_embed)
+    def forward(self, x, cos, sin, kv_cache=None, value_embed=None, queries: int = 0):
+        """queries > 0: only the last that many positions come out (GPT.forward's logits_to_keep, in the last block)."""
+        x = x[:, x.size(1) - (queries or x.size(1)):] + self.attn(norm(x), cos, sin, kv_cache, value_embed, queries)
         return x + self.mlp(norm(x))
 
 
@@ -428,9 +431,13 @@ class GPT(nn.Module):
         """Logits [B, T, V] when targets is None, else the loss (scalar, or [B, T] for 'none'). With inputs_embeds and
         value embeddings, token_ids [B, T] says which token each entry is (-1: none, e.g. a gist: no value embedding).
         logits_to_keep > 0: logits of the last that many positions only ([B, n, V]; prefill and evaluation read no
-        more, and the head over every position is a third of an inference forward at the CPU preset)."""
+        more). The head and the last block then run over those positions alone (the last block's keys and values
+        still cover all, and a KV cache still receives them): at the CPU preset (depth 4) the head over every
+        position was a third of an inference forward and the last block a fifth of the rest."""
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx or inputs_embeds")
+        if logits_to_keep > 0 and targets is not None:
+            raise ValueError("logits_to_keep is for inference: the loss needs every position's logits")
         if self.value_embeds and idx is None and token_ids is None:
             raise ValueError("this GPT has value embeddings: inputs_embeds need token_ids (-1 where an entry is no token)")
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds
@@ -444,8 +451,10 @@ class GPT(nn.Module):
         x = norm(x)
         if self.smear is not None:
             x = self.smear(x, kv_cache)
-        x0, middle = x, self.config.n_layer // 2
+        x0, middle, last = x, self.config.n_layer // 2, self.config.n_layer - 1
         ids = idx if idx is not None else token_ids
+        # the last block computes only the kept positions' queries and MLP (a quarter of the work at depth 4)
+        queries = logits_to_keep if 0 < logits_to_keep < T else 0
         for i, block in enumerate(self.transformer.h):
             if i == middle:
                 x_mid = x
@@ -454,16 +463,12 @@ class GPT(nn.Module):
             value_embed = None
             if str(i) in self.value_embeds:
                 value_embed = self.value_embeds[str(i)](ids.clamp(min=0)) * (ids >= 0)[..., None]
-            x = block(x, cos, sin, kv_cache, value_embed)
+            x = block(x, cos, sin, kv_cache, value_embed, queries if i == last else 0)
         if kv_cache is not None:
             kv_cache.pos += T
         if self.backout_share is not None:
-            x = x - self.backout_share.to(x.dtype) * x_mid
+            x = x - self.backout_share.to(x.dtype) * x_mid[:, -x.size(1):]
         x = norm(x)
-        if logits_to_keep > 0:
-            if targets is not None:
-                raise ValueError("logits_to_keep is for inference: the loss needs every position's logits")
-            x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         if targets is None:

@@ -281,7 +281,7 @@ def loss_tasks(r: Runner, lengths, do_loss: bool, do_subst: bool) -> dict:
                 else:
                     r.bar.update(1)
                 if subst:
-                    results.update(substitution_maps(r, rows, L))
+                    results.update(substitution_maps(r, rows, L, full=results.get("full")))
                 far = far.to(r.device)
                 for name, res in results.items():
                     if isinstance(res, str):
@@ -313,15 +313,20 @@ def loss_tasks(r: Runner, lengths, do_loss: bool, do_subst: bool) -> dict:
     return out
 
 
-def substitution_maps(r: Runner, rows, L: int) -> dict:
-    """Tail NLL of the MC checkpoint with older blocks raw / as gists (most compressed) / absent."""
+def substitution_maps(r: Runner, rows, L: int, full=None) -> dict:
+    """Tail NLL of the MC checkpoint with older blocks raw / as gists (most compressed) / absent. full: the full
+    arm's result on these rows, when it ran; within the GPT's trained length all raw is the same forward (longer
+    histories are laid out in a compressed rotary frame, mc.positional), so it is not run twice."""
     n, cfg = L // r.K, r.ev.cfg
     maps = {"subst_raw": torch.full((1, n), RAW, dtype=torch.int8),
             "subst_gists": most_compressed_map(n, cfg)[None], "subst_none": none_map(n, cfg)[None]}
+    reuse = full is not None and not isinstance(full, str) and L <= r.ev.controller.max_len
+    if reuse:
+        del maps["subst_raw"]
     rows = torch.from_numpy(np.ascontiguousarray(rows))
     with r.amp:
-        return r.ev.run_maps(rows[:, :-1].to(r.device), rows[:, 1:].to(r.device),
-                             {k: v.to(r.device) for k, v in maps.items()})
+        out = r.ev.run_maps(rows[:, :-1].to(r.device), rows[:, 1:].to(r.device), {k: v.to(r.device) for k, v in maps.items()})
+    return {**out, "subst_raw": full} if reuse else out
 
 
 def file_task(r: Runner, task_rows) -> dict:

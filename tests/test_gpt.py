@@ -40,15 +40,21 @@ def test_forward_backward_shapes(model):
     assert torch.allclose(per_position.mean(), loss, atol=1e-5)
 
 
-def test_logits_to_keep_gives_the_last_positions_only(model):
-    """Prefill and evaluation ask for the last n logits: the same values as a full forward's last n, also after
-    a cached prefix; with targets it is an error (the loss needs every position)."""
+@pytest.mark.parametrize("config", [{}, dict(window_pattern="SL", sequence_len=8), dict(layer_scalars=True, backout=True),
+                                    dict(n_kv_head=1, smear="embed", n_layer=1)])
+def test_logits_to_keep_gives_the_last_positions_only(config):
+    """Prefill and evaluation ask for the last n logits, and the last block then computes those positions alone:
+    the same values as a full forward's last n, also after a cached prefix and for the token decoded after a
+    trimmed prefill (the cache still holds every key and value); with targets it is an error."""
+    model = perturbed_model(**config)
     idx = torch.randint(0, 97, (2, 14))
     full = model(idx)
-    assert torch.allclose(model(idx, logits_to_keep=3), full[:, -3:], atol=1e-5)
+    for n in (1, 3, 14, 20):
+        assert torch.allclose(model(idx, logits_to_keep=n), full[:, -n:], atol=1e-5)
     cache = model.new_kv_cache(2, 16)
-    model(idx[:, :6], kv_cache=cache, logits_to_keep=1)
-    assert torch.allclose(model(idx[:, 6:], kv_cache=cache, logits_to_keep=1), full[:, -1:], atol=1e-4)
+    assert torch.allclose(model(idx[:, :6], kv_cache=cache, logits_to_keep=2), full[:, 4:6], atol=1e-4)
+    assert torch.allclose(model(idx[:, 6:13], kv_cache=cache, logits_to_keep=3), full[:, 10:13], atol=1e-4)
+    assert torch.allclose(model(idx[:, 13:], kv_cache=cache, logits_to_keep=1), full[:, -1:], atol=1e-4)
     with pytest.raises(ValueError, match="logits_to_keep"):
         model(idx, idx, logits_to_keep=1)
 

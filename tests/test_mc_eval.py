@@ -123,6 +123,19 @@ def test_arms_score_their_tail_like_a_full_forward(checkpoints):
         assert torch.allclose(ev._gpt_tail(model, x), model(x)[:, -ev.tail:], atol=1e-4)
 
 
+def test_all_raw_substitution_is_the_full_arm_within_the_trained_length(checkpoints):
+    """mc_eval reuses the full arm as the substitution task's all-raw map up to the GPT's trained length (beyond it
+    working contexts are laid out in a compressed rotary frame, so there the two differ and both run)."""
+    model, states, meta = build_model(checkpoint_dir("base", "mceval_mc"), None, "cpu")
+    ev = ArmEvaluator(load_controller(model, states, meta), full_max_len=256)
+    x = torch.randint(0, 500, (2, 257))
+    for L, same in ((128, True), (256, False)):
+        raw = {"raw": torch.full((1, L // K), RAW, dtype=torch.int8)}
+        nll = ev.run_maps(x[:, :L], x[:, 1:L + 1], raw)["raw"][0]
+        full = ev.run(x[:, :L], x[:, 1:L + 1], ["full"])["full"][0]
+        assert torch.allclose(nll, full, atol=1e-4) == same
+
+
 def test_shuffled_gists_permute_each_level(checkpoints):
     model, states, meta = build_model(checkpoint_dir("base", "mceval_mc"), None, "cpu")
     controller = load_controller(model, states, meta)
