@@ -42,8 +42,7 @@ import torch.nn.functional as F
 
 from mc.allocator import descend_maps, edit_maps, similarity_scores
 from mc.runtime import visible_entries
-from mc.working_context import (RAW, entry_counts, entry_token_ids, expand_blocks, materialize, most_compressed_map,
-                                open_nodes, tail_mask)
+from mc.working_context import RAW, entry_counts, expand_blocks, materialize, most_compressed_map, open_nodes
 
 MC_ARMS = ("mc", "no_read_on", "gists_only", "random", "similarity", "oracle", "shuffled")  # read the MC checkpoint's tree
 ARMS = ("truncation", "full", *MC_ARMS, "mean_gist", "plain_truncation", "plain_full")
@@ -119,11 +118,7 @@ class ArmEvaluator:
 
     def _wc_tail(self, controller, wc, x):
         """Logits [V, E, vocab] of the last E entries of materialised WCs of histories x (raw tail tokens)."""
-        tail = tail_mask(wc.valid, self.tail)  # [V, W]
-        keep = wc.valid.size(1) - int(tail.float().argmax(1).min())  # slots from the earliest tail entry on
-        logits = controller.model(inputs_embeds=wc.embeds, token_ids=entry_token_ids(wc.pos, wc.lod, x, wc.valid, wc.sample),
-                                  rope=controller.rope(wc), logits_to_keep=keep)  # [V, keep, vocab]
-        return logits[tail[:, -keep:]].view(wc.valid.size(0), self.tail, -1)
+        return controller.tail_logits(wc, x, self.tail)
 
     def _similarity_maps(self, levels, base, x, next_token, focus_end):
         cfg, maps = self.cfg, base

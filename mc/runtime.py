@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from mc.allocator import NEG, block_entry_scores, descend_maps, edit_maps, expanded_units, overlap_block_scores, unit_scores
 from mc.config import MCConfig
@@ -44,8 +45,7 @@ from mc.positional import wc_rope
 from mc.telemetry import PhaseTimer
 from mc.tree import build_tree
 from mc.working_context import (WorkingContext, entry_token_ids, materialize, most_compressed_map, random_maps, tail_mask,
-                                truncation_map)
-from nanochat.longrange import weighted_lm_loss
+                                take_rows, truncation_map)
 
 FOCUS_POLICIES = ("mc", "gists_only", "random")  # MCController.focus
 VALIDATION_ARMS = ("truncation", "mc", "full")  # the arms of training-time validation at budget W (mc/arms.py: evaluation)
@@ -220,21 +220,36 @@ class MCController:
         return forward_fn(inputs_embeds=wc.embeds, token_ids=entry_token_ids(wc.pos, wc.lod, x, wc.valid, wc.sample),
                           rope=self.rope(wc), targets=wc.targets, loss_reduction="none")
 
+    def tail_logits(self, wc, x, n: int, forward_fn=None):
+        """Logits [V, n, vocab] of the last n entries of materialised WCs of histories x (the raw tail): the GPT's last
+        block and head run only over the slots from the earliest of them on (logits_to_keep)."""
+        forward_fn = self.model if forward_fn is None else forward_fn
+        tail = tail_mask(wc.valid, n)  # [V, W]
+        keep = wc.valid.size(1) - int(tail.float().argmax(1).min())  # slots from the earliest tail entry on
+        logits = forward_fn(inputs_embeds=wc.embeds, token_ids=entry_token_ids(wc.pos, wc.lod, x, wc.valid, wc.sample),
+                            rope=self.rope(wc), logits_to_keep=keep)  # [V, keep, vocab]
+        return logits[tail[:, -keep:]].view(wc.valid.size(0), n, -1)
+
     def history_lm_loss(self, x, y, weights=None, forward_fn=None):
         """LM loss over every target of the micro-batch, read in windows of W raw tokens ([B·T/W, W], standard
         RoPE; the oldest T mod W tokens are left out): the GPT then learns from all T targets of a row, as a
-        plain model does, not only from the entries of its working contexts."""
+        plain model does, not only from the entries of its working contexts. Returns (loss, the per-target loss
+        [B, W] of each row's last window), the latter being what the truncation baseline's working context computes."""
         W = self.cfg.wc_budget
         start = x.size(1) % W  # histories are longer than W (MCConfig.validate)
-        xs, ys = x[:, start:].reshape(-1, W), y[:, start:].reshape(-1, W)
-        windowed = None if weights is None else weights[:, start:].reshape(-1, W)
-        return weighted_lm_loss(self.model if forward_fn is None else forward_fn, xs, ys, windowed)
+        forward_fn = self.model if forward_fn is None else forward_fn
+        per_pos = forward_fn(x[:, start:].reshape(-1, W), y[:, start:].reshape(-1, W), loss_reduction="none")
+        counted = (y[:, start:] >= 0).float() * (1 if weights is None else weights[:, start:])  # [B, T - start]
+        loss = (per_pos.view(counted.shape) * counted).sum() / counted.sum().clamp(min=1e-8)
+        return loss, per_pos.view(x.size(0), -1, W)[:, -1]
 
     def process_batch(self, x, y, step: int, forward_fn=None, answers=None, weights=None,
                       history_lm_weight: float = 0.0) -> StepOutput:
         """answers [B, T] bool (optional) marks answer targets (long-range rows): LensNet decides the focus before
         the first of them among the last H targets (`focus_ends`); weights [B, T] (optional) weigh the targets in the LM loss;
-        history_lm_weight > 0 adds that much of `history_lm_loss`."""
+        history_lm_weight > 0 adds that much of `history_lm_loss`. With the GPT and GistNet frozen (a focus phase)
+        the LM loss trains nothing: the GPT's last block and head then run over the last H entries alone, and the
+        LM loss (logged only) is theirs (focus phase at the CPU preset: 2x less GPT forward)."""
         cfg, K, N = self.cfg, self.cfg.block_size, self.cfg.num_variants
         B, T = x.shape
         n = T // K
@@ -270,18 +285,30 @@ class MCController:
             maps = torch.cat([truncation_map(n, cfg, device).expand(B, 1, n), variants], 1).view(-1, n)  # [V, n]
         with timer.phase("wc_build"):
             wc = materialize(maps, levels, x, cfg, next_token)  # sequence-major: sample = v // (1 + N)
+        shared = tail_mask(wc.valid, cfg.horizon)  # [V, W] the last H targets, same for all variants
+        lm_trains = any(p.requires_grad for net in (self.model, self.gistnet) for p in net.parameters())
+        history_lm = None
         with timer.phase("forward"):
-            per_pos = self.forward_wc(wc, x, forward_fn)  # [V, W]
-            history_lm = self.history_lm_loss(x, y, weights, forward_fn) if history_lm_weight > 0 else None
+            if lm_trains and history_lm_weight > 0:  # the history's last window is the truncation baseline: run once
+                history_lm, baseline = self.history_lm_loss(x, y, weights, forward_fn)
+                compressed = torch.arange(wc.valid.size(0), device=device) % (1 + N) > 0
+                per_variant = self.forward_wc(take_rows(wc, compressed), x, forward_fn).view(B, N, -1)
+                per_pos = torch.cat([baseline[:, None], per_variant], 1).flatten(0, 1)  # [V, W]
+            elif lm_trains:
+                per_pos = self.forward_wc(wc, x, forward_fn)  # [V, W]
+            else:  # GPT and GistNet frozen (a focus phase): LensNet's loss reads the last H targets alone
+                logits = self.tail_logits(wc, x, cfg.horizon, forward_fn)  # [V, H, vocab]
+                per_pos = torch.zeros(wc.targets.shape, device=device)
+                per_pos[shared] = F.cross_entropy(logits.float().flatten(0, 1), wc.targets[shared], ignore_index=-1,
+                                                  reduction="none")
         with timer.phase("losses"):
-            lod0 = (wc.targets >= 0).float()
+            counted = (wc.targets >= 0) if lm_trains else (wc.targets >= 0) & shared  # frozen: the last H targets
             weight = torch.ones(B, 1 + N, device=device)
             weight[:, 0] = cfg.baseline_loss_weight
-            weight = weight.view(-1, 1) * lod0  # [V, W]
+            weight = weight.view(-1, 1) * counted  # [V, W]
             if weights is not None:
                 weight = weight * weights[wc.sample[:, None], wc.pos]  # an entry at p has target y[p]
             lm_loss = (per_pos * weight).sum() / weight.sum().clamp(min=1)
-            shared = tail_mask(wc.valid, cfg.horizon).float()  # [V, W] the last H targets, same for all variants
             nll_h = ((per_pos.detach() * shared).sum(1) / cfg.horizon).view(B, 1 + N)  # [B, 1 + N]
             blocks, groups = expanded_units(variants.view(B * N, n), base_map.repeat_interleave(N, 0), K)
             gist_block, group_entry, _, _ = unit_scores(base_scores, base_wc, K)

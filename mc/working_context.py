@@ -33,7 +33,7 @@ embeddings. Targets come from positions (an LOD0 entry at p predicts token p+1),
 alignment. `validate_wc` is the one place that checks the five invariants of a materialised batch.
 """
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 
@@ -251,7 +251,7 @@ def random_maps(V: int, n_blocks: int, cfg: MCConfig, generator=None, tail_token
 # ---------------------------------------------------------------------------------------------
 # materialisation
 
-@dataclass
+@dataclasses.dataclass
 class WorkingContext:
     """A batch of V materialised working contexts, right-padded to W entries."""
     embeds: torch.Tensor   # [V, W, D] entry embeddings (dtype/device of the levels); padding = 0
@@ -267,6 +267,11 @@ class WorkingContext:
     @property
     def n_entries(self):  # [V]
         return self.valid.sum(1)
+
+
+def take_rows(wc: WorkingContext, rows) -> WorkingContext:
+    """The working contexts `rows` (an index or a bool mask over V) of a batch."""
+    return dataclasses.replace(wc, **{f.name: getattr(wc, f.name)[rows] for f in dataclasses.fields(wc) if f.name != "history_len"})
 
 
 def default_samples(V: int, B: int, device=None):

@@ -414,6 +414,15 @@ class GPT(nn.Module):
         attended = sum(min(w or context, context) for w in c.windows)
         return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_embd * attended
 
+    def kept_forward_share(self, n: int, keep: int) -> float:
+        """Share of the weight matmuls of an n-position forward that remain with logits_to_keep=keep (the last block's
+        keys and values still cover all n positions): for MFU of passes that read only the last logits."""
+        last = self.transformer.h[-1]
+        head = self.lm_head.weight.numel()
+        full = sum(p.numel() for p in self.transformer.h.parameters()) + head
+        trimmed = sum(p.numel() for p in last.parameters()) - last.attn.c_k.weight.numel() - last.attn.c_v.weight.numel() + head
+        return 1 - trimmed * (1 - min(keep, n) / n) / full
+
     def default_rope(self, T: int, offset: int = 0):
         """Standard rotary tables for positions [offset, offset+T): each [1, T, 1, hd/2]."""
         if offset + T > self._rope_len:

@@ -230,7 +230,8 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         # micro-batch, more micro-batches (same data per step, same memory); the controller's micro-step (tree,
         # working contexts, LensNet, one batched forward over (1+N) WCs of W entries per history) with its phase
         # timings; MFU counts the GPT's work: attention over W entries, the history LM's windows too, only the
-        # forward pass when the GPT is frozen (a focus phase)
+        # forward pass when the GPT is frozen, and of that only the last H entries' share when GistNet is frozen too
+        # (a focus phase: MCController.process_batch)
         controller = build_controller(model, mc_cfg, rank)
         mc_modules = controller.modules()
         batch_size = mc_micro_batch(cfg.device_batch_size, cfg.max_seq_len, mc_cfg)
@@ -241,8 +242,12 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         entries_per_row = (1 + mc_cfg.num_variants) * W
         micro_batch_attributes = {"variants": 1 + mc_cfg.num_variants, "wc_budget": W}
         history_entries = cfg.max_seq_len // W * W if cfg.history_lm_weight > 0 else 0
-        passes = 1 / 3 if "gpt" in cfg.freeze.split(",") else 1
-        step_flops_per_token = model.estimate_flops(context_len=W) * passes * (entries_per_row + history_entries) / cfg.max_seq_len
+        # the history LM's last window is the truncation baseline, which then is not run as a working context
+        gpt_entries_per_row = entries_per_row + history_entries - (W if history_entries else 0)
+        frozen = set(cfg.freeze.split(","))
+        passes = 1 / 3 if "gpt" in frozen else 1
+        passes *= model.kept_forward_share(W, mc_cfg.horizon) if {"gpt", "mc_gist"} <= frozen else 1
+        step_flops_per_token = model.estimate_flops(context_len=W) * passes * gpt_entries_per_row / cfg.max_seq_len
         print0(f"MegaContext: {controller.gistnet.summary()}; {controller.lensnet.summary()}")
         print0(f"MegaContext: micro-batch {batch_size} sequences x {1 + mc_cfg.num_variants} variants "
                f"= {batch_size * (1 + mc_cfg.num_variants)} working contexts of W={W} "

@@ -233,3 +233,17 @@ def test_value_embeds_need_token_ids_and_skip_non_tokens():
         for table in model.value_embeds.values():
             table.weight.zero_()
     assert torch.allclose(none, model(idx), atol=1e-5)
+
+
+def test_kept_forward_share_counts_the_trimmed_last_block_and_head():
+    """MFU of passes that read only the last logits: all of a forward at keep >= n, less the last block's queries,
+    output and MLP and the head's share for fewer kept positions (keys and values still cover every position)."""
+    m = GPT(GPTConfig(sequence_len=64, vocab_size=512, n_layer=4, n_embd=64))
+    assert m.kept_forward_share(128, 128) == m.kept_forward_share(128, 500) == 1
+    shares = [m.kept_forward_share(128, keep) for keep in (1, 16, 64)]
+    assert 0 < shares[0] < shares[1] < shares[2] < 1
+    last, head = m.transformer.h[-1], m.lm_head.weight.numel()
+    kv = last.attn.c_k.weight.numel() + last.attn.c_v.weight.numel()
+    others = sum(p.numel() for p in m.transformer.h[:-1].parameters())
+    full = others + sum(p.numel() for p in last.parameters()) + head
+    assert shares[0] == pytest.approx((others + kv + (full - others - kv) / 128) / full)

@@ -199,6 +199,35 @@ def test_deterministic_for_seed_and_step():
     assert seeded.metrics != out_a.metrics, "and on --mc_seed"
 
 
+def test_frozen_gpt_and_gistnet_score_the_last_h_targets_alone():
+    """A focus phase (GPT and GistNet frozen) computes only the last H entries' logits: LensNet's loss, its
+    gradient and the variants' last-H NLL are those of the whole forward; the logged LM loss is the last H's."""
+    outs = []
+    for frozen in (False, True):
+        controller, x, y = make()
+        for p in [*controller.model.parameters(), *controller.gistnet.parameters()]:
+            p.requires_grad_(not frozen)
+        seen = {}
+
+        def forward_fn(**kw):
+            seen["logits_to_keep"] = kw.get("logits_to_keep", 0)
+            return controller.model(**kw)
+
+        out = controller.process_batch(x, y, step=2, forward_fn=forward_fn)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in controller.lensnet.named_parameters() if p.grad is not None}
+        outs.append((out.metrics, grads, seen["logits_to_keep"]))
+    (whole, whole_grads, keep_whole), (tail, tail_grads, keep_tail) = outs
+    assert keep_whole == 0 and 0 < keep_tail < SMALL["wc_budget"]
+    for name in ("lens_loss", "nll_h_truncation", "nll_h_variants", "nll_h_best", "dnll_abs"):
+        assert tail[name] == pytest.approx(whole[name], rel=1e-5), name
+    N = SMALL["num_variants"]  # every variant's last H targets, the baseline's at weight 1
+    assert tail["lm_loss"] == pytest.approx((tail["nll_h_truncation"] + N * tail["nll_h_variants"]) / (1 + N), rel=1e-5)
+    assert whole_grads.keys() == tail_grads.keys() and whole_grads
+    for name, g in whole_grads.items():
+        torch.testing.assert_close(tail_grads[name], g, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("positional", ["gaussian", "index"])
 def test_truncation_baseline_is_the_model_on_the_last_w_tokens(positional):
     controller, x, y = make(positional=positional)
@@ -326,15 +355,35 @@ def test_history_lm_loss_is_the_plain_loss_over_w_windows():
     W = controller.cfg.wc_budget
     start = x.size(1) % W
     windows = controller.model(x[:, start:].reshape(-1, W), y[:, start:].reshape(-1, W))
-    assert torch.allclose(controller.history_lm_loss(x, y), windows, atol=1e-5)
+    loss, last = controller.history_lm_loss(x, y)
+    assert torch.allclose(loss, windows, atol=1e-5)
+    torch.testing.assert_close(last, controller.model(x[:, -W:], y[:, -W:], loss_reduction="none"), atol=1e-5, rtol=1e-5)
     weights = torch.ones_like(y, dtype=torch.float)
     weights[:, -W:] = 0  # only the older windows count
     older = controller.model(x[:, start:-W].reshape(-1, W), y[:, start:-W].reshape(-1, W))
-    assert torch.allclose(controller.history_lm_loss(x, y, weights), older, atol=1e-5)
-    plain = controller.process_batch(x, y, step=0)
-    mixed = controller.process_batch(x, y, step=0, history_lm_weight=0.5)
+    assert torch.allclose(controller.history_lm_loss(x, y, weights)[0], older, atol=1e-5)
+
+
+@pytest.mark.parametrize("answer_weights", [False, True])
+def test_history_lm_reads_the_truncation_baseline_from_its_last_window(answer_weights):
+    """With the history LM on, the truncation baseline is not run again as a working context (it is the history's last
+    window): the step's loss and every metric are those of the step without it plus the history LM."""
+    controller, x, y = make()
+    N = controller.cfg.num_variants
+    weights = torch.rand(y.shape, generator=torch.Generator().manual_seed(0)) + 0.5 if answer_weights else None
+    rows = []
+
+    def forward_fn(*args, **kw):
+        rows.append((args[0] if args else kw["inputs_embeds"]).size(0))
+        return controller.model(*args, **kw)
+
+    plain = controller.process_batch(x, y, step=0, weights=weights)
+    mixed = controller.process_batch(x, y, step=0, weights=weights, history_lm_weight=0.5, forward_fn=forward_fn)
+    assert rows == [B * T // controller.cfg.wc_budget, B * N]  # history windows, then the compressed variants alone
     assert "history_lm_loss" in mixed.metrics and "history_lm_loss" not in plain.metrics
-    assert math.isclose(mixed.loss.item(), plain.loss.item() + 0.5 * mixed.metrics["history_lm_loss"], rel_tol=1e-4)
+    assert math.isclose(mixed.loss.item(), plain.loss.item() + 0.5 * mixed.metrics["history_lm_loss"], rel_tol=1e-5)
+    for name, value in plain.metrics.items():
+        assert mixed.metrics[name] == pytest.approx(value, rel=1e-5), name
 
 
 def test_focus_ends_at_the_first_scored_answer():
