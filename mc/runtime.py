@@ -249,7 +249,7 @@ class MCController:
         the first of them among the last H targets (`focus_ends`); weights [B, T] (optional) weigh the targets in the LM loss;
         history_lm_weight > 0 adds that much of `history_lm_loss`. With the GPT and GistNet frozen (a focus phase)
         the LM loss trains nothing: the GPT's last block and head then run over the last H entries alone, and the
-        LM loss (logged only) is theirs (focus phase at the CPU preset: 2x less GPT forward)."""
+        LM loss (logged only) is theirs (the CPU preset's 64 working contexts: 536 -> 264 ms of GPT forward, eager)."""
         cfg, K, N = self.cfg, self.cfg.block_size, self.cfg.num_variants
         B, T = x.shape
         n = T // K

@@ -441,8 +441,9 @@ class GPT(nn.Module):
         value embeddings, token_ids [B, T] says which token each entry is (-1: none, e.g. a gist: no value embedding).
         logits_to_keep > 0: logits of the last that many positions only ([B, n, V]; prefill and evaluation read no
         more). The head and the last block then run over those positions alone (the last block's keys and values
-        still cover all, and a KV cache still receives them): at the CPU preset (depth 4) the head over every
-        position was a third of an inference forward and the last block a fifth of the rest."""
+        still cover all, and a KV cache still receives them): at the CPU preset (depth 4, bf16) the head over every
+        position was a third of an inference forward; trimming the last block took 16 histories of 2,048 tokens
+        from 2.68 to 2.42 s and 64 of 128 from 0.30 to 0.29 s (attention and norms of the other blocks remain)."""
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx or inputs_embeds")
         if logits_to_keep > 0 and targets is not None:
@@ -462,7 +463,7 @@ class GPT(nn.Module):
             x = self.smear(x, kv_cache)
         x0, middle, last = x, self.config.n_layer // 2, self.config.n_layer - 1
         ids = idx if idx is not None else token_ids
-        # the last block computes only the kept positions' queries and MLP (a quarter of the work at depth 4)
+        # the last block computes only the kept positions' queries, attention output and MLP
         queries = logits_to_keep if 0 < logits_to_keep < T else 0
         for i, block in enumerate(self.transformer.h):
             if i == middle:
