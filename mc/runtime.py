@@ -46,6 +46,7 @@ from mc.telemetry import PhaseTimer
 from mc.tree import build_tree
 from mc.working_context import (WorkingContext, entry_token_ids, materialize, most_compressed_map, random_maps, tail_mask,
                                 take_rows, truncation_map)
+from nanochat.longrange import weighted_mean
 
 FOCUS_POLICIES = ("mc", "gists_only", "random")  # MCController.focus
 VALIDATION_ARMS = ("truncation", "mc", "full")  # the arms of training-time validation at budget W (mc/arms.py: evaluation)
@@ -239,8 +240,7 @@ class MCController:
         start = x.size(1) % W  # histories are longer than W (MCConfig.validate)
         forward_fn = self.model if forward_fn is None else forward_fn
         per_pos = forward_fn(x[:, start:].reshape(-1, W), y[:, start:].reshape(-1, W), loss_reduction="none")
-        counted = (y[:, start:] >= 0).float() * (1 if weights is None else weights[:, start:])  # [B, T - start]
-        loss = (per_pos.view(counted.shape) * counted).sum() / counted.sum().clamp(min=1e-8)
+        loss = weighted_mean(per_pos.view(x.size(0), -1), y[:, start:], None if weights is None else weights[:, start:])
         return loss, per_pos.view(x.size(0), -1, W)[:, -1]
 
     def process_batch(self, x, y, step: int, forward_fn=None, answers=None, weights=None,

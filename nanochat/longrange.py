@@ -463,8 +463,13 @@ def weighted_lm_loss(model, x, y, weights=None):
     under weights [B, T] (from `target_weights`)."""
     if weights is None:
         return model(x, y)
-    weights = weights * (y >= 0)
-    return (model(x, y, loss_reduction="none") * weights).sum() / weights.sum().clamp(min=1e-8)
+    return weighted_mean(model(x, y, loss_reduction="none"), y, weights)
+
+
+def weighted_mean(per_target, y, weights=None):
+    """Mean of per-target losses [B, T] over the counted targets (y >= 0), under weights [B, T] when given."""
+    counted = (y >= 0).float() if weights is None else weights * (y >= 0)
+    return (per_target * counted).sum() / counted.sum().clamp(min=1e-8)
 
 
 def parse_mix(spec: str, natural: str, flag: str = "--data_mix") -> dict:
