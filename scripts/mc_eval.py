@@ -18,7 +18,8 @@ Tasks (--tasks), on rows from nanochat/longrange.py with filler from the val spl
   recall        accuracy (per query) vs number of key -> value pairs at one history length
   loss          NLL of the final E tokens as history grows: natural text (val split, the same final
                 tokens with a longer and longer history) and `facts` documents (all tail tokens, and
-                the far-recall tokens alone)
+                the far-recall tokens alone); on natural text also per text, paired: mc - plain_truncation
+                and mc - truncation, mean difference and its standard error over the texts
   substitution  tail NLL with history blocks as raw tokens / as their gists (most compressed) / absent
                 (raw tail only), on the loss task's rows, for lengths up to --full_max_len:
                 delta = gists - raw, recovered = (absent - gists) / (absent - raw)
@@ -52,6 +53,9 @@ from nanochat.tasks_file import TasksFileError, batches, load_tasks_file, tokeni
 from scripts.mc_eval_report import write_outputs
 
 TASKS = ("needle", "recall", "loss", "substitution")
+# natural-text tail NLL compared per text (paired, so the texts' own spread cancels): the MC arm against the plain
+# twin's truncation (issue 10's fair comparison) and against its own model's truncation
+PAIRED = (("mc", "plain_truncation"), ("mc", "truncation"))
 
 
 class EvalError(ValueError):
@@ -254,7 +258,7 @@ def loss_tasks(r: Runner, lengths, do_loss: bool, do_subst: bool) -> dict:
     """NLL of the final E tokens per arm and length on natural text and facts docs; substitutability."""
     cfg, E = r.cfg, r.E
     out = {"natural": {a: {} for a in r.arms}, "facts": {a: {} for a in r.arms}, "facts_far": {a: {} for a in r.arms},
-           "substitution": {"natural": {}, "facts_far": {}}}
+           "substitution": {"natural": {}, "facts_far": {}}, "paired": {f"{a} - {b}": {} for a, b in PAIRED}}
     Lmax = max(lengths)
     natural = DataLoader(r.tokenizer, cfg.loss_examples, Lmax, r.data_dir, split="val").next_rows()  # [N, Lmax+1]
     for L in lengths:
@@ -262,6 +266,7 @@ def loss_tasks(r: Runner, lengths, do_loss: bool, do_subst: bool) -> dict:
         subst = do_subst and L <= r.ev.full_max_len and L > r.ev.cfg.recent
         for kind in ("natural", "facts"):
             sums = {}  # name -> [nll sum, count, far nll sum, far count]
+            per_text = {}  # arm -> [mean tail NLL of each natural-text row]
             for start in range(0, cfg.loss_examples, cfg.batch_size):
                 stop = min(cfg.loss_examples, start + cfg.batch_size)
                 if kind == "facts" and not facts_ok:
@@ -290,6 +295,11 @@ def loss_tasks(r: Runner, lengths, do_loss: bool, do_subst: bool) -> dict:
                     s = sums.setdefault(name, [0.0, 0, 0.0, 0])
                     s[0] += float(res[0].sum()); s[1] += res[0].numel()  # noqa: E702
                     s[2] += float((res[0] * far).sum()); s[3] += int(far.sum())  # noqa: E702
+                    if kind == "natural":
+                        per_text.setdefault(name, []).append(res[0].float().mean(1).cpu())
+            for a, b in PAIRED:
+                if a in per_text and b in per_text:
+                    out["paired"][f"{a} - {b}"][L] = paired_difference(torch.cat(per_text[a]), torch.cat(per_text[b]))
             if kind == "facts" and not facts_ok:
                 r.skip(f"loss facts L={L}: too short for a facts document (needs {r.gen.min_row_len('facts') - 1} tokens)")
                 continue
@@ -303,7 +313,7 @@ def loss_tasks(r: Runner, lengths, do_loss: bool, do_subst: bool) -> dict:
                 else:
                     out["facts"][name][L] = nll / cnt
                     out["facts_far"][name][L] = far_nll / far_cnt if far_cnt else float("nan")
-    for key in ("natural", "facts", "facts_far"):
+    for key in ("natural", "facts", "facts_far", "paired"):
         out[key] = {arm: v for arm, v in out[key].items() if v}
     for table in out["substitution"].values():
         for v in table.values():
@@ -311,6 +321,13 @@ def loss_tasks(r: Runner, lengths, do_loss: bool, do_subst: bool) -> dict:
             gap = v["none"] - v["raw"]  # what raw history is worth; too small a gap makes the ratio noise
             v["recovered"] = (v["none"] - v["gists"]) / gap if abs(gap) > 1e-3 else float("nan")
     return out
+
+
+def paired_difference(a, b) -> dict:
+    """Mean and standard error over texts of the per-text difference a - b [N] (the same texts under two arms)."""
+    d = (a - b).double()
+    se = float(d.std() / d.numel() ** 0.5) if d.numel() > 1 else float("nan")
+    return {"mean": float(d.mean()), "se": se, "texts": d.numel()}
 
 
 def substitution_maps(r: Runner, rows, L: int, full=None) -> dict:

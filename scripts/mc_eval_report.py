@@ -131,6 +131,14 @@ def write_outputs(results: dict, report_dir) -> dict:
                 items += [f"**Tail NLL** (nats, final {E} tokens) vs history length: {what}:", _arm_table(ls[key], cols, "arm")]
                 items += _lines(report_dir / f"mc_eval_loss_{key}.png", ls[key], "history length (tokens)",
                                 "NLL (nats)", f"Tail NLL vs history: {what}")
+        paired = ls.get("paired", {})
+        cols = sorted({n for v in paired.values() for n in v})
+        if cols:
+            n = max(v["texts"] for per in paired.values() for v in per.values())
+            items += [f"**Paired per text** (natural text, the same {n} texts under both arms): mean difference of the "
+                      "tail NLL ± its standard error; below 0 = the first arm predicts better:",
+                      markdown_table(["arms", *cols], [[pair, *(f"{per[c]['mean']:+.3f} ± {per[c]['se']:.3f}" if c in per
+                                                               else None for c in cols)] for pair, per in paired.items()])]
         for key, what in (("natural", "natural text"), ("facts_far", "facts far-recall tokens")):
             table = ls["substitution"][key]
             if table:

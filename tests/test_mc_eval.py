@@ -75,6 +75,22 @@ def test_every_arm_runs_and_files_are_written(results):
     assert "Needle accuracy" in section and "| mean_gist |" in section and "Substitutability" in section
 
 
+def test_paired_differences_match_the_arm_means(results):
+    loss = results["loss"]
+    paired = loss["paired"]
+    assert set(paired) == {"mc - plain_truncation", "mc - truncation"}
+    for pair, per in paired.items():
+        a, b = pair.split(" - ")
+        assert set(per) == set(loss["natural"]["mc"]) == {64, 256}
+        for L, d in per.items():  # every text scores E tokens, so the mean of per-text means is the arms' mean NLL
+            assert d["texts"] == 2 and d["mean"] == pytest.approx(loss["natural"][a][L] - loss["natural"][b][L], abs=1e-5)
+            assert np.isfinite(d["se"]) and d["se"] >= 0
+    assert "Paired per text" in (get_report_dir() / "section-mc-eval.md").read_text()
+    d = mc_eval.paired_difference(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 1.0]))
+    assert d["mean"] == pytest.approx(5 / 3) and d["texts"] == 3
+    assert d["se"] == pytest.approx(np.std([1, 2, 2], ddof=1) / np.sqrt(3))
+
+
 def test_oracle_expands_the_answer_block(checkpoints):
     model, states, meta = build_model(checkpoint_dir("base", "mceval_mc"), None, "cpu")
     controller = load_controller(model, states, meta)
