@@ -2,9 +2,10 @@
 
 Per micro-batch x, y [B, T] (history T > W):
  1. tree: LOD0 = wte(x), LOD1/LOD2 gists by one batched GistNet call per level (differentiable);
- 2. base WC per sequence = the most compressed cover; LensNet scores its entries (with grad), reading
-    only the history before the scored targets (`focus_ends`: up to the first answer among the last H
-    targets, else up to the last H targets), as it would at inference, where the answer is not yet known;
+ 2. base WC per sequence = the most compressed cover without partial nodes (`lens_base_map`); LensNet scores
+    its entries (with grad), reading only the history before the scored targets (`focus_ends`: up to the first
+    answer among the last H targets, else up to the last H targets), as it would at inference, where the
+    answer is not yet known;
  3. V = B (1 + N) working contexts, sequence-major: per sequence the truncation baseline (last W
     raw tokens) and N compressed variants that all start from the base and only expand:
     `teacher_variants` focused by the lexical-overlap teacher (greedy on the blocks whose rare
@@ -14,7 +15,9 @@ Per micro-batch x, y [B, T] (history T > W):
     shortcut: without it the block holding a needle is expanded in ~1 variant in n, so neither the
     GPT (copying from an expanded block) nor LensNet (which block was worth it) sees the signal.
     It is never used at inference, where LensNet alone decides (by descent: `focus` scores every
-    old block as a LOD1 gist and expands the best with their groups, mc.allocator.descend_maps);
+    old block as a LOD1 gist and expands the best with their groups, mc.allocator.descend_maps).
+    With cfg.partial_gists every variant then shows a partial node as one gist where it expanded nothing
+    under it (`close_partial_nodes`), as the inference descent from the partial cover would;
  4. one batched GPT forward over [V, W] with inputs_embeds + per-row rope, per-position loss;
  5. LM loss = weighted mean over all LOD0 targets of all variants (baseline weight configurable;
     optional per-target weights, e.g. answers of long-range rows counted more); optionally
@@ -33,6 +36,7 @@ Errors raise; there is no fallback to vanilla training.
 """
 
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -43,9 +47,9 @@ from mc.allocator import NEG, block_entry_scores, descend_maps, edit_maps, expan
 from mc.config import MCConfig
 from mc.positional import wc_rope
 from mc.telemetry import PhaseTimer
-from mc.tree import build_tree
-from mc.working_context import (WorkingContext, entry_token_ids, materialize, most_compressed_map, random_maps, tail_mask,
-                                take_rows, truncation_map)
+from mc.tree import build_tree, partial_nodes
+from mc.working_context import (WorkingContext, close_partial_nodes, entry_token_ids, materialize, most_compressed_map,
+                                random_maps, tail_mask, take_rows, truncation_map)
 from nanochat.longrange import weighted_mean
 
 FOCUS_POLICIES = ("mc", "gists_only", "random")  # MCController.focus
@@ -74,6 +78,14 @@ def visible_entries(wc, focus_end=None):
     if focus_end is None:
         return wc.valid
     return wc.valid & (wc.pos + wc.span <= focus_end.to(wc.pos.device)[wc.sample][:, None])
+
+
+def lens_base_map(n_blocks: int, cfg: MCConfig, device=None):
+    """The map [n_blocks] LensNet scores in training and the teacher's and LensNet's variants grow from: the most
+    compressed cover, with partial nodes shown as their complete children. Inference scores every old block as
+    a LOD1 gist (`MCController.block_scores`); a partial node would be a single unit covering all of them, and
+    a softmax over one unit has no loss (on a probe with cfg.partial_gists, LensNet's loss stayed 0)."""
+    return most_compressed_map(n_blocks, replace(cfg, partial_gists=False), device=device)
 
 
 def best_variant_lens_loss(unit_scores, expanded, nll):
@@ -262,7 +274,7 @@ class MCController:
         with timer.phase("tree"):
             levels = self.tree(x)
         with timer.phase("lensnet"):
-            base_map = self.focus(levels, policy="gists_only")
+            base_map = lens_base_map(n, cfg, device).expand(B, n)
             base_wc = materialize(base_map, [level.detach() for level in levels], x, cfg, next_token)
             base_scores = self.score(base_wc, focus_end=focus_end)  # [B, W], with grad into LensNet
         with timer.phase("allocator"):
@@ -282,6 +294,7 @@ class MCController:
             randoms = random_maps(B * n_random, n, cfg, generator, device=device)
             variants = torch.cat([teacher.view(B, n_teacher, n), guided.view(B, n_guided, n),
                                   randoms.view(B, n_random, n)], 1)  # [B, N, n]
+            variants = close_partial_nodes(variants.view(B * N, n), partial_nodes(n, cfg), K).view(B, N, n)
             maps = torch.cat([truncation_map(n, cfg, device).expand(B, 1, n), variants], 1).view(-1, n)  # [V, n]
         with timer.phase("wc_build"):
             wc = materialize(maps, levels, x, cfg, next_token)  # sequence-major: sample = v // (1 + N)

@@ -21,7 +21,8 @@ and its tail is raw; it fits when `entry_counts <= W`.
 Edits (the focus allocator's vocabulary) change one block or one node: `expand_blocks` (GIST -> RAW,
 +K-1), `expand_groups` (LOD2 -> GIST, +K-1 for a complete group, +j-1 for a partial one of j blocks),
 `open_nodes` (every node holding a marked block, down to LOD1 gists), `open_partial_nodes` (partial nodes
-whose gists the tree replaced -> their children), `collapse_blocks` (RAW -> GIST,
+whose gists the tree replaced -> their children), `close_partial_nodes` (a partial node's children, all shown
+as gists -> the node), `collapse_blocks` (RAW -> GIST,
 -(K-1), never in the raw tail), `collapse_groups` (K GIST blocks of a complete group -> LOD2, -(K-1)).
 Group masks are `[V, ceil(n_blocks / K)]`; an entry at position p belongs to block p // K and group
 p // K**2. Budgets are the caller's business.
@@ -149,6 +150,18 @@ def open_partial_nodes(lod_map, nodes, K: int):
         start, child = g * K ** (level - 1), K ** (level - 2)
         run = lod[:, start:start + j * child]  # [V, j * child] view
         run.copy_(torch.where(run == level, level - 1, run))
+    return lod
+
+
+def close_partial_nodes(lod_map, nodes, K: int):
+    """Maps [V, n_blocks] with each partial node (level, g, j) of `nodes` shown as one entry where all its j children
+    are shown as their gists (-(j-1) entries each): what a descent from the partial cover shows when it expanded
+    nothing under the node (the inverse of `open_partial_nodes`)."""
+    lod = lod_map.clone()
+    for level, g, j in nodes:
+        start, child = g * K ** (level - 1), K ** (level - 2)
+        run = lod[:, start:start + j * child]  # [V, j * child] view
+        run.copy_(torch.where((run == level - 1).all(1, keepdim=True), level, run))
     return lod
 
 

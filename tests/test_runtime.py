@@ -80,9 +80,11 @@ def test_process_batch_shapes_and_finite_loss():
 
 
 def test_training_with_partial_gists(monkeypatch):
-    """T=256, K=8, R=16: 30 older blocks = 3·8 + 6 -> the base cover is a LOD3 partial gist (3 LOD2 nodes) and a LOD2
-    partial gist (6 blocks) beside the raw tail; every WC of the step is valid and the LM loss trains GistNet
-    through the partial gists (their masked calls)."""
+    """T=256, K=8, R=16: 30 older blocks = 3·8 + 6. LensNet's base cover shows them without partial nodes (3 LOD2
+    nodes, 6 LOD1 gists: 9 units to rank; the partial cover, a LOD3 and a LOD2 partial gist, would leave one
+    LOD1 unit-free softmax), the random variants start from the partial cover, so the GPT sees partial gists;
+    every WC of the step is valid, LensNet's loss is not 0 and the LM loss trains GistNet through the partial
+    gists (their masked calls)."""
     from mc.working_context import validate_wc
     controller, x, y = make(partial_gists=True)
     built, original = [], mc.runtime.materialize
@@ -97,10 +99,11 @@ def test_training_with_partial_gists(monkeypatch):
     out = controller.process_batch(x, y, step=0)
     assert torch.isfinite(out.loss)
     base, wc = built[0], built[-1]  # the base cover, then the batch of all variants
-    assert base.n_entries.tolist() == [2 + 16] * B
-    assert base.lod[0, :2].tolist() == [3, 2] and base.span[0, :2].tolist() == [3 * 64, 6 * 8]
+    assert base.n_entries.tolist() == [3 + 6 + 16] * B
+    assert base.lod[0, :9].tolist() == [2] * 3 + [1] * 6 and base.span[0, :4].tolist() == [64, 64, 64, 8]
     partial = wc.valid & (wc.lod >= 2) & (wc.span < torch.pow(8, wc.lod))
-    assert partial.any() and (wc.lod == 1).any()  # variants open partial nodes too
+    assert partial.any() and (wc.lod == 1).any()  # random variants show partial gists, and open them
+    assert out.metrics["lens_loss"] > 0
     assert "head.2.weight" in nonzero_grads(out.loss, controller.gistnet)  # (the zero-initialised output first)
 
 

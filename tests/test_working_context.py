@@ -14,8 +14,8 @@ from mc.config import MCConfig
 from mc.tree import level_rows, partial_nodes, tree_depth
 from mc.working_context import (
     GIST, GROUP, RAW, UNCOVERED, WorkingContextError, collapse_blocks, collapse_groups, edit_cost,
-    entry_counts, entry_token_ids, expand_blocks, expand_groups, is_legal, materialize, most_compressed_map, open_nodes,
-    open_partial_nodes, random_maps, validate_wc,
+    close_partial_nodes, entry_counts, entry_token_ids, expand_blocks, expand_groups, is_legal, materialize,
+    most_compressed_map, open_nodes, open_partial_nodes, random_maps, validate_wc,
 )
 
 D = 3
@@ -346,6 +346,27 @@ def test_partial_nodes_open_and_go_stale():
     # without partial gists the incomplete group is shown as its gists, K - 1 entries at most per level
     plain = most_compressed_map(16, MCConfig(block_size=K, recent=8, wc_budget=24, horizon=1))
     assert plain.tolist() == [2] * 12 + [1] * 2 + [0] * 2
+
+
+def test_close_partial_nodes_shows_untouched_partial_nodes_as_one_entry():
+    """The cover without partial nodes, closed, is the partial cover (for random histories); a node with a child
+    expanded stays open; closing what `open_partial_nodes` opened gives the map back."""
+    rng = random.Random(0)
+    for _ in range(50):
+        K = rng.choice([2, 3, 4])
+        cfg = MCConfig(block_size=K, recent=K * rng.randint(1, 2), wc_budget=200, horizon=1, partial_gists=True)
+        n = rng.randint(1, 90)
+        nodes = partial_nodes(n, cfg)
+        per_level = most_compressed_map(n, MCConfig(block_size=K, recent=cfg.recent, wc_budget=200, horizon=1))[None]
+        assert torch.equal(close_partial_nodes(per_level, nodes, K), most_compressed_map(n, cfg)[None]), (K, n)
+        assert torch.equal(close_partial_nodes(open_partial_nodes(per_level, nodes, K), nodes, K),
+                           close_partial_nodes(per_level, nodes, K))
+    K = 4
+    cfg = MCConfig(block_size=K, recent=8, wc_budget=40, horizon=1, partial_gists=True)
+    nodes = partial_nodes(16, cfg)  # [(2, 3, 2), (3, 0, 3)]
+    touched = expand_blocks(torch.tensor([[2] * 12 + [1] * 2 + [0] * 2], dtype=torch.int8), torch.arange(16)[None] == 12)
+    closed = close_partial_nodes(touched, nodes, K)
+    assert closed.tolist() == [[3] * 12 + [0, 1] + [0] * 2] and is_legal(closed, K, 2, partial=True).all()
 
 
 def test_entry_token_ids_are_tokens_of_raw_entries_only():
