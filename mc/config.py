@@ -31,7 +31,7 @@ class MCConfig:
     # tree and working context
     block_size: int = field(default=32, metadata={"help": "K: tokens per LOD1 gist and LOD1 gists per LOD2 gist"})
     max_lod: int = field(default=2, metadata={"help": "levels of detail with their own learned embedding in GistNet and LensNet; the tree grows as deep as the history needs and deeper levels share the embedding of this one", "choices": [1, 2, 3, 4]})
-    partial_gists: bool = field(default=False, metadata={"help": "show an incomplete group of the tree (older than the raw tail) as one gist of its complete children (GistNet with masked padding), in training, evaluation and sessions: a history older than the raw tail then needs one entry per non-zero base-K digit of its blocks (off: the group's children, up to K-1 entries per level)"})
+    partial_gists: bool = field(default=False, metadata={"help": "show an incomplete group of the tree (older than the raw tail) as one gist of its complete children (GistNet with masked padding), in training, evaluation and sessions: a history older than the raw tail then needs one entry per non-zero base-K digit of its blocks (off: the group's children, up to K-1 entries per level, so a long enough session drops its oldest history); run10.sh trains with it"})
     wc_budget: int = field(default=512, metadata={"help": "W: entries (tokens + gists) in a working context"})
     recent: int = field(default=128, metadata={"help": "R: most recent tokens always kept raw (LOD0)"})
     horizon: int = field(default=64, metadata={"help": "H: final targets shared by all variants, scored for LensNet"})
