@@ -184,7 +184,7 @@ class MCController:
 
     def focus(self, levels, *, policy: str = "mc", focus_end=None, tail_tokens: int = 0, generator=None):
         """The LOD maps [B, n] a focus policy shows of a tree; validation, evaluation and sessions decide every
-        focus here (training grows its variants from the same most compressed map, `process_batch`):
+        focus here (training grows its variants from the same cover, partial nodes opened: `lens_base_map`):
         `mc` the inference focus: the most compressed map, then LensNet's best blocks (read up to focus_end
         [B]) expanded with the nodes above them while they fit W (`descend`);
         `gists_only` the most compressed map; `random` random legal maps (generator)."""
