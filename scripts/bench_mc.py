@@ -52,6 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--recent", type=checked_number(int, 1), default=32, help="R (--mc_recent)")
     parser.add_argument("--horizon", type=checked_number(int, 1), default=32, help="H (--mc_horizon)")
     parser.add_argument("--num_variants", type=checked_number(int, 1), default=3, help="N (--mc_num_variants)")
+    parser.add_argument("--partial_gists", action=argparse.BooleanOptionalAction, default=True,
+                        help="--mc_partial_gists (on in the recipe, run10.sh)")
     gist_types = MCConfig.__dataclass_fields__["gist_type"].metadata["choices"]
     parser.add_argument("--gist_type", choices=gist_types, default=MCConfig.gist_type, help="GistNet body (--mc_gist_type)")
     parser.add_argument("--gist_layers", type=checked_number(int, 1), default=MCConfig.gist_layers,
@@ -87,7 +89,8 @@ class Bench:
         self.model = GPT(GPTConfig.from_depth(args.depth, sequence_len=T, vocab_size=args.vocab_size)).to(device)
         self.model.init_weights()
         self.cfg = MCConfig(block_size=args.block_size, wc_budget=W, recent=args.recent, horizon=args.horizon,
-                            num_variants=N, gist_type=args.gist_type, gist_layers=args.gist_layers)
+                            num_variants=N, gist_type=args.gist_type, gist_layers=args.gist_layers,
+                            partial_gists=args.partial_gists)
         self.controller = build_controller(self.model, self.cfg)
         with torch.no_grad():  # mid-training state: zero-initialised outputs get values (timing is value-free)
             for module in (self.model, *self.controller.modules().values()):
