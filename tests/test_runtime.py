@@ -81,8 +81,8 @@ def test_process_batch_shapes_and_finite_loss():
 
 def test_training_with_partial_gists(monkeypatch):
     """T=256, K=8, R=16: 30 older blocks = 3·8 + 6. LensNet's base cover shows them without partial nodes (3 LOD2
-    nodes, 6 LOD1 gists: 9 units to rank; the partial cover, a LOD3 and a LOD2 partial gist, would leave one
-    LOD1 unit-free softmax), the random variants start from the partial cover, so the GPT sees partial gists;
+    nodes, 6 LOD1 gists: 9 units to rank; the partial cover, a LOD3 and a LOD2 partial gist, would leave its
+    softmax no LOD1 unit), the random variants start from the partial cover, so the GPT sees partial gists;
     every WC of the step is valid, LensNet's loss is not 0 and the LM loss trains GistNet through the partial
     gists (their masked calls)."""
     from mc.working_context import validate_wc
