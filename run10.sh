@@ -61,7 +61,7 @@ if [ "$PRESET" = gpu ]; then
     MC_FOCUS=(--depth=12 --max_seq_len=4096 --device_batch_size=8 --total_batch_size=524288 --num_iterations=300
               --freeze=gpt,mc_gist --data_mix=text:0.1,needle:0.45,recall:0.25,memory:0.2 --eval_every=300 --sample_every=-1)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
-    MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64 --mc_bag_loss_weight=0.1 --mc_partial_gists)
+    MC_FLAGS=(--mc --mc_wc_budget=512 --mc_recent=128 --mc_horizon=64 --mc_bag_loss_weight=0.1)
     MC_EVAL=()
     MC_MID=(--data=smoltalk:4,longdoc_qa:2,identity:0.5,memory:2)  # the defaults plus memory conversations
     MC_SFT=(--data=smoltalk:4,gsm8k:1,longdoc_qa:1,identity:0.5,memory:1)
@@ -99,7 +99,7 @@ else
               --freeze=gpt,mc_gist --data_mix=books:0.1,needle:0.45,recall:0.25,memory:0.2 --warmup_ratio=0.03
               --warmdown_ratio=0.3 --eval_every=400 --eval_tokens=32768 --sample_every=-1 --log_every=25)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
-    MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=32 --mc_horizon=16 --mc_bag_loss_weight=0.1 --mc_partial_gists)
+    MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=32 --mc_horizon=16 --mc_bag_loss_weight=0.1)
     MC_EVAL=(--needle_examples=200 --recall_examples=40 --loss_examples=96 --batch_size=16)  # 200: +-0.015 near 0.95
     # the chat stages add conversations that ask for a fact the user told many turns earlier (memory)
     MC_MID=(--data=identity,longdoc_qa:2,memory:4 --num_conversations=3000 --val_conversations=64 --num_iterations=150

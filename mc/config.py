@@ -31,7 +31,7 @@ class MCConfig:
     # tree and working context
     block_size: int = field(default=32, metadata={"help": "K: tokens per LOD1 gist and LOD1 gists per LOD2 gist"})
     max_lod: int = field(default=2, metadata={"help": "levels of detail with their own learned embedding in GistNet and LensNet; the tree grows as deep as the history needs and deeper levels share the embedding of this one", "choices": [1, 2, 3, 4]})
-    partial_gists: bool = field(default=False, metadata={"help": "show an incomplete group of the tree (older than the raw tail) as one gist of its complete children (GistNet with masked padding), in training, evaluation and sessions: a history older than the raw tail then needs one entry per non-zero base-K digit of its blocks (off: the group's children, up to K-1 entries per level, so a long enough session drops its oldest history); run10.sh trains with it"})
+    partial_gists: bool = field(default=True, metadata={"help": "show an incomplete group of the tree (older than the raw tail) as one gist of its complete children (GistNet with masked padding), in training, evaluation and sessions: a history older than the raw tail then needs one entry per non-zero base-K digit of its blocks (off: the group's children, up to K-1 entries per level, so a long enough session drops its oldest history: the recipe's model without them, from 163,871 tokens; with them, nothing up to 200,000)"})
     wc_budget: int = field(default=512, metadata={"help": "W: entries (tokens + gists) in a working context"})
     recent: int = field(default=128, metadata={"help": "R: most recent tokens always kept raw (LOD0)"})
     horizon: int = field(default=64, metadata={"help": "H: final targets shared by all variants, scored for LensNet"})
@@ -112,7 +112,7 @@ class MCConfig:
             if self.min_entries(sequence_len) > self.wc_budget:
                 fail(f"a history of {sequence_len} tokens does not fit --mc_wc_budget={self.wc_budget} even fully "
                      f"compressed ({self.min_entries(sequence_len)} entries with --mc_recent={self.recent}); "
-                     "raise the budget, use --mc_partial_gists, or shorten --max_seq_len")
+                     f"raise the budget{'' if self.partial_gists else ', drop --no-mc_partial_gists'} or shorten --max_seq_len")
         if self.num_variants < 2 and self.lens_loss_weight > 0:
             fail(f"--mc_num_variants={self.num_variants} leaves LensNet no pair of variants to compare (its loss "
                  "would always be 0): use >= 2, or --mc_lens_loss_weight=0")

@@ -186,7 +186,7 @@ def main(argv=None):
                         "reference of the long-history row)")
     parser.add_argument("--long_history", type=checked_number(int, 0), default=1_000_000, help="tokens of the long-history "
                         "row: MC sessions with the LOD0 cache on and off (0 = skip it, e.g. in tests and CI)")
-    parser.add_argument("--partial_gists", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--partial_gists", action=argparse.BooleanOptionalAction, default=MCConfig.partial_gists,
                         help="MCConfig.partial_gists of the random model (a checkpoint brings its own)")
     parser.add_argument("--decode_tokens", type=checked_number(int, 1), default=32, help="tokens per timed decode round (a multiple of "
                         "the refocus interval keeps the work of every MC round alike)")

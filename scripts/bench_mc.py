@@ -52,8 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--recent", type=checked_number(int, 1), default=32, help="R (--mc_recent)")
     parser.add_argument("--horizon", type=checked_number(int, 1), default=32, help="H (--mc_horizon)")
     parser.add_argument("--num_variants", type=checked_number(int, 1), default=3, help="N (--mc_num_variants)")
-    parser.add_argument("--partial_gists", action=argparse.BooleanOptionalAction, default=True,
-                        help="--mc_partial_gists (on in the recipe, run10.sh)")
+    parser.add_argument("--partial_gists", action=argparse.BooleanOptionalAction, default=MCConfig.partial_gists,
+                        help="--mc_partial_gists")
     gist_types = MCConfig.__dataclass_fields__["gist_type"].metadata["choices"]
     parser.add_argument("--gist_type", choices=gist_types, default=MCConfig.gist_type, help="GistNet body (--mc_gist_type)")
     parser.add_argument("--gist_layers", type=checked_number(int, 1), default=MCConfig.gist_layers,

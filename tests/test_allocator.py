@@ -158,7 +158,7 @@ def test_greedy_picks_highest_scores_within_budget_and_max_edits():
 
 
 def test_groups_compete_with_blocks():
-    cfg = MCConfig(block_size=4, recent=4, wc_budget=4 + 3 + 3, horizon=1, max_edits=8)  # 2 groups + 1 tail
+    cfg = MCConfig(block_size=4, recent=4, wc_budget=4 + 3 + 3, horizon=1, partial_gists=False, max_edits=8)  # 2 groups + 1 tail
     maps = most_compressed_map(9, cfg)[None]
     assert maps.tolist() == [[2] * 8 + [0]]
     wc = wc_of(maps, cfg)
@@ -236,7 +236,7 @@ def test_stochastic_greedy_samples_among_top_k_reproducibly():
 
 def test_oracle_map_expands_answer_blocks_and_their_groups():
     K = 4
-    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1)
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1, partial_gists=False)
     n = 36  # most compressed: 2 LOD3 nodes (blocks 0-15, 16-31) + 2 loose gists + 8 tail tokens = 12 entries
     base = most_compressed_map(n, cfg)
     assert base.tolist() == [3] * 32 + [GIST] * 2 + [RAW] * 2
@@ -264,7 +264,7 @@ def test_oracle_map_expands_answer_blocks_and_their_groups():
 
 def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
     K = 4
-    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1, read_on=False, recency_bonus=0.0)
+    cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1, partial_gists=False, read_on=False, recency_bonus=0.0)
     n = 36  # most compressed: 2 LOD3 nodes (blocks 0-31) + 2 loose gists + 8 tail tokens = 12 entries; 21 to spend
     base = most_compressed_map(n, cfg).expand(3, n)
     scores = torch.full((3, n), float("-inf"))
@@ -283,7 +283,7 @@ def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
     # no candidate scored: nothing changes
     assert torch.equal(descend_maps(base, torch.full((3, n), float("-inf")), cfg), base)
     # a block whose nodes alone cost more than W leaves is skipped, not the end of the ranking
-    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1, read_on=False, recency_bonus=0.0)  # 8 to spend
+    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1, partial_gists=False, read_on=False, recency_bonus=0.0)  # 8 to spend
     scores = torch.full((1, n), float("-inf"))
     scores[0, [5, 33]] = torch.tensor([2.0, 1.0])  # block 5 needs LOD3 node 0, group 1 and itself: 9
     m = descend_maps(most_compressed_map(n, tight)[None], scores, tight)
@@ -382,7 +382,7 @@ def test_similarity_scores_peak_at_a_gist_equal_to_the_tail_mean():
 
 def test_expanded_units_marks_exactly_the_expanded_units():
     K = 4
-    cfg = MCConfig(block_size=K, recent=K, wc_budget=1000, horizon=1)
+    cfg = MCConfig(block_size=K, recent=K, wc_budget=1000, horizon=1, partial_gists=False)
     n = 3 * K + 3  # 3 groups, 2 loose gists, 1 tail block
     base = most_compressed_map(n, cfg).expand(3, n).clone()
     g = torch.Generator().manual_seed(0)

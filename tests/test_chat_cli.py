@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -114,11 +115,12 @@ def test_mc_chat_goes_past_the_context_and_saves_loads(tiny_mc_sft, tmp_path):
     result = cli("--mc", "--tag=climcsft", "--max_tokens=6", "--temperature=0", stdin=stdin)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MegaContext: unbounded history, working context W=32" in result.stderr
-    assert result.stdout.count("\n") == 2 and "no longer fits" not in result.stderr
+    # two replies (a tiny model's reply may hold newlines of its own)
+    assert result.stdout.endswith("\n") and result.stdout.count("\n") >= 2 and "no longer fits" not in result.stderr
     stats = next(line for line in result.stderr.splitlines() if line.startswith("history "))
     history = int(stats.split()[1].replace(",", ""))
     assert history > SEQ and "working context" in stats and "refocuses" in stats
-    assert "LOD1 gists" in result.stderr and "raw tokens" in result.stderr
+    assert re.search(r"LOD\d gists", result.stderr) and "raw tokens" in result.stderr
     assert focus_png.read_bytes()[:4] == b"\x89PNG" and session_file.exists()
     assert f"saved the conversation ({history:,} tokens of history)" in result.stderr
     assert "unknown command /bogus" in result.stderr
@@ -137,7 +139,7 @@ def test_mc_chat_goes_past_the_context_and_saves_loads(tiny_mc_sft, tmp_path):
     result = cli("--mc", "--tag=climcsft", "--max_tokens=4", stdin=f"/load {foreign}\n/load {text}\nHi\n")
     assert result.returncode == 0 and result.stderr.count("/load failed") == 2 and "Traceback" not in result.stderr
     assert "not a readable MegaContext session" in result.stderr
-    assert result.stdout.count("\n") == 1
+    assert result.stdout.endswith("\n") and result.stdout.strip()  # the reply to Hi
 
 
 def test_mc_answers_a_piped_prompt_and_plain_refuses_mc_commands(tiny_mc_sft):

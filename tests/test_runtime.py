@@ -6,6 +6,7 @@ matter); `make` perturbs them so variants really differ.
 """
 
 import math
+import re
 from dataclasses import asdict
 
 import pytest
@@ -314,8 +315,11 @@ BAD = [
     ("K not a power of two", dict(block_size=6, recent=18, wc_budget=60), 240, "--mc_block_size=6 must be a power of two"),
     ("unknown positional mode", dict(positional="spiral"), T, "--mc_positional"),
     ("width-changing positional mode", dict(positional="2d"), T, "--mc_positional"),
-    ("history does not fit W", dict(block_size=4, recent=8, wc_budget=12, horizon=4), T,
-     "does not fit --mc_wc_budget=12"),
+    ("history does not fit W", dict(block_size=4, recent=8, wc_budget=12, horizon=4, partial_gists=False), T,
+     "does not fit --mc_wc_budget=12 even fully compressed (16 entries with --mc_recent=8); raise the budget, drop "
+     "--no-mc_partial_gists or"),
+    ("history does not fit W with partial gists", dict(block_size=2, recent=4, wc_budget=5, horizon=4), T,
+     "(10 entries with --mc_recent=4); raise the budget or shorten"),
     ("W = R", dict(wc_budget=16), T, "--mc_wc_budget=16 equals --mc_recent"),
     ("more teacher variants than variants", dict(teacher_variants=4), T, "--mc_teacher_variants=4 must lie in"),
 ]
@@ -324,7 +328,7 @@ BAD = [
 @pytest.mark.parametrize("name, overrides, seq_len, message", BAD, ids=[b[0] for b in BAD])
 def test_bad_configs_name_the_flag(name, overrides, seq_len, message):
     model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=VOCAB, n_layer=1, n_embd=64))
-    with pytest.raises(MCConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(MCConfigError, match=re.escape(message)):
         build_controller(model, MCConfig(**{**SMALL, **overrides}))
 
 

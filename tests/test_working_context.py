@@ -344,7 +344,7 @@ def test_partial_nodes_open_and_go_stale():
     assert torch.equal(open_partial_nodes(fixed, [(2, 3, 2)], K), fixed)  # not shown: nothing to open
     assert most_compressed_map(17, cfg).tolist() == [3] * 12 + [2] * 3 + [0] * 2
     # without partial gists the incomplete group is shown as its gists, K - 1 entries at most per level
-    plain = most_compressed_map(16, MCConfig(block_size=K, recent=8, wc_budget=24, horizon=1))
+    plain = most_compressed_map(16, MCConfig(block_size=K, recent=8, wc_budget=24, horizon=1, partial_gists=False))
     assert plain.tolist() == [2] * 12 + [1] * 2 + [0] * 2
 
 
