@@ -46,6 +46,13 @@ class MCConversation:
         self.turns += 1
         return self._stream()
 
+    def tell(self, user: str, assistant: str):
+        """Append a whole exchange, the assistant's turn given rather than generated (a transcript replayed)."""
+        encode = self.tokenizer.encode
+        self.session.append([self.user_start, *encode(user), self.user_end, self.assistant_start, *encode(assistant),
+                             self.assistant_end])
+        self.turns += 1
+
     def _stream(self):
         tokens = self.session.generate(self.max_tokens, self.temperature, self.top_k, seed=self.seed + self.turns,
                                        stop_tokens=self.stop_tokens)

@@ -222,6 +222,16 @@ def evaluate_loss(model, batches, amp) -> float:
     return total.item() / max(count.item(), 1)
 
 
+def memory_summary(history: dict, last: int = 20) -> dict:
+    """The report's figures of the MegaContext rehearsal: the memory rows' loss and LensNet's hit rate, mean of the
+    last steps; empty without one."""
+    if not history.get("memory_loss"):
+        return {}
+    mean = lambda key: sum(history[key][-last:]) / len(history[key][-last:])  # noqa: E731
+    return {f"memory rows: loss (last {last} steps)": mean("memory_loss"),
+            f"memory rows: LensNet hit rate (last {last} steps)": mean("lens_hit")}
+
+
 def pretraining_data(meta: dict) -> tuple[str, str]:
     """The pretraining data source behind a checkpoint of any stage, and its --text_column."""
     if meta.get("pretrain_data"):
@@ -269,6 +279,8 @@ class ChatTrainConfig:
     cpu_bf16: str = field(default="auto", metadata={"help": "bf16 autocast on CPU: auto = where this CPU's bf16 matmuls are faster than fp32", "choices": CPU_BF16_CHOICES})
     compile: str = field(default="auto", metadata={"help": f"torch.compile the GPT (packed rows only): auto = on CUDA, and on CPU for runs of >= {CPU_COMPILE_MIN_STEPS} steps", "choices": COMPILE_CHOICES})
     seed: int = field(default=42, metadata={"help": "seed of the data mix and order"})
+    # MegaContext checkpoints
+    mc_memory_rows: int = field(default=0, metadata={"min": 0, "help": "with a MegaContext checkpoint: memory rows (a fact told early in a conversation, asked at its end) per step and rank, trained through working contexts as base_train --mc does (GPT, GistNet, LensNet); 0 = GistNet and LensNet ride along untrained. A trade: more chat memory, less long-document QA (mc/rehearsal.py)"})
 
 
 # flags that may differ on --resume (how it starts, what it logs); every other flag must match the saved run
@@ -293,8 +305,12 @@ def validate(cfg: ChatTrainConfig, world_size: int) -> int:
     return cfg.rows_per_step // rows_per_fwd
 
 
-def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, title: str):
-    """Fine-tune the source checkpoint on conversations into checkpoints/<stage>/<tag>."""
+def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, title: str, rehearsal=None):
+    """Fine-tune the source checkpoint on conversations into checkpoints/<stage>/<tag>. rehearsal: for a MegaContext
+    checkpoint, the class that trains its nets on memory rows beside the conversations (mc.rehearsal.MemoryRehearsal;
+    the scripts pass it in, since nanochat does not import mc): called as rehearsal(model, states, meta, rows, data,
+    text_column, tokenizer, seed=, rank=, world_size=, device=), it has modules(), describe(), step(step) -> (loss,
+    metrics) and state_dict() / load_state_dict()."""
     _, rank, _, world_size, device = compute_init(cfg.device_type)
     master = rank == 0
     grad_accum = validate(cfg, world_size)
@@ -320,15 +336,28 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
         start_step = 0
         model, states, meta = build_model(source_dir, None if cfg.source_step < 0 else cfg.source_step, device, phase="train")
         source = {"stage": cfg.source, "dir": str(source_dir), "step": meta["step"]}
-    # the checkpoint's other modules (a MegaContext checkpoint's GistNet and LensNet) ride along as saved, as
-    # plain state dicts (not fine-tuned here), so the chat model keeps its unbounded-history memory (chat_cli --mc)
-    carried = {name: state for name, state in states.items() if name != "gpt"}
-    carried_meta = {"mc_config": meta["mc_config"]} if "mc_config" in meta else {}
     if meta.get("tokenizer") != tokenizer.identity():
         raise CheckpointError("the checkpoint was trained with a different tokenizer than the one in "
                               "$MC_BASE_DIR/tokenizer")
     pretrain_data, pretrain_text_column = pretraining_data(meta)
     seq_len = model.config.sequence_len
+    # the checkpoint's other modules (a MegaContext checkpoint's GistNet and LensNet) are saved with this stage's
+    # checkpoint, so the chat model keeps its unbounded-history memory (chat_cli --mc): trained on memory rows
+    # beside the conversations (--mc_memory_rows, `rehearsal`), or with 0 carried along as saved (state dicts)
+    carried = {name: state for name, state in states.items() if name != "gpt"}
+    carried_meta = {"mc_config": meta["mc_config"]} if "mc_config" in meta else {}
+    side = None
+    if carried_meta and cfg.mc_memory_rows > 0:
+        if rehearsal is None:
+            raise ConfigError("this caller trains no MegaContext nets: give --mc_memory_rows=0 to carry them along untrained")
+        try:
+            side = rehearsal(model, states, meta, cfg.mc_memory_rows, pretrain_data, pretrain_text_column, tokenizer,
+                             seed=cfg.seed, rank=rank, world_size=world_size, device=device)
+        except ValueError as e:  # e.g. a context too short for a memory conversation
+            raise ConfigError(f"--mc_memory_rows={cfg.mc_memory_rows}: {e}") from None
+        carried = {name: state for name, state in carried.items() if name not in side.modules()}
+    side_modules = side.modules() if side else {}
+    params = [p for module in (model, *side_modules.values()) for p in module.parameters()]
 
     # conversations: train and held-out val mixes from the same spec
     filler, val_filler, longdoc_cfg = longdoc_setup(tokenizer, seq_len, cfg.longdoc_filler, pretrain_data, pretrain_text_column)
@@ -339,17 +368,22 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
         raise ConfigError(f"--data={cfg.data}: {e}") from None
     batcher = ChatBatcher(tokenizer, train_convs, cfg.device_batch_size, seq_len, pack, cfg.seed, rank, world_size, device)
 
-    optimizers = build_optimizers(model, matrix_lr=cfg.matrix_lr * cfg.init_lr_frac,
+    optimizers = build_optimizers(model, list(side_modules.values()), matrix_lr=cfg.matrix_lr * cfg.init_lr_frac,
                                   embedding_lr=cfg.embedding_lr * cfg.init_lr_frac,
                                   unembedding_lr=cfg.unembedding_lr * cfg.init_lr_frac, weight_decay=cfg.weight_decay,
                                   ns_dtype=amp_dtype)
-    history = meta["history"] if cfg.resume else {"step": [], "loss": [], "val_step": [], "val_loss": []}
+    history = meta["history"] if cfg.resume else {"step": [], "loss": [], "val_step": [], "val_loss": [],
+                                                   "memory_loss": [], "lens_hit": []}
     if cfg.resume:
         training_state = load_training_state(ckpt_dir, start_step, rank, device)
         for opt, state in zip(optimizers, training_state["optimizers"]):
             opt.load_state_dict(state)
         restore_rng(training_state["rng"])
         batcher.load_state_dict(training_state["rank_state"]["batcher"])
+        if side:
+            if "rehearsal" not in training_state["rank_state"]:
+                raise ConfigError(f"--resume: the run in {ckpt_dir} trained no MegaContext nets: give --mc_memory_rows=0")
+            side.load_state_dict(training_state["rank_state"]["rehearsal"])
         print0(f"resumed from {ckpt_dir} at step {start_step}")
     compiled = pack and use_compile(device.type, cfg.compile, cfg.num_iterations)
     train_model = torch.compile(model, dynamic=False) if compiled else model
@@ -357,6 +391,10 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
            f"{cfg.num_iterations} steps x {cfg.rows_per_step} rows ({'packed' if pack else 'padded'}, "
            f"{grad_accum} micro-batches of {cfg.device_batch_size} on {world_size} rank(s)), context {seq_len}, "
            f"device {device}, autocast {amp_dtype}, compile {'on' if compiled else 'off'}")
+    if side:
+        print0(f"MegaContext rehearsal: {side.describe()}")
+    elif carried_meta:
+        print0("MegaContext: GistNet and LensNet ride along untrained (--mc_memory_rows=0)")
 
     def val_batches():  # the whole val set, in a fixed order
         return ChatBatcher(tokenizer, val_convs, cfg.device_batch_size, seq_len, pack, 0, rank, world_size, device,
@@ -373,7 +411,8 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
                           pretrain_text_column=pretrain_text_column, history=history, val_loss=val_loss,
                           autocast=str(amp_dtype),
                           tokenizer=tokenizer.identity(), **carried_meta)
-        save_checkpoint(ckpt_dir, step, {"gpt": model, **carried}, optimizers, meta, rank, {"batcher": batcher.state_dict()})
+        rank_state = {"batcher": batcher.state_dict(), **({"rehearsal": side.state_dict()} if side else {})}
+        save_checkpoint(ckpt_dir, step, {"gpt": model, **carried, **side_modules}, optimizers, meta, rank, rank_state)
 
     wandb_run = start_run(cfg.wandb_run, stage, {"train": asdict(cfg), "model": asdict(model.config),
                                                   "mc": meta.get("mc_config"), "source": source}, master)
@@ -407,8 +446,13 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
                         loss = train_model(x, y, loss_reduction="none").sum() / (y >= 0).sum().clamp(min=1)
                     (loss / grad_accum).backward()
                 loss_sum += loss.detach()
+            if side:
+                with tracing.span("mc_rehearsal", rows=cfg.mc_memory_rows):
+                    with amp:
+                        memory_loss, memory_metrics = side.step(step)
+                    memory_loss.backward()
             with tracing.span("optimizer", step=step):
-                optimizer_step(optimizers, list(model.parameters()), cfg.grad_clip)
+                optimizer_step(optimizers, params, cfg.grad_clip)
                 train_loss = (loss_sum / grad_accum).item()
                 synchronize(device)
         dt, step = time.perf_counter() - t0, step + 1
@@ -419,9 +463,16 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
         debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
         history["step"].append(step)
         history["loss"].append(train_loss)
+        memory = ""
+        if side:
+            history["memory_loss"].append(memory_metrics["lm_loss"])
+            history["lens_hit"].append(memory_metrics["lens_hit"])
+            memory = f" | memory rows: loss {memory_metrics['lm_loss']:.3f}, LensNet hit {memory_metrics['lens_hit']:.2f}"
+            wandb_run.log({"step": step, "train/memory_loss": memory_metrics["lm_loss"],
+                           "train/lens_hit": memory_metrics["lens_hit"]})
         progress.update(loss=f"{debiased:.3f}", epoch=batcher.epoch)
         if step % cfg.log_every == 0:
-            progress.log(f"loss {debiased:.4f} | lr x{lrm:.2f} | {dt * 1000:.0f} ms | epoch {batcher.epoch}")
+            progress.log(f"loss {debiased:.4f} | lr x{lrm:.2f} | {dt * 1000:.0f} ms | epoch {batcher.epoch}{memory}")
         wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/step_ms": dt * 1000,
                        "train/epoch": batcher.epoch})
     progress.close()
@@ -438,8 +489,9 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
              "longdoc_qa documents": f"{longdoc_cfg.doc_words} words ({cfg.longdoc_filler} filler)",
              "layout": "packed rows" if pack else "one conversation per row", "context": seq_len,
              "steps": cfg.num_iterations, "rows per step": cfg.rows_per_step, "epochs seen": batcher.epoch,
-             "dropped as longer than the context": dropped, "row fill (non-padding tokens)": f"{fill:.1%}"},
-            {"initial val loss": history["val_loss"][0], "final val loss": val_loss, "final val bpb": val_bpb,
+             "dropped as longer than the context": dropped, "row fill (non-padding tokens)": f"{fill:.1%}",
+             **({"MegaContext rehearsal": side.describe()} if side else {})},
+            {**memory_summary(history), "initial val loss": history["val_loss"][0], "final val loss": val_loss, "final val bpb": val_bpb,
              "training time": f"{train_time / 60:.2f} min", "checkpoint": str(ckpt_dir),
              **({"wandb run": run_link(wandb_run)} if run_link(wandb_run) else {})},
             ("img", f"{stage}_loss.png"),

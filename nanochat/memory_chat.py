@@ -48,8 +48,8 @@ def _value(kind: str, rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(3)).capitalize()
 
 
-def memory_example(rng: random.Random, words: int, filler=None, n_facts: int = 3) -> dict:
-    """One conversation: facts, about uniform[0, words] words of filler turns, the question and its answer."""
+def memory_example(rng: random.Random, words: int, filler=None, n_facts: int = 3, min_words: int = 0) -> dict:
+    """One conversation: facts, about uniform[min_words, words] words of filler turns, the question and its answer."""
     facts = rng.sample(MEMORY_FACTS, n_facts)
     values = []
     while len(values) < n_facts:
@@ -62,7 +62,7 @@ def memory_example(rng: random.Random, words: int, filler=None, n_facts: int = 3
         s = statement.format(v=v)
         messages += [{"role": "user", "content": rng.choice(STATEMENT_FORMS).format(s=s, S=s[0].upper() + s[1:])},
                      {"role": "assistant", "content": rng.choice(ACKNOWLEDGEMENTS)}]
-    budget, start = rng.randint(0, words), rng.randrange(len(filler)) if filler else 0
+    budget, start = rng.randint(min_words, words), rng.randrange(len(filler)) if filler else 0
     shared, i = 0, 0
     while shared < budget:
         if rng.random() < 0.2:
@@ -80,11 +80,13 @@ def memory_example(rng: random.Random, words: int, filler=None, n_facts: int = 3
         shared += len(paragraph.split())
     _, _, question, answer = facts[asked]
     messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer.format(v=values[asked])}]
-    meta = {"source": "memory", "answer": values[asked], "question": question, "filler_words": shared,
+    meta = {"source": "memory", "answer": values[asked], "kind": facts[asked][0], "question": question, "filler_words": shared,
             "values": values, "asked": asked}
     return {"messages": messages, "meta": meta}
 
 
-def memory_chats(n: int, words: int, filler=None, split: str = "train", seed: int = 0) -> list[dict]:
-    """n memory conversations; example i depends only on (seed, split, i). filler: paragraphs (book_paragraphs)."""
-    return [memory_example(random.Random(f"memory/{split}/{seed}/{i}"), words, filler) for i in range(n)]
+def memory_chats(n: int, words: int, filler=None, split: str = "train", seed: int = 0, min_words: int = 0) -> list[dict]:
+    """n memory conversations; example i depends only on (seed, split, i). filler: paragraphs (book_paragraphs);
+    min_words = words: every conversation has that many filler words (an evaluation at a fixed distance)."""
+    return [memory_example(random.Random(f"memory/{split}/{seed}/{i}"), words, filler, min_words=min_words)
+            for i in range(n)]

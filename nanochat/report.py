@@ -37,6 +37,7 @@ CARD = [
     ("CORE", {"base": ("base-eval", "", "CORE")}),
     *[(metric, {s: (f"chat-eval-{s}", "", metric) for s in CARD_STAGES}) for metric in CHAT_METRICS],
     ("Long-doc QA", {s: (f"chat-eval-{s}", "Long-document QA", "accuracy") for s in CARD_STAGES}),
+    ("Chat memory (MC)", {s: (f"chat-eval-{s}", "", "chat memory (MC)") for s in CARD_STAGES}),
 ]
 CARD_NOTE = ("val bpb: base on the pretraining val split, mid and SFT on their held-out conversations (assistant "
              "tokens). — = the stage did not run or did not log the metric; skipped = it could not run (e.g. offline).")

@@ -16,6 +16,9 @@ the task's tests in a limited subprocess (nanochat/execution.py), pass@1.
 Their data comes from the HF hub (skipped with one printed line when it is unreachable, never faked) or
 from a local .jsonl of rows in the hub's schema (--KEY_data). Questions longer than the context are
 skipped and counted. ChatCORE: the mean over the evaluated benchmarks of (accuracy - chance) / (1 - chance).
+Chat memory (MegaContext checkpoints only, mc/memory_eval.py): held-out conversations in which the user tells
+facts, shares book passages for about --memory_distance working contexts, then asks for one fact; replayed into
+the chat of `chat_cli --mc` and answered greedily; correct = the value in the reply.
 Numbers go to report/chat_eval.json and to the report section of the evaluated stage, "chat-eval-<source>"
 (the summary shows each stage as a column).
 """
@@ -33,13 +36,16 @@ from nanochat import report
 from nanochat.chat_data import HubUnavailable
 from nanochat.chat_tasks import TASKS, ChatTask, chatcore, load_examples
 from nanochat.chat_train import longdoc_setup, pretraining_data
-from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer
+from nanochat.checkpoint import CheckpointError, load_model_and_tokenizer, load_module_states
 from nanochat.common import atomic_write_text, autocast_ctx, autocast_dtype, compute_init, get_report_dir
 from nanochat.configurator import FlagParser, checked_number
-from nanochat.dataset import DataError
+from nanochat.dataset import DataError, filler_paragraphs, prepare
 from nanochat.engine import Engine
 from nanochat.longdoc_qa import longdoc_qa_eval
 from nanochat.tokenizer import TokenizerError
+
+from mc.build import load_controller
+from mc.memory_eval import memory_eval
 
 DEPTH_BINS = 5  # depth of the asked fact in its document: [0, 0.2), [0.2, 0.4), ... [0.8, 1]
 SAMPLE_PROMPTS = ["Who are you?", "What can you do?"]
@@ -148,6 +154,24 @@ def fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def memory_section(memory: dict) -> list:
+    """The report's lines on chat memory (mc/memory_eval.py)."""
+    if "skipped" in memory:
+        return [f"Chat memory: skipped ({memory['skipped']})."]
+    return [f"Chat memory (MegaContext: held-out conversations replayed into chat_cli --mc's session, W={memory['wc_budget']}; "
+            f"{memory['filler_words']} words of book passages between the facts and the question; correct = the asked "
+            "value in the greedy reply):",
+            {"conversations": memory["n"], "accuracy": fmt(memory["accuracy"]),
+             f"accuracy with the fact >= 8W back (n={memory['n_from_8W']})": fmt(memory["accuracy_from_8W"]),
+             "mean distance of the fact": f"{memory['mean_distance_W']:.1f} W",
+             "the value's tokens shown raw at the question (LensNet)": fmt(memory["fact_shown_raw"]),
+             "accuracy when they are (the GPT's reading)": fmt(memory["accuracy_when_shown_raw"]),
+             "replies with another fact's value": fmt(memory["other_fact_rate"]),
+             **{f"accuracy at {b['distance']} (n={b['n']})": fmt(b["accuracy"]) for b in memory["by_distance"] if b["n"]},
+             **{f"accuracy on {kind}s (n={b['n']})": fmt(b["accuracy"]) for kind, b in memory["by_kind"].items()}},
+            "Examples:", *[f"    {e}" for e in memory["examples"]]]
+
+
 def main(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's checkpoint to evaluate")
@@ -163,6 +187,8 @@ def main(argv=None):
         parser.add_argument(f"--{task.key}_data", default="", metavar="PATH.jsonl",
                             help=f"{task.name} rows from this file (the schema of the hub's {task.hub[0]}; the first "
                                  f"--num_{task.flag} rows) instead of the hub")
+    parser.add_argument("--num_memory", type=checked_number(int, 0), default=50, help="chat memory conversations (MegaContext checkpoints; 0 = skip)")
+    parser.add_argument("--memory_distance", type=checked_number(float, 1), default=8.0, help="how far back the asked fact lies at least (about), in working contexts of W tokens")
     parser.add_argument("--batch_size", type=checked_number(int, 1), default=8, help="multiple-choice questions per forward pass")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
     args = parser.parse_args(argv)
@@ -193,6 +219,19 @@ def main(argv=None):
     for row in longdoc["by_depth"]:
         print(f"  depth {row['depth']}: accuracy {fmt(row['accuracy'])} (n={row['n']})")
 
+    memory = {"skipped": "not a MegaContext checkpoint"} if "mc_config" not in meta else {"skipped": "--num_memory=0"}
+    if "mc_config" in meta and args.num_memory > 0:
+        controller = load_controller(model, load_module_states(ckpt_dir, meta["step"], device), meta)
+        filler = filler_paragraphs(prepare(*pretraining_data(meta)), "val")
+        memory = memory_eval(controller, tokenizer, args.num_memory, filler, lambda: autocast_ctx(device.type, amp_dtype),
+                             args.memory_distance)
+        print(f"chat memory ({checkpoint}): accuracy {fmt(memory['accuracy'])} over {memory['n']} conversations, the fact "
+              f"{memory['mean_distance_W']:.1f} W back on average ({fmt(memory['accuracy_from_8W'])} of "
+              f"{memory['n_from_8W']} from 8W on), the value shown raw {fmt(memory['fact_shown_raw'])} (accuracy then "
+              f"{fmt(memory['accuracy_when_shown_raw'])}), another fact's value {fmt(memory['other_fact_rate'])}")
+    else:
+        print(f"chat memory: skipped ({memory['skipped']})")
+
     results = {}
     model.eval()
     for key, (examples, skipped) in tasks.items():
@@ -213,7 +252,7 @@ def main(argv=None):
     samples = [greedy_reply(engine, tokenizer, [{"role": "user", "content": p}], context, 64) for p in SAMPLE_PROMPTS]
     elapsed = time.perf_counter() - t0
 
-    results = {"checkpoint": checkpoint, "context": context, "longdoc_qa": longdoc, **results, "chatcore": score,
+    results = {"checkpoint": checkpoint, "context": context, "longdoc_qa": longdoc, "chat_memory": memory, **results, "chatcore": score,
                "chatcore_tasks": score_tasks, "samples": dict(zip(SAMPLE_PROMPTS, samples)),
                "eval_seconds": round(elapsed, 1)}
     path = get_report_dir() / "chat_eval.json"
@@ -228,7 +267,8 @@ def main(argv=None):
                         "skipped (longer than the context)": r["skipped_too_long"]}]
     report.log_section(f"chat-eval-{args.source}", f"Chat evaluation ({args.source})", [
         {**{name: "skipped" if results[key].get("accuracy") is None else fmt(results[key]["accuracy"])
-            for key, name in names.items()}, "ChatCORE": "skipped" if score is None else fmt(score)},
+            for key, name in names.items()}, "ChatCORE": "skipped" if score is None else fmt(score),
+         **({"chat memory (MC)": "skipped" if "skipped" in memory else fmt(memory["accuracy"])} if "mc_config" in meta else {})},
         {"checkpoint": checkpoint, "context": context, "evaluation time": f"{elapsed / 60:.2f} min",
          "ChatCORE over": ", ".join(score_tasks) or "no task"},
         f"Long-document QA (held out; documents of {longdoc['doc_words']} words, greedy, correct = answer string in the reply):",
@@ -236,6 +276,7 @@ def main(argv=None):
          "accuracy": fmt(longdoc["accuracy"]), "replies with a distractor value": fmt(longdoc["distractor_rate"]),
          **{f"accuracy at depth {r['depth']} (n={r['n']})": fmt(r["accuracy"]) for r in longdoc["by_depth"]}},
         "Examples:", *[f"    {e}" for e in longdoc["examples"]],
+        *memory_section(memory),
         "Benchmarks (multiple choice: the highest-logit letter; GSM8K: the last number of the greedy reply; HumanEval: "
         "pass@1 of the greedy reply, run with its tests):",
         *benchmarks,

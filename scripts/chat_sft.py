@@ -8,12 +8,14 @@ One conversation per row, right-padded to the longest row of the batch (padding 
 the loss is on assistant tokens only. Conversations longer than the model's context are dropped and
 counted, never truncated. The model config comes from the source checkpoint. Checkpoints go to
 checkpoints/sft/<tag> (default: the source's tag) and --resume continues exactly. The shared
-procedure is nanochat/chat_train.py; this file holds the SFT defaults.
+procedure is nanochat/chat_train.py; from a MegaContext checkpoint each step also trains its GPT,
+GistNet and LensNet on memory rows through working contexts (--mc_memory_rows, mc/rehearsal.py); this file holds the SFT defaults.
 """
 
 import argparse
 from dataclasses import dataclass, field
 
+from mc.rehearsal import MemoryRehearsal
 from nanochat.chat_train import ChatTrainConfig
 from nanochat.chat_train import main as run
 from nanochat.configurator import FlagParser, add_dataclass_args, dataclass_from_args
@@ -35,7 +37,7 @@ def main(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, SFTConfig, title="SFT")
     cfg = dataclass_from_args(SFTConfig, parser.parse_args(argv))
-    return run(cfg, stage="sft", pack=False, report_stage="chat-sft", title="Chat SFT")
+    return run(cfg, stage="sft", pack=False, report_stage="chat-sft", title="Chat SFT", rehearsal=MemoryRehearsal)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ Conversations are packed best-fit into full rows of the model's context (each ro
 conversation's BOS; no conversation is cut, too-long ones are dropped and counted); the loss is on
 assistant tokens only. The model config comes from the source checkpoint. Checkpoints go to
 checkpoints/mid/<tag> (default: the source's tag) and --resume continues exactly. The shared
-procedure is nanochat/chat_train.py; this file holds the mid-training defaults.
+procedure is nanochat/chat_train.py; from a MegaContext checkpoint each step also trains its GPT,
+GistNet and LensNet on memory rows through working contexts (--mc_memory_rows, mc/rehearsal.py); this file holds the mid-training defaults.
 """
 
 import argparse
 from dataclasses import dataclass, field
 
+from mc.rehearsal import MemoryRehearsal
 from nanochat.chat_train import ChatTrainConfig
 from nanochat.chat_train import main as run
 from nanochat.configurator import FlagParser, add_dataclass_args, dataclass_from_args
@@ -35,7 +37,7 @@ def main(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, MidConfig, title="mid-training")
     cfg = dataclass_from_args(MidConfig, parser.parse_args(argv))
-    return run(cfg, stage="mid", pack=True, report_stage="mid-train", title="Mid-training")
+    return run(cfg, stage="mid", pack=True, report_stage="mid-train", title="Mid-training", rehearsal=MemoryRehearsal)
 
 
 if __name__ == "__main__":

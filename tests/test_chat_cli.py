@@ -73,6 +73,7 @@ def test_chat_eval_end_to_end(tiny_sft):
     longdoc = saved["longdoc_qa"]
     assert longdoc["n"] + longdoc["skipped_too_long"] == 6 and len(longdoc["by_depth"]) == 5
     assert "skipped" in saved["arc_easy"]  # the tests run offline
+    assert saved["chat_memory"] == {"skipped": "not a MegaContext checkpoint"}
     section = (get_report_dir() / "section-chat-eval-sft.md").read_text()
     assert "Long-document QA" in section and "ARC-Easy" in section
     with pytest.raises(SystemExit, match="no sft checkpoint found"):
@@ -90,9 +91,12 @@ def tiny_mc_sft(tiny_env):
     base_train.main([f"--data={tiny_env['data']}", "--depth=1", "--width=64", f"--max_seq_len={SEQ}",
                      "--device_batch_size=2", f"--total_batch_size={2 * SEQ}", f"--eval_tokens={2 * SEQ}",
                      "--num_iterations=2", "--sample_every=-1", "--tag=climc", *MC])
-    chat_sft.main(["--source=base", "--source_tag=climc", "--tag=climcsft", "--data=identity", "--num_conversations=16",
-                   "--val_conversations=4", "--num_iterations=2", "--device_batch_size=2", "--rows_per_step=2",
-                   "--longdoc_filler=synthetic"])
+    sft = ["--source=base", "--source_tag=climc", "--tag=climcsft", "--data=identity", "--num_conversations=16",
+           "--val_conversations=4", "--num_iterations=2", "--device_batch_size=2", "--rows_per_step=2",
+           "--longdoc_filler=synthetic"]
+    with pytest.raises(SystemExit, match=r"--mc_memory_rows=2: memory rows need a context of >= 191 tokens"):
+        chat_sft.main([*sft, "--mc_memory_rows=2"])  # the rehearsal needs a longer context than this tiny model's
+    chat_sft.main(sft)
     return tiny_env
 
 
@@ -154,3 +158,15 @@ def test_mc_needs_mc_nets(tiny_sft):
     result = cli("--mc", "--prompt", "hi", "--tag=clisft")
     assert result.returncode != 0 and "has no MegaContext nets" in result.stderr and "run10.sh --mc" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_chat_eval_measures_chat_memory_of_an_mc_checkpoint(tiny_mc_sft):
+    results = chat_eval.main(["--tag=climcsft", "--num_longdoc=0", "--num_arc=0", "--num_memory=3", "--memory_distance=4"])
+    memory = results["chat_memory"]
+    assert memory["n"] == 3 and memory["wc_budget"] == 32 and 0 <= memory["accuracy"] <= 1
+    assert 2 <= memory["mean_distance_W"] <= 8  # the filler is sized to put the fact ~4 W back
+    assert sum(b["n"] for b in memory["by_distance"]) == 3 and len(memory["examples"]) == 3
+    section = (get_report_dir() / "section-chat-eval-sft.md").read_text()
+    assert "Chat memory (MegaContext" in section and "chat memory (MC)" in section
+    plain = chat_eval.main(["--tag=climcsft", "--num_longdoc=0", "--num_arc=0", "--num_memory=0"])
+    assert plain["chat_memory"] == {"skipped": "--num_memory=0"}

@@ -188,3 +188,56 @@ def test_user_errors(tiny_base):
         chat_sft.main([*CHAT, "--tag=never_trained", "--resume"])
     with pytest.raises(SystemExit, match="does not exist|no mid checkpoints"):
         chat_sft.main([*CHAT, "--source=mid", "--source_tag=missing"])
+
+
+# -----------------------------------------------------------------------------
+# a MegaContext checkpoint: its nets train on memory rows beside the conversations (mc/rehearsal.py)
+
+MC_SEQ = 384  # a memory conversation with the tiny tokenizer takes ~200 tokens
+MC = ["--mc", "--mc_block_size=8", "--mc_wc_budget=64", "--mc_recent=16", "--mc_horizon=8", "--mc_num_variants=3",
+      "--mc_gist_layers=1", "--mc_lens_layers=1", "--mc_lens_width=32"]
+MC_CHAT = ["--source=base", "--source_tag=chatmc", "--device_batch_size=2", "--rows_per_step=2", "--num_conversations=24",
+           "--val_conversations=4", "--eval_every=2", "--log_every=1", "--mc_memory_rows=1", "--data=identity",
+           "--longdoc_filler=synthetic"]
+
+
+@pytest.fixture(scope="module")
+def tiny_mc_base(tiny_env):
+    base_train.main([f"--data={tiny_env['data']}", "--depth=1", "--width=64", f"--max_seq_len={MC_SEQ}",
+                     "--device_batch_size=2", f"--total_batch_size={2 * MC_SEQ}", f"--eval_tokens={2 * MC_SEQ}",
+                     "--num_iterations=2", "--sample_every=-1", "--tag=chatmc", *MC])
+    return tiny_env
+
+
+def test_mc_chat_stage_trains_the_nets_on_memory_rows_and_resumes_exactly(tiny_mc_base):
+    base = load_module_states(checkpoint_dir("base", "chatmc"), 2)
+    mid_train.main([*MC_CHAT, "--num_iterations=4", "--save_every=2", "--tag=mcmid_full"])
+    full_dir = checkpoint_dir("mid", "mcmid_full")
+    states = load_module_states(full_dir, 4)
+    _, _, meta = build_model(full_dir, 4, "cpu")
+    assert meta["mc_config"]["wc_budget"] == 64  # chat_cli --mc rebuilds the same nets
+    for name in ("gpt", "mc_gist", "mc_lens"):  # all three trained
+        assert not all(torch.equal(states[name][k], base[name][k]) for k in base[name]), name
+    history = meta["history"]
+    assert len(history["memory_loss"]) == 4 and all(math.isfinite(v) for v in history["memory_loss"])
+    assert all(0 <= v <= 1 for v in history["lens_hit"])
+    section = (get_report_dir() / "section-mid-train.md").read_text()
+    assert "MegaContext rehearsal" in section and "1 memory rows per step" in section and "LensNet hit rate" in section
+
+    part_dir = checkpoint_dir("mid", "mcmid_part")  # resume from step 2: the same nets and GPT at step 4
+    part_dir.mkdir(parents=True, exist_ok=True)
+    for f in full_dir.glob("*_000002*"):
+        shutil.copy(f, part_dir / f.name)
+    mid_train.main([*MC_CHAT, "--num_iterations=4", "--save_every=2", "--tag=mcmid_part", "--resume"])
+    resumed = load_module_states(part_dir, 4)
+    for name in ("gpt", "mc_gist", "mc_lens"):
+        assert all(torch.equal(states[name][k], resumed[name][k]) for k in states[name]), name
+
+
+def test_mc_chat_stage_without_rehearsal_carries_the_nets(tiny_mc_base):
+    base = load_module_states(checkpoint_dir("base", "chatmc"), 2)
+    chat_sft.main([*MC_CHAT, "--num_iterations=2", "--tag=mcsft_carry", "--mc_memory_rows=0"])
+    states = load_module_states(checkpoint_dir("sft", "mcsft_carry"), 2)
+    for name in ("mc_gist", "mc_lens"):
+        assert all(torch.equal(states[name][k], base[name][k]) for k in base[name])
+    assert not all(torch.equal(states["gpt"][k], base["gpt"][k]) for k in base["gpt"])

@@ -129,9 +129,10 @@ def test_mc_eval_section_round_trips_through_its_json(report_dir):
             mc_eval_report.main(argv)
 
 
-def chat_eval_items(values: dict, longdoc: str) -> list:
-    """A chat_eval section: the summary dict (its keys: report.CHAT_METRICS), then long-document QA."""
-    return [dict(zip(report.CHAT_METRICS, values)), {"checkpoint": "x", "context": 512},
+def chat_eval_items(values: dict, longdoc: str, memory: dict | None = None) -> list:
+    """A chat_eval section: the summary dict (its keys: report.CHAT_METRICS, and with an MC checkpoint chat
+    memory), then long-document QA."""
+    return [{**dict(zip(report.CHAT_METRICS, values)), **(memory or {})}, {"checkpoint": "x", "context": 512},
             "Long-document QA (held out):", {"examples": 10, "accuracy": longdoc}]
 
 
@@ -159,7 +160,7 @@ def test_report_card(report_dir):
     report.log_section("chat-eval-mid", "Chat evaluation (mid)", chat_eval_items(
         ["0.312", "0.250", "skipped", "skipped", "0.000", "0.041"], "0.400"))
     report.log_section("chat-eval-sft", "Chat evaluation (sft)", chat_eval_items(
-        ["0.350", "0.270", "0.260", "skipped", "0.012", "0.070"], "0.500"))
+        ["0.350", "0.270", "0.260", "skipped", "0.012", "0.070"], "0.500", {"chat memory (MC)": "0.620"}))
     report.log_section("chat-eval-rl", "Chat evaluation (rl)", chat_eval_items(
         ["0.340", "0.280", "skipped", "0.031", "0.010", "0.066"], "0.450"))
     mc_eval_report.write_outputs(needle_results(), report_dir)  # needle at 8W and recall at 4W, arms truncation and mc
@@ -173,7 +174,8 @@ def test_report_card(report_dir):
                     ["GSM8K", "—", "skipped", "skipped", "0.031"],
                     ["HumanEval", "—", "0.000", "0.012", "0.010"],
                     ["ChatCORE", "—", "0.041", "0.070", "0.066"],
-                    ["Long-doc QA", "—", "0.400", "0.500", "0.450"]]
+                    ["Long-doc QA", "—", "0.400", "0.500", "0.450"],
+                    ["Chat memory (MC)", "—", "—", "0.620", "—"]]
     assert mc == [["metric", "truncation", "mc", "full"],
                   ["needle at 8W", "0.25", "0.75", "—"],  # full did not run at 8W
                   ["recall at 4W", "—", "0.75", "—"]]  # the mean over 1 and 2 pairs (16: no result)
