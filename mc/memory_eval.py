@@ -14,9 +14,12 @@ then (the GPT's reading); and how often the reply holds another fact of the conv
 import math
 import time
 
+import torch
+
 from mc.chat import MCConversation
 from mc.working_context import RAW
 from nanochat.memory_chat import memory_chats
+from nanochat.progress import Progress
 
 DISTANCE_BINS = (0, 4, 8, 16)  # in units of W: [0, 4W), [4W, 8W), [8W, 16W), >= 16W
 REPLY_TOKENS = 24
@@ -49,7 +52,7 @@ def filler_words_for(tokenizer, filler: list[str], tokens: int, probe_words: int
 
 
 def memory_eval(controller, tokenizer, n: int, filler: list[str], autocast, distance: float = 8.0, seed: int = 0,
-                progress=None) -> dict:
+                show_progress: bool = True) -> dict:
     """Accuracy of n replayed memory conversations with the asked fact ~distance x W tokens back (see above)."""
     W, K = controller.cfg.wc_budget, controller.cfg.block_size
     words = filler_words_for(tokenizer, filler, round(1.15 * distance * W))  # a margin: distances spread ~+-10 %
@@ -57,10 +60,11 @@ def memory_eval(controller, tokenizer, n: int, filler: list[str], autocast, dist
     conversation = MCConversation(controller, tokenizer, temperature=0.0, top_k=None, max_tokens=REPLY_TOKENS,
                                   autocast=autocast)
     rows, t0 = [], time.perf_counter()
-    for i, chat in enumerate(chats):
+    progress = Progress(n, desc="chat memory", enabled=show_progress)
+    for chat in chats:
         meta, messages = chat["meta"], chat["messages"]
         conversation.clear()
-        with autocast():
+        with autocast(), torch.no_grad():
             for k in range(0, len(messages) - 2, 2):
                 conversation.tell(messages[k]["content"], messages[k + 1]["content"])
             history = conversation.session.num_tokens
@@ -72,8 +76,8 @@ def memory_eval(controller, tokenizer, n: int, filler: list[str], autocast, dist
         rows.append({"distance": fact_distance(tokenizer, chat) / W, "kind": meta["kind"], "history": history,
                      "raw": bool((shown == RAW).all()), "correct": meta["answer"] in reply,
                      "other_fact": any(v in reply for v in others), "answer": meta["answer"], "reply": reply})
-        if progress:
-            progress(i + 1, n)
+        progress.update(correct=sum(r["correct"] for r in rows))
+    progress.close()
     accuracy = lambda rs: sum(r["correct"] for r in rs) / len(rs) if rs else None  # noqa: E731
     share = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     bins = []

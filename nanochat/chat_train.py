@@ -13,7 +13,8 @@
 - `fit_longdoc`: longdoc_qa documents sized (by measurement) to fill ~85% of the model's context on average.
 - `evaluate_loss`: validation loss in nats per target token (and at the end, nanochat.loss_eval's bits per byte).
 - `train_chat`: the procedure of both scripts: source checkpoint -> data -> loop -> checkpoints in
-  checkpoints/<stage>/<tag> (resumable) -> report section.
+  checkpoints/<stage>/<tag> (resumable) -> report section; a MegaContext checkpoint's nets are carried along, or
+  with --mc_memory_rows trained on memory rows beside the conversations (the scripts pass in mc/rehearsal.py).
 """
 
 import json

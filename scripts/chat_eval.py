@@ -221,8 +221,11 @@ def main(argv=None):
 
     memory = {"skipped": "not a MegaContext checkpoint"} if "mc_config" not in meta else {"skipped": "--num_memory=0"}
     if "mc_config" in meta and args.num_memory > 0:
-        controller = load_controller(model, load_module_states(ckpt_dir, meta["step"], device), meta)
-        filler = filler_paragraphs(prepare(*pretraining_data(meta)), "val")
+        try:
+            controller = load_controller(model, load_module_states(ckpt_dir, meta["step"], device), meta)
+            filler = filler_paragraphs(prepare(*pretraining_data(meta)), "val")
+        except (CheckpointError, DataError) as e:
+            sys.exit(f"error: {e}")
         memory = memory_eval(controller, tokenizer, args.num_memory, filler, lambda: autocast_ctx(device.type, amp_dtype),
                              args.memory_distance)
         print(f"chat memory ({checkpoint}): accuracy {fmt(memory['accuracy'])} over {memory['n']} conversations, the fact "

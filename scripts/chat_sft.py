@@ -8,8 +8,8 @@ One conversation per row, right-padded to the longest row of the batch (padding 
 the loss is on assistant tokens only. Conversations longer than the model's context are dropped and
 counted, never truncated. The model config comes from the source checkpoint. Checkpoints go to
 checkpoints/sft/<tag> (default: the source's tag) and --resume continues exactly. The shared
-procedure is nanochat/chat_train.py; from a MegaContext checkpoint each step also trains its GPT,
-GistNet and LensNet on memory rows through working contexts (--mc_memory_rows, mc/rehearsal.py); this file holds the SFT defaults.
+procedure is nanochat/chat_train.py (with --mc_memory_rows, each step of a MegaContext checkpoint also trains
+its GPT, GistNet and LensNet on memory rows through working contexts: mc/rehearsal.py); this file holds the SFT defaults.
 """
 
 import argparse

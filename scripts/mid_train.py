@@ -8,8 +8,8 @@ Conversations are packed best-fit into full rows of the model's context (each ro
 conversation's BOS; no conversation is cut, too-long ones are dropped and counted); the loss is on
 assistant tokens only. The model config comes from the source checkpoint. Checkpoints go to
 checkpoints/mid/<tag> (default: the source's tag) and --resume continues exactly. The shared
-procedure is nanochat/chat_train.py; from a MegaContext checkpoint each step also trains its GPT,
-GistNet and LensNet on memory rows through working contexts (--mc_memory_rows, mc/rehearsal.py); this file holds the mid-training defaults.
+procedure is nanochat/chat_train.py (with --mc_memory_rows, each step of a MegaContext checkpoint also trains
+its GPT, GistNet and LensNet on memory rows through working contexts: mc/rehearsal.py); this file holds the mid-training defaults.
 """
 
 import argparse
