@@ -4,11 +4,12 @@ Held-out memory conversations (nanochat.memory_chat: the user tells three facts,
 pretraining corpus' val split, then asks for one fact) with a fixed number of filler words are replayed into an
 MCConversation (mc/chat.py) as a user of `chat_cli --mc` would type them, turn by turn (the dataset's assistant
 turns are appended, not generated); then the question is asked and the greedy reply is correct when it holds
-the asked value. The filler length is fitted on a few rendered conversations so that the asked fact lies
-at least about `distance` working contexts (W tokens each) before the question (15 % more on average). Reported: accuracy overall and by the
-measured distance (tokens from the end of the asked fact's turn to the question) in units of W; how often the
-focus at the question shows the tokens of the asked value raw (LensNet expanded their block) and the accuracy
-then (the GPT's reading); and how often the reply holds another fact of the conversation instead.
+the asked value. The filler length is fitted on a few rendered conversations so that the asked fact lies at
+least about `distance` working contexts (W tokens each) before the question (15 % more on average). Reported:
+accuracy overall, by the measured distance (tokens from the end of the asked fact's turn to the question) in
+units of W and by the fact's kind; how often the focus at the question shows the tokens of the asked value raw
+(LensNet expanded their block) and the accuracy then (the GPT's reading); and how often the reply holds another
+fact of the conversation instead.
 """
 
 import math
@@ -83,13 +84,15 @@ def memory_eval(controller, tokenizer, n: int, filler: list[str], autocast, dist
     bins = []
     for lo, hi in zip(DISTANCE_BINS, [*DISTANCE_BINS[1:], math.inf]):
         inside = [r for r in rows if lo <= r["distance"] < hi]
-        bins.append({"distance": f"{lo}W-{hi}W" if hi < math.inf else f">={lo}W", "n": len(inside), "accuracy": accuracy(inside)})
+        name = f"{lo}W-{hi}W" if hi < math.inf else f">={lo}W"
+        bins.append({"distance": name, "n": len(inside), "accuracy": accuracy(inside)})
     far = [r for r in rows if r["distance"] >= 8]
     kinds = {}  # the asked fact's kind (number, place, word) -> its rows
     for r in rows:
         kinds.setdefault(r["kind"], []).append(r)
     return {"n": n, "wc_budget": W, "filler_words": words, "accuracy": accuracy(rows), "accuracy_from_8W": accuracy(far),
-            "n_from_8W": len(far), "fact_shown_raw": share("raw"), "accuracy_when_shown_raw": accuracy([r for r in rows if r["raw"]]),
+            "n_from_8W": len(far), "fact_shown_raw": share("raw"),
+            "accuracy_when_shown_raw": accuracy([r for r in rows if r["raw"]]),
             "other_fact_rate": share("other_fact"), "mean_distance_W": share("distance"),
             "mean_history_tokens": share("history"), "by_distance": bins,
             "by_kind": {kind: {"n": len(rs), "accuracy": accuracy(rs)} for kind, rs in sorted(kinds.items())},
