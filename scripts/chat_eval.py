@@ -219,8 +219,10 @@ def main(argv=None):
     for row in longdoc["by_depth"]:
         print(f"  depth {row['depth']}: accuracy {fmt(row['accuracy'])} (n={row['n']})")
 
-    memory = {"skipped": "not a MegaContext checkpoint"} if "mc_config" not in meta else {"skipped": "--num_memory=0"}
-    if "mc_config" in meta and args.num_memory > 0:
+    if "mc_config" not in meta or args.num_memory == 0:
+        memory = {"skipped": "not a MegaContext checkpoint" if "mc_config" not in meta else "--num_memory=0"}
+        print(f"chat memory: skipped ({memory['skipped']})")
+    else:
         try:
             controller = load_controller(model, load_module_states(ckpt_dir, meta["step"], device), meta)
             filler = filler_paragraphs(prepare(*pretraining_data(meta)), "val")
@@ -232,8 +234,6 @@ def main(argv=None):
               f"{memory['mean_distance_W']:.1f} W back on average ({fmt(memory['accuracy_from_8W'])} of "
               f"{memory['n_from_8W']} from 8W on), the value shown raw {fmt(memory['fact_shown_raw'])} (accuracy then "
               f"{fmt(memory['accuracy_when_shown_raw'])}), another fact's value {fmt(memory['other_fact_rate'])}")
-    else:
-        print(f"chat memory: skipped ({memory['skipped']})")
 
     results = {}
     model.eval()
