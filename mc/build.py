@@ -48,8 +48,13 @@ def load_matching_nets(controller: MCController, states: dict, meta: dict, sourc
     start, e.g. --init_from); otherwise they stay fresh. Returns the line saying which happened."""
     saved = MCConfig(**{**LEGACY_MC_CONFIG, **meta["mc_config"]}).net_fields()
     ours = controller.cfg.net_fields()
-    if saved != ours:
-        differ = sorted(k for k, v in ours.items() if saved.get(k) != v)
+    differ = sorted(k for k, v in ours.items() if saved.get(k) != v)
+    if differ == ["lens_match"] and ours["lens_match"]:  # a trained LensNet gains the question match, which starts fresh
+        load_state_strict(controller.gistnet, states["mc_gist"], f"{source}, mc_gist")
+        fresh = {k: v for k, v in controller.lensnet.state_dict().items() if k.startswith("match_")}
+        load_state_strict(controller.lensnet, {**states["mc_lens"], **fresh}, f"{source}, mc_lens")
+        return f"initialised GistNet and LensNet from {source} too; LensNet's question match (--mc_lens_match) starts fresh"
+    if differ:
         return f"GistNet and LensNet start fresh: {source} built them with other --mc_* settings ({', '.join(differ)})"
     for name, module in controller.modules().items():
         load_state_strict(module, states[name], f"{source}, {name}")

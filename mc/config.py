@@ -18,8 +18,8 @@ RECENCY_BONUS = 3.0  # MCConfig.recency_bonus
 
 # settings of checkpoints and sessions saved before the field existed; read_on and recency_bonus change no training
 # (only the inference focus), so what was saved before them gets them as the current default and still resumes and loads
-LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "max_distance": 0, "partial_gists": False, "read_on": True,
-                    "recency_bonus": RECENCY_BONUS}
+LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "lens_match": False, "max_distance": 0, "partial_gists": False,
+                    "read_on": True, "recency_bonus": RECENCY_BONUS}
 
 
 class MCConfigError(ValueError):
@@ -45,6 +45,7 @@ class MCConfig:
     # LensNet
     lens_layers: int = field(default=2, metadata={"help": "LensNet transformer layers"})
     lens_width: int = field(default=128, metadata={"help": "LensNet hidden width"})
+    lens_match: bool = field(default=True, metadata={"help": "LensNet adds to each block's score a learned token-level match of the block's tokens with the question (the last R tokens before the focus is decided; mc/lensnet.py): a rare key that one gist of K tokens loses is matched directly"})
     # focus allocator
     allocator: str = field(default="stochastic_greedy", metadata={"help": "training-time allocator policy", "choices": ["greedy", "stochastic_greedy"]})
     expand_threshold: float = field(default=float("-inf"), metadata={"help": "expand a gist only if its score exceeds this (-inf: spend the budget on the best-scored gists; LensNet's scores are relative, it is trained with a softmax over them)"})
@@ -129,7 +130,7 @@ class MCConfig:
         """The settings GistNet and LensNet are built and trained for: nets from a checkpoint whose other
         (training) settings differ still fit (base_train --init_from)."""
         names = ("block_size", "max_lod", "gist_type", "gist_layers", "gist_pooling", "gist_head", "lens_layers",
-                 "lens_width", "positional", "aux_dtype")
+                 "lens_width", "lens_match", "positional", "aux_dtype")
         return {**{name: getattr(self, name) for name in names}, "bag_head": self.bag_loss_weight > 0}
 
     def min_entries(self, history_len: int) -> int:

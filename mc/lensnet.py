@@ -16,7 +16,14 @@ Architecture (C = cfg.lens_width):
     score = w . relu^2(score_fc(norm(h + c_proj(c))))                                  [V, W]
 The tail conditions each score twice: through the body's bidirectional attention and explicitly
 through the cross-attention, which lets an entry compare itself with specific recent tokens (what
-the model is about to predict) rather than with one pooled vector. The score vector `w` starts at
+the model is about to predict) rather than with one pooled vector.
+With cfg.lens_match the caller adds to each LOD1 gist's score the question match of its block (`match`):
+a gist is one vector for K tokens, so a rare key among them is easily lost; the match compares the block's
+tokens themselves (the GPT's token embeddings, detached) with the last R tokens before the focus is decided:
+    match(b) = s * sum_r g_r relu(max_i cos(P e_r, P e_(b,i)) - tau) / (1 - tau)
+one projection P for both sides (a token matches itself from the start), a learned weight g_r of each
+question token (softplus of a linear gate: which words are worth matching, e.g. not "the"), tau = 0.5, and the
+scale s starting at 0 (no effect until the loss moves it). The score vector `w` starts at
 zero, so initial scores are exactly 0 and the first allocations are uniform; the first update
 moves `w`, after which gradients reach every parameter.
 Learned vectors are 1-D and tables are nn.Embedding (AdamW in nanochat.optim), matrices go to
@@ -33,6 +40,9 @@ from mc.working_context import tail_mask
 from nanochat.gpt import norm
 
 N_FREQ = 8  # Fourier frequencies of log1p(rel_pos): 2^-4 .. 2^3
+MATCH_DIM = 64  # width of the question match's token projection
+MATCH_TAU = 0.5  # cosine a token pair must exceed to count as a match
+MATCH_CHUNK = 4096  # blocks matched at once (bounds the [B, blocks, K, R] similarity tensor)
 
 
 def key_mask(keys):
@@ -58,6 +68,11 @@ class LensNet(nn.Module):
         self.c_proj = nn.Linear(C, C, bias=False)
         self.score_fc = nn.Linear(C, 4 * C, bias=False)
         self.score_w = nn.Parameter(torch.empty(4 * C))
+        if cfg.lens_match:
+            self.match_proj = nn.Linear(d_model, MATCH_DIM, bias=False)
+            self.match_gate = nn.Parameter(torch.empty(d_model))  # 1-D: AdamW
+            self.match_bias = nn.Parameter(torch.empty(1))
+            self.match_scale = nn.Parameter(torch.empty(1))
         self.init_weights()
 
     @torch.no_grad()
@@ -68,13 +83,18 @@ class LensNet(nn.Module):
         for block in self.blocks:
             block.init_weights()
         nn.init.zeros_(self.score_w)  # initial scores are exactly 0
+        if self.cfg.lens_match:
+            init_linear(self.match_proj)
+            for p in (self.match_gate, self.match_bias, self.match_scale):
+                nn.init.zeros_(p)  # every question token weighs softplus(0); the match starts without effect
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def summary(self) -> str:
         c = self.cfg
-        return f"LensNet(width {c.lens_width}, {c.lens_layers} layers, D={self.d_model}): {self.num_params():,} params"
+        match = ", question match" if c.lens_match else ""
+        return f"LensNet(width {c.lens_width}, {c.lens_layers} layers{match}, D={self.d_model}): {self.num_params():,} params"
 
     def forward(self, embeds, lod, rel_pos, valid, tail_len=None):
         """embeds [V, W, D], lod [V, W], rel_pos [V, W], valid [V, W] bool, tail_len int | [V] (None = cfg.recent) -> [V, W] fp32."""
@@ -101,3 +121,23 @@ class LensNet(nn.Module):
         q, k, v = (lin(hn).view(V, W, H, C // H).transpose(1, 2) for lin in (self.x_q, self.x_k, self.x_v))
         y = F.scaled_dot_product_attention(norm(q), norm(k), v, attn_mask=tail_keys)  # [V, H, W, hd]
         return y.transpose(1, 2).reshape(V, W, C)
+
+    def match(self, lod0, focus_end=None):
+        """The question match [B, n] fp32 of every block of histories with token embeddings lod0 [B, T, D] (detached
+        by the caller; n = T // K): the question = the R tokens before focus_end [B] (None: the end)."""
+        B, T, D = lod0.shape
+        K, R, dtype = self.cfg.block_size, self.cfg.recent, self.match_proj.weight.dtype
+        end = torch.full((B,), T, device=lod0.device) if focus_end is None else focus_end.to(lod0.device)
+        at = end[:, None] - R + torch.arange(R, device=lod0.device)  # [B, R] question positions
+        question = norm(lod0.gather(1, at.clamp(min=0)[..., None].expand(B, R, D)).to(dtype))  # [B, R, D]
+        weight = F.softplus(question @ self.match_gate + self.match_bias) * (at >= 0)  # [B, R]
+        q = norm(self.match_proj(question))  # [B, R, M]
+        n = T // K
+        out = []
+        for first in range(0, n, MATCH_CHUNK):
+            tokens = lod0[:, first * K:min(n, first + MATCH_CHUNK) * K].to(dtype)
+            k = norm(self.match_proj(norm(tokens))).view(B, -1, K, MATCH_DIM)  # [B, c, K, M]
+            best = torch.einsum("bckm,brm->bcrk", k, q).amax(-1) / MATCH_DIM  # [B, c, R] cosines (RMS-normed vectors)
+            out.append((F.relu(best - MATCH_TAU) * weight[:, None]).sum(-1))
+        matched = torch.cat(out, 1) if out else lod0.new_zeros(B, 0, dtype=dtype)
+        return (self.match_scale * matched).float() / (1 - MATCH_TAU)

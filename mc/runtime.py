@@ -3,7 +3,8 @@
 Per micro-batch x, y [B, T] (history T > W):
  1. tree: LOD0 = wte(x), LOD1/LOD2 gists by one batched GistNet call per level (differentiable);
  2. base WC per sequence = the most compressed cover without partial nodes (`lens_base_map`); LensNet scores
-    its entries (with grad), reading only the history before the scored targets (`focus_ends`: up to the first
+    its entries (with grad; with cfg.lens_match each LOD1 gist plus its block's question match, mc/lensnet.py),
+    reading only the history before the scored targets (`focus_ends`: up to the first
     answer among the last H targets, else up to the last H targets), as it would at inference, where the
     answer is not yet known;
  3. V = B (1 + N) working contexts, sequence-major: per sequence the truncation baseline (last W
@@ -140,12 +141,22 @@ class MCController:
         seed = (self.cfg.seed * 1_000_003 + self.rank * 10_007 + step) % 2**62
         return torch.Generator(device=device).manual_seed(seed)
 
-    def score(self, wc, grad: bool = True, focus_end=None):
+    def score(self, wc, grad: bool = True, focus_end=None, match=None):
         """LensNet scores [V, W] of working contexts (embeddings detached: LensNet never trains the tree), reading
-        only the entries that end by focus_end [B] (see `focus_ends`; None: all); hidden entries score 0."""
+        only the entries that end by focus_end [B] (see `focus_ends`; None: all); hidden entries score 0.
+        match [B, n] (`question_match`, with cfg.lens_match) is added to the score of each LOD1 gist's block."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return self.lensnet(wc.embeds.detach(), wc.lod, rel_pos(wc), visible_entries(wc, focus_end),
-                                tail_len=self.cfg.recent)
+            visible = visible_entries(wc, focus_end)
+            scores = self.lensnet(wc.embeds.detach(), wc.lod, rel_pos(wc), visible, tail_len=self.cfg.recent)
+            if match is None:
+                return scores
+            block = (wc.pos // self.cfg.block_size).clamp(max=match.size(1) - 1)  # [V, W]
+            return scores + torch.where(visible & (wc.lod == 1), match[wc.sample[:, None], block], 0.0)
+
+    def question_match(self, lod0, focus_end=None):
+        """LensNet's question match [B, n] of every block of histories with token embeddings lod0 [B, T, D] (detached
+        here), the question being the R tokens before focus_end [B]; None without cfg.lens_match."""
+        return self.lensnet.match(lod0.detach(), focus_end) if self.cfg.lens_match else None
 
     def block_scores(self, levels, focus_end=None):
         """LensNet's score [B, n] of every block older than the raw tail, read as a LOD1 gist (-inf: the raw
@@ -172,7 +183,9 @@ class MCController:
         wc = WorkingContext(torch.where(valid[..., None], embeds, 0.0), rows(pos), rows(torch.where(is_gist, K, 1)),
                             rows(is_gist.long()), torch.full((B * C, width), -1, device=device), valid,
                             torch.arange(B, device=device).repeat_interleave(C), None, T)
-        scores = self.score(wc, grad=False, focus_end=focus_end)  # [B * C, width]
+        with torch.no_grad():
+            match = self.question_match(lod0, focus_end)
+        scores = self.score(wc, grad=False, focus_end=focus_end, match=match)  # [B * C, width]
         readable = visible_entries(wc, focus_end) & (wc.lod == 1)
         column = torch.where(readable, wc.pos // K, n).view(B, C * width)  # column n collects the rest
         out = torch.full((B, n + 1), NEG, device=device)
@@ -206,9 +219,9 @@ class MCController:
         return descend_maps(base, block_scores, self.cfg, tail_tokens)
 
     def guided_maps(self, base_map, base_scores, levels, x, next_token, sample, *, policy, generator=None,
-                    block_scores=None, focus_end=None):
+                    block_scores=None, focus_end=None, match=None):
         """Maps grown from base_map [V, n] by the allocator; LensNet re-scores between iterations (reading up to
-        focus_end [B]), or, given block_scores [V, n] (the teacher), every iteration reads those."""
+        focus_end [B], question match [B, n]), or, given block_scores [V, n] (the teacher), every iteration reads those."""
         detached = [level.detach() for level in levels]
         maps, scores = base_map, base_scores.detach()
         for it in range(self.cfg.allocator_iterations):
@@ -217,7 +230,8 @@ class MCController:
                 scores = block_entry_scores(block_scores, wc, self.cfg.block_size)
             elif it > 0:
                 with torch.no_grad():
-                    scores = self.score(wc, grad=False, focus_end=focus_end)
+                    scores = self.score(wc, grad=False, focus_end=focus_end,
+                                        match=None if match is None else match.detach())
             maps = edit_maps(maps, scores, wc, self.cfg, policy, generator, allow_collapse=False)
         return maps
 
@@ -276,7 +290,8 @@ class MCController:
         with timer.phase("lensnet"):
             base_map = lens_base_map(n, cfg, device).expand(B, n)
             base_wc = materialize(base_map, [level.detach() for level in levels], x, cfg, next_token)
-            base_scores = self.score(base_wc, focus_end=focus_end)  # [B, W], with grad into LensNet
+            match = self.question_match(levels[0], focus_end)  # [B, n] or None
+            base_scores = self.score(base_wc, focus_end=focus_end, match=match)  # [B, W], with grad into LensNet
         with timer.phase("allocator"):
             n_teacher = cfg.teacher_variants
             n_guided = (N - n_teacher) // 2
@@ -290,7 +305,7 @@ class MCController:
             guided = self.guided_maps(base_map.repeat_interleave(n_guided, 0),
                                       base_scores.repeat_interleave(n_guided, 0), levels, x, next_token,
                                       seq.repeat_interleave(n_guided), policy=cfg.allocator, generator=generator,
-                                      focus_end=focus_end)
+                                      focus_end=focus_end, match=match)
             randoms = random_maps(B * n_random, n, cfg, generator, device=device)
             variants = torch.cat([teacher.view(B, n_teacher, n), guided.view(B, n_guided, n),
                                   randoms.view(B, n_random, n)], 1)  # [B, N, n]

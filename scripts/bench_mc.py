@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -166,7 +167,7 @@ class Bench:
         n_guided = cfg.num_variants // 2
         self.guided_wc = materialize(base_map.repeat_interleave(n_guided, 0), levels, self.xm, cfg, self.ym[:, -1],
                                      torch.arange(self.B_mc, device=self.device).repeat_interleave(n_guided))
-        self.stub = MCController(self.model, StubGistNet(), StubLensNet(), cfg)
+        self.stub = MCController(self.model, StubGistNet(), StubLensNet(), replace(cfg, lens_match=False))  # the match is LensNet's work
 
     def gpt_alone(self):
         """The batched GPT forward + backward over [V, W] inputs_embeds (grad into the embeddings, as in MC)."""
@@ -188,11 +189,12 @@ class Bench:
         """LensNet with grad on the base WCs (+ backward) and the no-grad re-scorings of the guided allocator."""
         c = self.controller
         with self.amp():
-            scores = c.score(self.base_wc)
+            match = c.question_match(self.lod0)  # None without --mc_lens_match
+            scores = c.score(self.base_wc, match=match)
             scores.float().mean().backward()
             with torch.no_grad():
                 for _ in range(self.cfg.allocator_iterations - 1):
-                    c.score(self.guided_wc, grad=False)
+                    c.score(self.guided_wc, grad=False, match=None if match is None else match.detach())
         self.zero_grad()
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ import copy
 
 import torch
 
+import mc.lensnet
 from mc.config import MCConfig
 from mc.lensnet import LensNet
 from mc.working_context import tail_mask
@@ -101,7 +102,8 @@ def test_gradients_reach_every_parameter():
     scores = net(embeds, lod, rel_pos, valid, tail_len=TAIL)
     (scores * torch.randn_like(scores)).sum().backward()
     for name, p in net.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        if not name.startswith("match_"):  # the question match is its own call (`LensNet.match`, tested below)
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
 
 
 def test_bf16_module_scores_like_fp32():
@@ -116,3 +118,32 @@ def test_bf16_module_scores_like_fp32():
     torch.testing.assert_close(scores, want, atol=0.05 * want[valid].abs().max().item(), rtol=0.05)
     best = want.masked_fill(~valid, -1e9).argmax(1)
     assert (scores.masked_fill(~valid, -1e9).argmax(1) == best).float().mean() >= 2 / 3
+
+
+def test_question_match_scores_the_blocks_holding_question_tokens(monkeypatch):
+    """The match of a block rises when it holds a token of the question (the last R tokens before focus_end),
+    only that block's; it starts at 0, ignores tokens after focus_end, and chunking does not change it."""
+    torch.manual_seed(0)
+    net = LensNet(MCConfig(block_size=4, recent=8, lens_width=32, lens_match=True), D)
+    lod0 = torch.randn(2, 42, D)  # 10 complete blocks + 2 tokens; the question: tokens 34..41
+    assert net.match(lod0).shape == (2, 10) and net.match(lod0).abs().max() == 0, "no effect before training"
+    with torch.no_grad():
+        net.match_scale.fill_(1.0)
+    base = net.match(lod0)
+    planted = lod0.clone()
+    planted[0, 9] = lod0[0, 37]  # block 2 of row 0 now holds a question token
+    changed = net.match(planted) - base
+    assert changed[0, 2] > 0.3, "an exact match counts softplus(0) = 0.69 at the start"
+    changed[0, 2] = 0
+    assert changed.abs().max() == 0, "no other block and no other row moves"
+    end = torch.tensor([24, 42])  # row 0 decides its focus after 24 tokens
+    later = lod0.clone()
+    later[0, 24:] = torch.randn(18, D)
+    torch.testing.assert_close(net.match(later, end)[0, :6], net.match(lod0, end)[0, :6])  # the blocks before it
+    assert torch.isfinite(net.match(lod0, torch.tensor([3, 5]))).all(), "a question that starts before the history"
+    monkeypatch.setattr(mc.lensnet, "MATCH_CHUNK", 3)
+    torch.testing.assert_close(net.match(lod0), base)
+    (net.match(planted) * torch.randn(2, 10)).sum().backward()
+    for name, p in net.named_parameters():
+        if name.startswith("match_"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mc.runtime
-from mc.build import build_controller, load_controller
+from mc.build import build_controller, load_controller, load_matching_nets
 from mc.config import MCConfig, MCConfigError
 from mc.runtime import VALIDATION_ARMS
 from mc.tree import build_tree
@@ -300,7 +300,7 @@ def test_focus_policies():
         assert torch.equal(randoms[0], randoms[1]) and not torch.equal(randoms[0], randoms[2])
         mc = controller.focus(levels)
         for maps in (*randoms, mc):
-            assert is_legal(maps, cfg.block_size, cfg.recent // cfg.block_size).all()
+            assert is_legal(maps, cfg.block_size, cfg.recent // cfg.block_size, partial=cfg.partial_gists).all()
             assert (entry_counts(maps, cfg.block_size) <= cfg.wc_budget).all()
         assert (mc == RAW).sum() > (most_compressed_map(n, cfg) == RAW).sum() * B
     with pytest.raises(ValueError, match="unknown focus policy 'oracle'; known: mc, gists_only, random"):
@@ -429,3 +429,35 @@ def test_checkpoints_from_before_the_bag_loss_load():
     states = {"mc_gist": controller.gistnet.state_dict(), "mc_lens": controller.lensnet.state_dict()}
     loaded = load_controller(controller.model, states, meta)
     assert loaded.cfg.bag_loss_weight == 0.0 and loaded.gistnet.bag_head is None
+
+
+def test_question_match_joins_lensnets_scores_and_its_loss(monkeypatch):
+    """With --mc_lens_match every old block's score is LensNet's plus the block's question match, in the inference
+    focus and in training (where the LensNet loss trains the match); a LensNet saved without it loads with the match
+    fresh (its scale 0: the same scores as before) and GistNet as saved."""
+    controller, x, y = make(lens_match=True)
+    with torch.no_grad():
+        controller.lensnet.score_w.normal_()
+        controller.lensnet.match_scale.fill_(2.0)
+        levels = controller.tree(x)
+        n, older = T // 8, T // 8 - 2
+        match = controller.question_match(levels[0])
+        with_match = controller.block_scores(levels)
+        controller.lensnet.match_scale.zero_()
+        without = controller.block_scores(levels)
+        controller.lensnet.match_scale.fill_(2.0)
+    assert match.shape == (B, n) and match[:, :older].abs().sum() > 0
+    torch.testing.assert_close(with_match[:, :older] - without[:, :older], match[:, :older], atol=1e-4, rtol=1e-4)
+    assert torch.isinf(with_match[:, older:]).all()
+    captured = {}
+    original = mc.runtime.best_variant_lens_loss
+    monkeypatch.setattr(mc.runtime, "best_variant_lens_loss", lambda *a: captured.setdefault("out", original(*a)))
+    controller.process_batch(x, y, step=3)
+    assert {"match_proj.weight", "match_gate", "match_bias", "match_scale"} <= nonzero_grads(captured["out"][0], controller.lensnet)
+    plain, _, _ = make(seed=1, lens_match=False)
+    meta = {"mc_config": asdict(plain.cfg)}
+    states = {"mc_gist": plain.gistnet.state_dict(), "mc_lens": plain.lensnet.state_dict()}
+    message = load_matching_nets(controller, states, meta, "a checkpoint")
+    assert "question match (--mc_lens_match) starts fresh" in message
+    assert all(torch.equal(p, plain.gistnet.state_dict()[k]) for k, p in controller.gistnet.state_dict().items())
+    assert torch.equal(controller.lensnet.score_w, plain.lensnet.score_w) and controller.lensnet.match_scale.item() == 2.0

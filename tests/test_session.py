@@ -142,12 +142,13 @@ def test_100W_prompt_fits_the_budget(controller):
 
 # ---- KV cache reuse ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("positional,gpt", [("gaussian", {}), ("index", {}),
-                                            ("gaussian", dict(value_embeds=True, layer_scalars=True, backout=True))])
-def test_kv_reuse_equals_recompute(positional, gpt):
+@pytest.mark.parametrize("positional,gpt,match", [("gaussian", {}, False), ("index", {}, False),
+                                                  ("gaussian", dict(value_embeds=True, layer_scalars=True, backout=True), False),
+                                                  ("gaussian", {}, True)])
+def test_kv_reuse_equals_recompute(positional, gpt, match):
     """Cached decode equals a fresh materialisation + full forward through refocuses, also with the GPT options
-    (value embeddings read each entry's token; gists have none)."""
-    cfg = dataclasses.replace(CFG, positional=positional)
+    (value embeddings read each entry's token; gists have none) and LensNet's question match."""
+    cfg = dataclasses.replace(CFG, positional=positional, lens_match=match)
     ctl = make_controller(cfg, **gpt)
     s = MCSession.begin(ctl, tokens(60), refocus_interval=6)
     close(s.logits(), s.recompute_logits())
@@ -156,6 +157,8 @@ def test_kv_reuse_equals_recompute(positional, gpt):
         close(s.step(tok), s.recompute_logits())
     kv = s.state()["kv"]
     assert kv["prefills"] > 5 and kv["reused"] > 2 * kv["computed"]  # the focus changed, most entries reused
+    s.refocus(lookback=s.num_tokens)
+    assert torch.equal(s.lod_map, ctl.focus(s.tree.levels(), tail_tokens=s.num_tokens % cfg.block_size)[0])
 
 
 def test_session_frame_matches_evaluation_past_the_training_length(controller):
