@@ -16,16 +16,16 @@ Architecture (C = cfg.lens_width):
     score = w . relu^2(score_fc(norm(h + c_proj(c))))                                  [V, W]
 The tail conditions each score twice: through the body's bidirectional attention and explicitly
 through the cross-attention, which lets an entry compare itself with specific recent tokens (what
-the model is about to predict) rather than with one pooled vector.
+the model is about to predict) rather than with one pooled vector. The score vector `w` starts at
+zero, so initial scores are exactly 0 and the first allocations are uniform; the first update
+moves `w`, after which gradients reach every parameter.
 With cfg.lens_match the caller adds to each LOD1 gist's score the question match of its block (`match`):
 a gist is one vector for K tokens, so a rare key among them is easily lost; the match compares the block's
 tokens themselves (the GPT's token embeddings, detached) with the last R tokens before the focus is decided:
     match(b) = s * sum_r g_r relu(max_i cos(P e_r, P e_(b,i)) - tau) / (1 - tau)
 one projection P for both sides (a token matches itself from the start), a learned weight g_r of each
 question token (softplus of a linear gate: which words are worth matching, e.g. not "the"), tau = 0.5, and the
-scale s starting at 0 (no effect until the loss moves it). The score vector `w` starts at
-zero, so initial scores are exactly 0 and the first allocations are uniform; the first update
-moves `w`, after which gradients reach every parameter.
+scale s starting at 0 (no effect until the loss moves it). Measured in docs/architecture.md §5.
 Learned vectors are 1-D and tables are nn.Embedding (AdamW in nanochat.optim), matrices go to
 Muon. dtype: inputs are cast to the module's dtype (set by the caller, `aux_dtype`).
 """

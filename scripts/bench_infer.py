@@ -58,7 +58,7 @@ def build(args, device):
         return load_controller(model, states, meta), f"checkpoint {args.stage}/{args.tag}"
     torch.manual_seed(args.seed)
     cfg = MCConfig(block_size=args.block_size, wc_budget=args.wc_budget, recent=args.recent,
-                   horizon=min(32, args.recent), partial_gists=args.partial_gists)
+                   horizon=min(32, args.recent), partial_gists=args.partial_gists, lens_match=args.lens_match)
     config = GPTConfig.from_depth(args.depth, sequence_len=max(512, 4 * args.wc_budget), vocab_size=args.vocab_size)
     model = GPT(config).to(device)
     model.init_weights()
@@ -188,6 +188,8 @@ def main(argv=None):
                         "row: MC sessions with the LOD0 cache on and off (0 = skip it, e.g. in tests and CI)")
     parser.add_argument("--partial_gists", action=argparse.BooleanOptionalAction, default=MCConfig.partial_gists,
                         help="MCConfig.partial_gists of the random model (a checkpoint brings its own)")
+    parser.add_argument("--lens_match", action=argparse.BooleanOptionalAction, default=MCConfig.lens_match,
+                        help="MCConfig.lens_match of the random model: LensNet's question match in every refocus")
     parser.add_argument("--decode_tokens", type=checked_number(int, 1), default=32, help="tokens per timed decode round (a multiple of "
                         "the refocus interval keeps the work of every MC round alike)")
     parser.add_argument("--repeats", type=checked_number(int, 1), default=15, help="timed rounds (median reported), after one warm-up round")
@@ -215,7 +217,7 @@ def main(argv=None):
 
     print(f"device {device} ({torch.get_num_threads()} threads), autocast {dtype}, model depth {model.config.n_layer} "
           f"width {model.config.n_embd} ({model.num_params():,} params, {source}); K={cfg.block_size} W={W} "
-          f"R={cfg.recent} partial_gists={cfg.partial_gists} cache_lod0={cfg.cache_lod0}, refocus every "
+          f"R={cfg.recent} partial_gists={cfg.partial_gists} lens_match={cfg.lens_match} cache_lod0={cfg.cache_lod0}, refocus every "
           f"{args.refocus_interval} tokens; {n} tokens x {args.repeats} rounds per arm")
     arms = {"plain_W": PlainArm(model, ids, W, amp)}
     for m in mults:
