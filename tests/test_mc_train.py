@@ -153,6 +153,13 @@ def test_focus_phase_from_an_mc_checkpoint_with_the_bag_loss(tiny_env, capsys):
     run_train(tiny_env, "--num_iterations=1", "--init_from=mc_bag", "--tag=mc_nobag")  # other --mc_* flags: fresh nets
     out = capsys.readouterr().out
     assert "initialised GistNet and LensNet" not in out and "start fresh" in out and "(bag_head)" in out
+    # a focus phase that adds LensNet's question match: GistNet and LensNet's body load, the match starts fresh and trains
+    run_train(tiny_env, "--num_iterations=2", bag, "--mc_lens_match", "--init_from=mc_bag", "--freeze=gpt,mc_gist",
+              "--tag=mc_match_focus")
+    assert "question match (--mc_lens_match) starts fresh" in capsys.readouterr().out
+    matched = load_module_states(checkpoint_dir("base", "mc_match_focus"), 2)
+    assert states_equal(source["mc_gist"], matched["mc_gist"]) and "match_proj.weight" in matched["mc_lens"]
+    assert float(matched["mc_lens"]["match_scale"].abs().sum()) > 0, "the match trained"
 
 
 def test_mc_trains_a_gpt_with_every_model_option(tiny_env):
