@@ -22,7 +22,7 @@ moves `w`, after which gradients reach every parameter.
 With cfg.lens_match the caller adds to each LOD1 gist's score the question match of its block (`match`):
 a gist is one vector for K tokens, so a rare key among them is easily lost; the match compares the block's
 tokens themselves (the GPT's token embeddings, detached) with the last R tokens before the focus is decided:
-    match(b) = s * sum_r g_r relu(max_i cos(P e_r, P e_(b,i)) - tau) / (1 - tau)
+    match(b) = s * sum_r g_r relu(max_i cos(P e_r, P e_(b,i)) - tau) / (1 - tau),  i over b's tokens older than the question
 one projection P for both sides (a token matches itself from the start), a learned weight g_r of each
 question token (softplus of a linear gate: which words are worth matching, e.g. not "the"), tau = 0.5, and the
 scale s starting at 0 (no effect until the loss moves it). Measured in docs/architecture.md §5.
@@ -124,7 +124,9 @@ class LensNet(nn.Module):
 
     def match(self, lod0, focus_end=None):
         """The question match [B, n] fp32 of every block of histories with token embeddings lod0 [B, T, D] (detached
-        by the caller; n = T // K): the question = the R tokens before focus_end [B] (None: the end)."""
+        by the caller; n = T // K): the question = the R tokens before focus_end [B] (None: the end). Only block
+        tokens older than the question count: a question token matching itself would make the blocks it lies in
+        look like answers, and LensNet's body learns to push the most recent old blocks down to undo that."""
         B, T, D = lod0.shape
         K, R, dtype = self.cfg.block_size, self.cfg.recent, self.match_proj.weight.dtype
         end = torch.full((B,), T, device=lod0.device) if focus_end is None else focus_end.to(lod0.device)
@@ -135,9 +137,13 @@ class LensNet(nn.Module):
         n = T // K
         out = []
         for first in range(0, n, MATCH_CHUNK):
-            tokens = lod0[:, first * K:min(n, first + MATCH_CHUNK) * K].to(dtype)
+            last = min(n, first + MATCH_CHUNK)
+            tokens = lod0[:, first * K:last * K].to(dtype)
             k = norm(self.match_proj(norm(tokens))).view(B, -1, K, MATCH_DIM)  # [B, c, K, M]
-            best = torch.einsum("bckm,brm->bcrk", k, q).amax(-1) / MATCH_DIM  # [B, c, R] cosines (RMS-normed vectors)
+            pos = torch.arange(first * K, last * K, device=lod0.device).view(1, -1, 1, K)
+            older = pos < (end - R).view(B, 1, 1, 1)  # [B, c, 1, K] block tokens before the question
+            cos = torch.einsum("bckm,brm->bcrk", k, q) / MATCH_DIM  # [B, c, R, K] (RMS-normed vectors)
+            best = cos.masked_fill(~older, -1.0).amax(-1)  # [B, c, R]
             out.append((F.relu(best - MATCH_TAU) * weight[:, None]).sum(-1))
         matched = torch.cat(out, 1) if out else lod0.new_zeros(B, 0, dtype=dtype)
         return (self.match_scale * matched).float() / (1 - MATCH_TAU)

@@ -130,6 +130,7 @@ def test_question_match_scores_the_blocks_holding_question_tokens(monkeypatch):
     with torch.no_grad():
         net.match_scale.fill_(1.0)
     base = net.match(lod0)
+    assert base[:, 9].abs().max() == 0, "block 9 (tokens 36..39) lies in the question: its tokens do not match themselves"
     planted = lod0.clone()
     planted[0, 9] = lod0[0, 37]  # block 2 of row 0 now holds a question token
     changed = net.match(planted) - base
