@@ -23,7 +23,8 @@ arm was skipped for this batch. Arms:
                  block, and when not all of a row's evidence blocks fit W, the row keeps the most of
                  them that fit, blocks holding more evidence first (none fitting: the most compressed map)
   shuffled       the mc arm on a tree whose gists are permuted across the nodes of their level in each row
-                 (positions and spans stay), before LensNet reads them: does MegaContext use what gists
+                 (positions and spans stay), before LensNet reads them, and with --mc_lens_match each block's
+                 question match taken from the block whose gist it got: does MegaContext use what blocks
                  say, or only that something is there?
   mean_gist      the mc arm of a second checkpoint trained with --mc_gist_type=mean
   plain_truncation, plain_full   truncation / full of a plain (no --mc) checkpoint, when given
@@ -49,14 +50,15 @@ ARMS = ("truncation", "full", *MC_ARMS, "mean_gist", "plain_truncation", "plain_
 
 
 def shuffle_gists(levels, generator=None):
-    """The tree with the gists of every level permuted across its nodes, per row (tokens unchanged):
-    levels [lod0 [B, T, D], lod1 [B, n1, D], ...] -> the same shapes."""
-    out = [levels[0]]
+    """The tree with the gists of every level permuted across its nodes, per row (tokens unchanged), and the
+    permutation of LOD1 (block i now holds block order[b, i]'s gist): levels [lod0 [B, T, D], lod1 [B, n1, D], ...]
+    -> (the same shapes, order [B, n1])."""
+    out, perms = [levels[0]], []
     for level in levels[1:]:
         B, m, D = level.shape
-        perm = torch.rand(B, m, generator=generator, device=level.device).argsort(1)  # [B, m]
-        out.append(level.gather(1, perm.unsqueeze(-1).expand(B, m, D)))
-    return out
+        perms.append(torch.rand(B, m, generator=generator, device=level.device).argsort(1))  # [B, m]
+        out.append(level.gather(1, perms[-1].unsqueeze(-1).expand(B, m, D)))
+    return out, perms[0]
 
 
 def fitting_oracle_maps(n_blocks: int, cfg, evidence):
@@ -167,9 +169,9 @@ class ArmEvaluator:
                 continue
             if levels is None:
                 levels = ctl.tree(x)
-            arm_levels = shuffle_gists(levels, gen) if arm == "shuffled" else levels
+            arm_levels, order = shuffle_gists(levels, gen) if arm == "shuffled" else (levels, None)
             if arm in ("mc", "shuffled"):
-                maps = ctl.focus(arm_levels, focus_end=focus_end)
+                maps = ctl.focus(arm_levels, focus_end=focus_end, block_order=order)
             elif arm == "no_read_on":
                 maps = descend_maps(ctl.focus(levels, policy="gists_only"), ctl.block_scores(levels, focus_end),
                                     dataclasses.replace(cfg, read_on=False))

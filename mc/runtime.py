@@ -158,9 +158,10 @@ class MCController:
         here), the question being the R tokens before focus_end [B]; None without cfg.lens_match."""
         return self.lensnet.match(lod0.detach(), focus_end) if self.cfg.lens_match else None
 
-    def block_scores(self, levels, focus_end=None):
+    def block_scores(self, levels, focus_end=None, block_order=None):
         """LensNet's score [B, n] of every block older than the raw tail, read as a LOD1 gist (-inf: the raw
-        tail, and blocks ending after focus_end [B]). The blocks are scored in windows of at most W - raw
+        tail, and blocks ending after focus_end [B]); block_order [B, n] (mc.arms' shuffled arm): block i gets the
+        question match of block block_order[b, i], as it got that block's gist. The blocks are scored in windows of at most W - raw
         gists followed by the raw tail (the WCs LensNet trains on), all windows of all rows in one batch,
         so the cost grows linearly with the history. levels: the tree's [LOD0 [B, T, D], LOD1 [B, n, D], ...]."""
         K = self.cfg.block_size
@@ -185,6 +186,8 @@ class MCController:
                             torch.arange(B, device=device).repeat_interleave(C), None, T)
         with torch.no_grad():
             match = self.question_match(lod0, focus_end)
+        if match is not None and block_order is not None:
+            match = match.gather(1, block_order)
         scores = self.score(wc, grad=False, focus_end=focus_end, match=match)  # [B * C, width]
         readable = visible_entries(wc, focus_end) & (wc.lod == 1)
         column = torch.where(readable, wc.pos // K, n).view(B, C * width)  # column n collects the rest
@@ -195,11 +198,11 @@ class MCController:
         """The tree [LOD0 [B, L, D], LOD1 [B, L/K, D], ...] of histories x [B, L], differentiable."""
         return build_tree(self.model.transformer.wte(x), self.gistnet, self.cfg)
 
-    def focus(self, levels, *, policy: str = "mc", focus_end=None, tail_tokens: int = 0, generator=None):
+    def focus(self, levels, *, policy: str = "mc", focus_end=None, tail_tokens: int = 0, generator=None, block_order=None):
         """The LOD maps [B, n] a focus policy shows of a tree; validation, evaluation and sessions decide every
         focus here (training grows its variants from the same cover, partial nodes opened: `lens_base_map`):
         `mc` the inference focus: the most compressed map, then LensNet's best blocks (read up to focus_end
-        [B]) expanded with the nodes above them while they fit W (`descend`);
+        [B]; block_order: see `block_scores`) expanded with the nodes above them while they fit W (`descend`);
         `gists_only` the most compressed map; `random` random legal maps (generator)."""
         B, n, device = levels[0].size(0), levels[1].size(1), levels[0].device
         if policy not in FOCUS_POLICIES:
@@ -208,7 +211,7 @@ class MCController:
             return random_maps(B, n, self.cfg, generator, device=device)
         if policy == "gists_only":
             return most_compressed_map(n, self.cfg, tail_tokens, device=device).expand(B, n)
-        return self.descend(self.block_scores(levels, focus_end), tail_tokens)
+        return self.descend(self.block_scores(levels, focus_end, block_order), tail_tokens)
 
     def descend(self, block_scores, tail_tokens: int = 0):
         """The `mc` focus from LensNet's block scores [B, n]: from the most compressed map, the best blocks expanded

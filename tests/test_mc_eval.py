@@ -158,8 +158,9 @@ def test_shuffled_gists_permute_each_level(checkpoints):
     controller = load_controller(model, states, meta)
     x = torch.randint(0, 500, (2, 2048))
     levels = build_tree(model.transformer.wte(x), controller.gistnet, controller.cfg)
-    shuffled = shuffle_gists(levels, torch.Generator().manual_seed(0))
+    shuffled, order = shuffle_gists(levels, torch.Generator().manual_seed(0))
     assert [lvl.shape for lvl in shuffled] == [lvl.shape for lvl in levels] and shuffled[0] is levels[0]
+    torch.testing.assert_close(shuffled[1], levels[1].gather(1, order[..., None].expand_as(levels[1])))
     assert levels[1].size(1) > 1 and levels[2].size(1) > 1
     for lvl, sh in zip(levels[1:], shuffled[1:]):
         assert lvl.size(1) == 1 or not torch.equal(lvl, sh)  # the top level may be one (partial) node

@@ -443,11 +443,14 @@ def test_question_match_joins_lensnets_scores_and_its_loss(monkeypatch):
         n, older = T // 8, T // 8 - 2
         match = controller.question_match(levels[0])
         with_match = controller.block_scores(levels)
+        order = torch.rand(B, n, generator=torch.Generator().manual_seed(1)).argsort(1)
+        reordered = controller.block_scores(levels, block_order=order)  # the shuffled arm: matches move with gists
         controller.lensnet.match_scale.zero_()
         without = controller.block_scores(levels)
         controller.lensnet.match_scale.fill_(2.0)
     assert match.shape == (B, n) and match[:, :older].abs().sum() > 0
     torch.testing.assert_close(with_match[:, :older] - without[:, :older], match[:, :older], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reordered[:, :older] - without[:, :older], match.gather(1, order)[:, :older], atol=1e-4, rtol=1e-4)
     assert torch.isinf(with_match[:, older:]).all()
     captured = {}
     original = mc.runtime.best_variant_lens_loss
