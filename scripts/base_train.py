@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         loader_state, history = training_state["rank_state"]["loader"], meta["history"]
         print0(f"resumed from {ckpt_dir} at step {start_step}")
     params = [p for module in (model, *mc_modules.values()) for p in module.parameters()]
-    peak_flops = measure_matmul_flops(device, amp_dtype) * world_size
+    peak_flops, peak_remeasures = measure_matmul_flops(device, amp_dtype) * world_size, 0
     print0(f"model: {num_params:,} parameters, {flops_per_token:.3g} FLOPs/token, config {asdict(model_config)}")
     print0(f"training: {num_iterations} steps x {cfg.total_batch_size:,} tokens "
            f"({grad_accum} micro-batches of {batch_size} x {cfg.max_seq_len} on {world_size} rank(s)), "
@@ -411,6 +411,10 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
         debiased = smooth_loss / (1 - 0.9 ** (step - start_step))
         tokens_per_sec = cfg.total_batch_size / dt
         mfu = 100 * step_flops_per_token * tokens_per_sec / peak_flops
+        if mfu > 100 and peak_remeasures < 3:  # the start-up peak was measured beside another process: measure again
+            peak_remeasures += 1
+            peak_flops = max(peak_flops, measure_matmul_flops(device, amp_dtype) * world_size)
+            mfu = 100 * step_flops_per_token * tokens_per_sec / peak_flops
         history["step"].append(step)
         history["loss"].append(train_loss)
         progress.update(loss=f"{debiased:.3f}", tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{mfu:.1f}%")
