@@ -45,7 +45,7 @@ class MCConfig:
     # LensNet
     lens_layers: int = field(default=2, metadata={"help": "LensNet transformer layers"})
     lens_width: int = field(default=128, metadata={"help": "LensNet hidden width"})
-    lens_match: bool = field(default=False, metadata={"help": "LensNet adds to each block's score a learned token-level match of the block's tokens with the question (the last R tokens before the focus is decided; mc/lensnet.py): a rare key that one gist of K tokens loses is matched directly. Off by default: in the CPU recipe it took needle mc at 2W-16W from .84-.875 to .935-.97 but natural-text tail NLL .10-.14 nats above the model's own truncation (LensNet stopped showing the block before the raw tail in plain text; docs/architecture.md §5)"})
+    lens_match: bool = field(default=True, metadata={"help": "LensNet adds to each block's score a learned token-level match of the block's tokens (those older than the question) with the question (the last R tokens before the focus is decided; mc/lensnet.py): a rare key that one gist of K tokens loses is matched directly. In the CPU recipe it took needle mc at 2W-16W from .84-.875 to .92-.955 with natural text below the plain twin's truncation at every length (docs/architecture.md §5); --no-mc_lens_match turns it off"})
     # focus allocator
     allocator: str = field(default="stochastic_greedy", metadata={"help": "training-time allocator policy", "choices": ["greedy", "stochastic_greedy"]})
     expand_threshold: float = field(default=float("-inf"), metadata={"help": "expand a gist only if its score exceeds this (-inf: spend the budget on the best-scored gists; LensNet's scores are relative, it is trained with a softmax over them)"})

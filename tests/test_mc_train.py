@@ -139,18 +139,18 @@ def test_init_from_a_plain_checkpoint(tiny_env, capsys):
 def test_focus_phase_from_an_mc_checkpoint_with_the_bag_loss(tiny_env, capsys):
     """MC training with GistNet's bag loss, then a focus phase (--init_from it, GPT and GistNet frozen): the nets
     load from the checkpoint, only LensNet changes, and the bag head travels with GistNet."""
-    bag = "--mc_bag_loss_weight=0.5"
-    run_train(tiny_env, "--num_iterations=2", bag, "--tag=mc_bag")
+    bag, nomatch = "--mc_bag_loss_weight=0.5", "--no-mc_lens_match"
+    run_train(tiny_env, "--num_iterations=2", bag, nomatch, "--tag=mc_bag")
     assert "| bag " in capsys.readouterr().out
     # another training setting (distances kept below 32, half the GPT's T=64) does not change the nets: they load
-    run_train(tiny_env, "--num_iterations=2", bag, "--mc_max_distance=32", "--init_from=mc_bag", "--freeze=gpt,mc_gist",
-              "--tag=mc_bag_focus")
+    run_train(tiny_env, "--num_iterations=2", bag, nomatch, "--mc_max_distance=32", "--init_from=mc_bag",
+              "--freeze=gpt,mc_gist", "--tag=mc_bag_focus")
     assert "initialised GistNet and LensNet from" in capsys.readouterr().out
     source, focused = load_module_states(checkpoint_dir("base", "mc_bag"), 2), load_module_states(checkpoint_dir("base", "mc_bag_focus"), 2)
     assert "bag_head.weight" in focused["mc_gist"]
     assert states_equal(source["gpt"], focused["gpt"]) and states_equal(source["mc_gist"], focused["mc_gist"])
     assert not states_equal(source["mc_lens"], focused["mc_lens"])
-    run_train(tiny_env, "--num_iterations=1", "--init_from=mc_bag", "--tag=mc_nobag")  # other --mc_* flags: fresh nets
+    run_train(tiny_env, "--num_iterations=1", nomatch, "--init_from=mc_bag", "--tag=mc_nobag")  # other --mc_* flags: fresh nets
     out = capsys.readouterr().out
     assert "initialised GistNet and LensNet" not in out and "start fresh" in out and "(bag_head)" in out
     # a focus phase that adds LensNet's question match: GistNet and LensNet's body load, the match starts fresh and trains
