@@ -137,6 +137,7 @@ class MCSession:
         self._lod = torch.zeros(W, dtype=torch.long, device=self.device)
         self._span = torch.ones(W, dtype=torch.long, device=self.device)
         self._rope = torch.zeros(W, 2, self.head_dim // 2, device=self.device)  # [W, (cos, sin), hd/2] fp32
+        self._cos, self._sin = self._rope[None, :, None, 0], self._rope[None, :, None, 1]  # views [1, W, 1, hd/2]
         self.max_len = controller.max_len  # rotary distances stay below it
         self._frame = rope_frame(0, self.max_len)  # the frame of the table's rotary rows
         self.n_entries = 0  # entries of the WC (may exceed W inside `_append`, until the budget fit)
@@ -405,15 +406,15 @@ class MCSession:
         start = min(self._valid, E - 1)
         self.cache.truncate(start)
         T = self.tree.T
-        if E - start == 1:  # the last entry is always the newest token
-            embeds = self.tree.lod0(T - 1, T)  # [1, 1, D]
-        else:
-            embeds = self._entry_embeds(self._pos[start:E], self._lod[start:E])[None]  # [1, m, D]
-        token_ids = entry_token_ids(self._pos[None, start:E], self._lod[None, start:E], self.tree.token_ids)
-        rope = self._rope[start:E]  # [m, 2, hd/2]
+        rope = (self._cos[:, start:E], self._sin[:, start:E])
         with self._amp():
-            out = self.model(inputs_embeds=embeds, token_ids=token_ids, rope=(rope[None, :, None, 0], rope[None, :, None, 1]),
-                             kv_cache=self.cache, logits_to_keep=1)
+            if E - start == 1:  # the last entry is always the newest token: the GPT embeds it as the tree does
+                out = self.model(self.tree.ids[:, T - 1:T], rope=rope, kv_cache=self.cache, logits_to_keep=1)
+            else:
+                embeds = self._entry_embeds(self._pos[start:E], self._lod[start:E])[None]  # [1, m, D]
+                token_ids = entry_token_ids(self._pos[None, start:E], self._lod[None, start:E], self.tree.token_ids)
+                out = self.model(inputs_embeds=embeds, token_ids=token_ids, rope=rope, kv_cache=self.cache,
+                                 logits_to_keep=1)
         self._logits = out[0, -1].float()
         self._valid = E
         st = self.stats
