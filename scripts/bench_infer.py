@@ -11,6 +11,8 @@ Reports, as ratios measured on the same machine in the same process (docs/archit
   dropped (target: none), decode and append throughput vs their values at 4W (target >= 0.8x), tree
   memory and bytes per history token. Plain decoding over such a history is not run (its KV cache
   would not fit);
+- the ceiling of the session's design: decode at 4W with GistNet and LensNet stubbed (bench_mc's stand-ins), so
+  only the session's own work (tree, map, budget fits, the entries recomputed after a map change) is left;
 - memory vs history: the MC decode state (KV cache over <= W entries + entry tables) is flat; the
   tree (the history itself: ids, token embeddings, gists) grows linearly by design and is shown
   apart; plain decoding's KV cache grows with the history. On CUDA the peak allocated memory during
@@ -49,6 +51,7 @@ from nanochat.checkpoint import build_model, checkpoint_dir
 from nanochat.common import CPU_BF16_CHOICES, autocast_ctx, autocast_dtype, compute_init, synchronize
 from nanochat.configurator import FlagParser, checked_number
 from nanochat.gpt import GPT, GPTConfig
+from scripts.bench_mc import StubGistNet, StubLensNet
 
 
 def build(args, device):
@@ -223,6 +226,10 @@ def main(argv=None):
     for m in mults:
         arms[f"mc_{m}W"] = MCArm(begin(controller, ids, m * W, args, amp))
         arms[f"full_{m}W"] = PlainArm(model, ids, m * W, amp)
+    # the same session with GistNet and LensNet stubbed (bench_mc's stand-ins, no question match): what the session's
+    # own work (tree, map, budget fits, recomputed entries) leaves of the ratio, whatever the nets would cost
+    stub = MCController(model, StubGistNet(), StubLensNet(), replace(cfg, lens_match=False))
+    arms["mc_stub_4W"] = MCArm(begin(stub, ids, 4 * W, args, amp))
     long_sessions, ingest = {}, {}
     if L:  # the long-history sessions: the LOD0 cache as configured, then the other way
         for cache in (cfg.cache_lod0, not cfg.cache_lod0):
@@ -256,6 +263,8 @@ def main(argv=None):
         target = "(>= 5 at 64W)" if m == 64 else "(> 1 from 16W)" if m >= 16 else ""
         row("plain KV cache", f"{m}W full", m * W, f"full_{m}W", f"MC {mc / full:.2f}x this {target}",
             verdict(mc >= 5 * full) if m == 64 else verdict(mc > full) if m >= 16 else "")
+    row("MC, stub nets", "4W", 4 * W, "mc_stub_4W", f"{judged['mc_stub_4W'] / base:.2f}x plain@W (ceiling)", "",
+        tree_mb(arms["mc_stub_4W"].session.tree))
     for cache, session in long_sessions.items():
         name = f"mc_long_{cache}"
         mc = judged[name]
@@ -264,6 +273,7 @@ def main(argv=None):
     wall_ratios = [rates[f"mc_{m}W"] / rates["plain_W"] for m in mults]
     print(f"  wall-clock ratios MC / plain@W: {', '.join(f'{m}W {r:.2f}x' for m, r in zip(mults, wall_ratios))}")
     decoders = {f"{m}W": arms[f"mc_{m}W"] for m in mults}
+    decoders["4W, stub nets"] = arms["mc_stub_4W"]
     decoders.update({f"{L:,} tokens (LOD0 cache {'on' if c else 'off'})": arms[f"mc_long_{c}"] for c in long_sessions})
     for label, arm in decoders.items():
         d, state = arm.decode_stats(), arm.session.state()
