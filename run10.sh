@@ -6,7 +6,7 @@
 #   bash run10.sh --mc         with MegaContext: a GPT that copies (copy curriculum at T=256, then long-range
 #                              pretraining at T=1024), from it an MC model (then a LensNet focus phase) and
 #                              its plain twin (same data and steps), mc_eval comparing them (needle,
-#                              recall, loss vs history), then mid/SFT of the MC model for chat_cli --mc; CPU 37-60 min
+#                              recall, loss vs history), then mid/SFT of the MC model for chat_cli --mc; CPU 37-67 min
 #   bash run10.sh --cpu        force the CPU preset (--gpu: the GPU preset)
 #   bash run10.sh --dry-run    print every command without running it
 #
