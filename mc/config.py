@@ -18,7 +18,7 @@ RECENCY_BONUS = 3.0  # MCConfig.recency_bonus
 
 # settings of checkpoints and sessions saved before the field existed; read_on and recency_bonus change no training
 # (only the inference focus), so what was saved before them gets them as the current default and still resumes and loads
-LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "lens_match": False, "max_distance": 0, "partial_gists": False,
+LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "lens_match": False, "max_distance": 0, "partial_gists": False, "gist_mlp_ratio": 4, "gist_optimizer": "muon",
                     "read_on": True, "recency_bonus": RECENCY_BONUS}
 
 
@@ -40,6 +40,7 @@ class MCConfig:
     # GistNet
     gist_type: str = field(default="transformer", metadata={"help": "GistNet body", "choices": ["transformer", "mean"]})
     gist_layers: int = field(default=1, metadata={"help": "bidirectional transformer layers of GistNet (CPU preset, MC and focus phases from one checkpoint: 1 layer vs 2, needle at 2W-16W .885/.895/.88/.745 vs .85/.83/.845/.75, natural-text tail NLL .01-.03 nats worse, val bpb 1.768 vs 1.764; a fresh-clone run10 with 1: .82/.845/.825/.675; bench_mc MC step 1.22x plain vs 1.36x)"})
+    gist_mlp_ratio: int = field(default=2, metadata={"help": "hidden width of GistNet's MLP in multiples of the model width (with --mc_gist_optimizer=adamw, 2 rather than 4 took bench_mc's MC step from 1.16x to 1.05-1.06x plain, one thread; the recipe's MC and focus phases from one checkpoint kept needle and natural text: docs/architecture.md §12)"})
     gist_pooling: str = field(default="query", metadata={"help": "how GistNet pools a block", "choices": ["mean", "query", "cls"]})
     gist_head: str = field(default="mlp", metadata={"help": "GistNet output head", "choices": ["linear", "mlp"]})
     # LensNet
@@ -60,6 +61,7 @@ class MCConfig:
     positional: str = field(default="gaussian", metadata={"help": "rotary positions of gists", "choices": ["gaussian", "index"]})
     max_distance: int = field(default=0, metadata={"help": "rotary distances in a working context stay below this (older positions are compressed, see mc/positional.py); 0 = the GPT's --max_seq_len. Set it to the length the GPT was trained at when a phase with the GPT frozen trains on longer histories"})
     aux_dtype: str = field(default="auto", metadata={"help": "dtype of GistNet/LensNet (auto = follow the model)", "choices": ["auto", "fp32", "bf16"]})
+    gist_optimizer: str = field(default="adamw", metadata={"help": "optimizer of GistNet's matrices: adamw, or muon as the GPT's and LensNet's (whose Newton-Schulz iterations over GistNet's matrices cost ~45 ms of a ~1 s CPU-preset step; LensNet on AdamW too cost natural text .01-.02 nats in a probe: docs/architecture.md §12)", "choices": ["adamw", "muon"]})
     lens_loss_weight: float = field(default=0.1, metadata={"help": "weight of the LensNet loss"})
     bag_loss_weight: float = field(default=0.0, metadata={"help": "weight of GistNet's bag-of-tokens loss: every gist predicts the tokens it covers through a linear head, so gists keep the identity of rare tokens (keys) that LensNet matches against the question (0 = off, no head)"})
     baseline_loss_weight: float = field(default=1.0, metadata={"help": "weight of the truncation baseline in the LM loss"})
@@ -129,7 +131,7 @@ class MCConfig:
     def net_fields(self) -> dict:
         """The settings GistNet and LensNet are built and trained for: nets from a checkpoint whose other
         (training) settings differ still fit (base_train --init_from)."""
-        names = ("block_size", "max_lod", "gist_type", "gist_layers", "gist_pooling", "gist_head", "lens_layers",
+        names = ("block_size", "max_lod", "gist_type", "gist_layers", "gist_mlp_ratio", "gist_pooling", "gist_head", "lens_layers",
                  "lens_width", "lens_match", "positional", "aux_dtype")
         return {**{name: getattr(self, name) for name in names}, "bag_head": self.bag_loss_weight > 0}
 

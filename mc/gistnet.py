@@ -78,15 +78,15 @@ class ReluSquared(nn.Module):
 class EncoderBlock(nn.Module):
     """Bidirectional pre-norm transformer block with QK-norm and a ReLU^2 MLP (no causal mask)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, mlp_ratio: int = 4):
         super().__init__()
         self.n_head = num_heads(width)
         self.c_q = nn.Linear(width, width, bias=False)
         self.c_k = nn.Linear(width, width, bias=False)
         self.c_v = nn.Linear(width, width, bias=False)
         self.c_proj = nn.Linear(width, width, bias=False)
-        self.c_fc = nn.Linear(width, 4 * width, bias=False)
-        self.mlp_proj = nn.Linear(4 * width, width, bias=False)
+        self.c_fc = nn.Linear(width, mlp_ratio * width, bias=False)
+        self.mlp_proj = nn.Linear(mlp_ratio * width, width, bias=False)
 
     def init_weights(self):
         for lin in (self.c_q, self.c_k, self.c_v, self.c_fc):
@@ -118,7 +118,7 @@ class GistNet(nn.Module):
         self.level_emb = nn.Embedding(cfg.max_lod, D)  # row l-1 = level l
         if self.is_transformer:
             self.slot_emb = nn.Embedding(K, D)  # learned position of each slot in the block
-            self.blocks = nn.ModuleList([EncoderBlock(D) for _ in range(cfg.gist_layers)])
+            self.blocks = nn.ModuleList([EncoderBlock(D, cfg.gist_mlp_ratio) for _ in range(cfg.gist_layers)])
         if self.pooling == "cls":
             self.cls = nn.Parameter(torch.empty(D))
         elif self.pooling == "query":
@@ -220,12 +220,17 @@ class GistNet(nn.Module):
         return torch.stack(losses).mean()
 
     def attend_pool(self, x, attn_mask):
-        """A learned query per head attends over x [N, L, D] (attn_mask [N, 1, 1, L] or None) -> [N, D]."""
+        """A learned query per head attends over x [N, L, D] (attn_mask [N, 1, 1, L] or None) -> [N, D].
+
+        Attention over values pool_v(h) with weights a, computed as pool_v applied to the a-weighted sum of h:
+        the same function, with the value projection run once per gist instead of once per token."""
         N, L, D = x.shape
-        H = self.n_head
+        H, hd = self.n_head, D // self.n_head
         h = norm(x)
-        k = norm(self.pool_k(h).view(N, L, H, D // H).transpose(1, 2))  # [N, H, L, hd]
-        v = self.pool_v(h).view(N, L, H, D // H).transpose(1, 2)  # [N, H, L, hd]
-        q = norm(self.query.view(1, H, 1, D // H)).expand(N, H, 1, D // H)  # [N, H, 1, hd]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [N, H, 1, hd]
-        return y.reshape(N, D)
+        k = norm(self.pool_k(h).view(N, L, H, hd))  # [N, L, H, hd]
+        q = norm(self.query.view(H, hd))  # [H, hd]
+        scores = torch.einsum("nlhe,he->nhl", k, q) * hd ** -0.5  # [N, H, L]
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask[:, 0], float("-inf"))
+        mixed = torch.softmax(scores, dim=-1) @ h  # [N, H, D] each head's weighted sum of the tokens
+        return torch.einsum("nhd,hed->nhe", mixed, self.pool_v.weight.view(H, hd, D)).reshape(N, D)

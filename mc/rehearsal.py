@@ -39,6 +39,10 @@ class MemoryRehearsal:
         """The nets this trains (saved next to the GPT): {"mc_gist": GistNet, "mc_lens": LensNet}."""
         return self.controller.modules()
 
+    def optimizer_split(self) -> tuple[list, list]:
+        """(nets whose matrices Muon trains, nets AdamW trains whole), as base_train --mc trains them."""
+        return self.controller.optimizer_split()
+
     def describe(self) -> str:
         cfg = self.controller.cfg
         return (f"{self.rows} memory rows per step through {1 + cfg.num_variants} working contexts each "

@@ -136,6 +136,12 @@ class MCController:
     def modules(self) -> dict:
         return {"mc_gist": self.gistnet, "mc_lens": self.lensnet}
 
+    def optimizer_split(self) -> tuple[list, list]:
+        """(nets whose matrices Muon trains, nets AdamW trains whole), by cfg.gist_optimizer."""
+        if self.cfg.gist_optimizer == "adamw":
+            return [self.lensnet], [self.gistnet]
+        return [self.gistnet, self.lensnet], []
+
     def _generator(self, step: int, device):
         """Variant sampling RNG, a pure function of (seed, rank, step) so --resume replays it exactly."""
         seed = (self.cfg.seed * 1_000_003 + self.rank * 10_007 + step) % 2**62
@@ -144,10 +150,15 @@ class MCController:
     def score(self, wc, grad: bool = True, focus_end=None, match=None):
         """LensNet scores [V, W] of working contexts (embeddings detached: LensNet never trains the tree), reading
         only the entries that end by focus_end [B] (see `focus_ends`; None: all); hidden entries score 0.
-        match [B, n] (`question_match`, with cfg.lens_match) is added to the score of each LOD1 gist's block."""
+        match [B, n] (`question_match`, with cfg.lens_match) is added to the score of each LOD1 gist's block.
+        LensNet reads only the columns up to the last visible entry: later ones are padding (in training's base
+        working contexts about half of W), which no visible entry attends to."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             visible = visible_entries(wc, focus_end)
-            scores = self.lensnet(wc.embeds.detach(), wc.lod, rel_pos(wc), visible, tail_len=self.cfg.recent)
+            width = int(visible.any(0).cumsum(0).argmax()) + 1  # after the last column with a visible entry: none
+            read = self.lensnet(wc.embeds[:, :width].detach(), wc.lod[:, :width], rel_pos(wc)[:, :width],
+                                visible[:, :width], tail_len=self.cfg.recent)
+            scores = F.pad(read, (0, visible.size(1) - width))  # [V, W], hidden entries 0
             if match is None:
                 return scores
             block = (wc.pos // self.cfg.block_size).clamp(max=match.size(1) - 1)  # [V, W]

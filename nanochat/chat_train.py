@@ -369,7 +369,8 @@ def train_chat(cfg: ChatTrainConfig, stage: str, pack: bool, report_stage: str, 
         raise ConfigError(f"--data={cfg.data}: {e}") from None
     batcher = ChatBatcher(tokenizer, train_convs, cfg.device_batch_size, seq_len, pack, cfg.seed, rank, world_size, device)
 
-    optimizers = build_optimizers(model, list(side_modules.values()), matrix_lr=cfg.matrix_lr * cfg.init_lr_frac,
+    muon_nets, adam_nets = side.optimizer_split() if side else ([], [])
+    optimizers = build_optimizers(model, muon_nets, adam_nets, matrix_lr=cfg.matrix_lr * cfg.init_lr_frac,
                                   embedding_lr=cfg.embedding_lr * cfg.init_lr_frac,
                                   unembedding_lr=cfg.unembedding_lr * cfg.init_lr_frac, weight_decay=cfg.weight_decay,
                                   ns_dtype=amp_dtype)

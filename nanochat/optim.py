@@ -92,23 +92,26 @@ def split_params(modules):
     return matrices, embedding, head, other
 
 
-def build_optimizers(model, extra_modules=(), *, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
-                     other_lr=0.003, weight_decay=0.0, ns_dtype=None):
+def build_optimizers(model, extra_modules=(), adam_modules=(), *, matrix_lr=0.02, embedding_lr=0.2,
+                     unembedding_lr=0.004, other_lr=0.003, weight_decay=0.0, ns_dtype=None):
     """[AdamW, Muon] over the GPT plus any extra modules (e.g. the MegaContext nets); ns_dtype: Muon's.
 
-    Every param group remembers its `initial_lr` so the training loop can apply a schedule.
+    adam_modules: modules trained by AdamW alone (their matrices at other_lr): for small side nets whose
+    Newton-Schulz iterations would cost more than their forward and backward. Muon is left out when no
+    matrix is left for it. Every param group remembers its `initial_lr` so the training loop can apply a schedule.
     """
     width_scale = (model.config.n_embd / 768) ** -0.5
     matrices, embedding, head, other = split_params([model, *extra_modules])
+    other = other + [p for module in adam_modules for p in module.parameters() if p.requires_grad]
     adam_groups = [
         dict(params=embedding, lr=embedding_lr * width_scale),
         dict(params=head, lr=unembedding_lr * width_scale),
         dict(params=other, lr=other_lr),
     ]
     adam_groups = [g for g in adam_groups if g["params"]]
-    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
-    muon = Muon(matrices, lr=matrix_lr, ns_dtype=ns_dtype)
-    optimizers = [adamw, muon]
+    optimizers = [torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)]
+    if matrices:
+        optimizers.append(Muon(matrices, lr=matrix_lr, ns_dtype=ns_dtype))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

@@ -254,7 +254,8 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
                f"(plain: {cfg.device_batch_size} x {cfg.max_seq_len})")
     for name in filter(None, cfg.freeze.split(",")):
         {"gpt": model, **mc_modules}[name].requires_grad_(False)  # no gradients, not in the optimizers
-    optimizers = build_optimizers(model, list(mc_modules.values()), matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+    muon_nets, adam_nets = controller.optimizer_split() if controller else ([], [])
+    optimizers = build_optimizers(model, muon_nets, adam_nets, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
                                   unembedding_lr=cfg.unembedding_lr, weight_decay=cfg.weight_decay, ns_dtype=amp_dtype)
     start_step, loader_state, history = 0, None, {"step": [], "loss": [], "val_step": [], "val_bpb": []}
     if cfg.init_from:
@@ -287,7 +288,8 @@ def train(cfg: TrainConfig, mc_cfg: MCConfig | None = None):
             load_state_strict(module, states[name], f"{ckpt_dir}/model_{start_step:06d}.pt ({name})")
         amp_dtype = resumed_autocast_dtype(amp_dtype, cfg.cpu_bf16, meta.get("autocast"))
         amp = autocast_ctx(device.type, amp_dtype)
-        optimizers[1].ns_dtype = amp_dtype  # Muon's, as in the first run
+        for opt in optimizers[1:]:
+            opt.ns_dtype = amp_dtype  # Muon's, as in the first run
         training_state = load_training_state(ckpt_dir, start_step, rank, device)
         for opt, state in zip(optimizers, training_state["optimizers"]):
             opt.load_state_dict(state)

@@ -59,6 +59,10 @@ def parse_args(argv=None):
     parser.add_argument("--gist_type", choices=gist_types, default=MCConfig.gist_type, help="GistNet body (--mc_gist_type)")
     parser.add_argument("--gist_layers", type=checked_number(int, 1), default=MCConfig.gist_layers,
                         help="GistNet layers (--mc_gist_layers)")
+    parser.add_argument("--gist_mlp_ratio", type=checked_number(int, 1), default=MCConfig.gist_mlp_ratio,
+                        help="GistNet's MLP width / model width (--mc_gist_mlp_ratio)")
+    parser.add_argument("--gist_optimizer", choices=MCConfig.__dataclass_fields__["gist_optimizer"].metadata["choices"],
+                        default=MCConfig.gist_optimizer, help="optimizer of GistNet's matrices (--mc_gist_optimizer)")
     parser.add_argument("--steps", type=checked_number(int, 1), default=6, help="timed steps of each kind")
     parser.add_argument("--warmup", type=checked_number(int, 0), default=2, help="untimed warm-up steps of each kind")
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (empty = autodetect)")
@@ -91,7 +95,8 @@ class Bench:
         self.model.init_weights()
         self.cfg = MCConfig(block_size=args.block_size, wc_budget=W, recent=args.recent, horizon=args.horizon,
                             num_variants=N, gist_type=args.gist_type, gist_layers=args.gist_layers,
-                            partial_gists=args.partial_gists)
+                            gist_mlp_ratio=args.gist_mlp_ratio, partial_gists=args.partial_gists,
+                            gist_optimizer=args.gist_optimizer)
         self.controller = build_controller(self.model, self.cfg)
         with torch.no_grad():  # mid-training state: zero-initialised outputs get values (timing is value-free)
             for module in (self.model, *self.controller.modules().values()):
@@ -100,7 +105,7 @@ class Bench:
                         p.normal_(std=0.02)
         self.nets = list(self.controller.modules().values())
         self.opt_plain = build_optimizers(self.model, ns_dtype=dtype)
-        self.opt_mc = build_optimizers(self.model, self.nets, ns_dtype=dtype)
+        self.opt_mc = build_optimizers(self.model, *self.controller.optimizer_split(), ns_dtype=dtype)
         self.fwd = torch.compile(self.model, dynamic=False) if args.compile else self.model
         g = torch.Generator().manual_seed(0)
         rows = torch.randint(0, args.vocab_size, (B, T + 1), generator=g).to(device)

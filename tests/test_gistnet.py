@@ -4,9 +4,11 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mc.config import MCConfig
 from mc.gistnet import GistNet
+from nanochat.gpt import norm
 
 D, K = 64, 8
 
@@ -35,6 +37,31 @@ def test_shape_dtype_and_level_embedding():
     mixed = net(x, level=torch.tensor([1, 2, 1, 2, 2]))  # a per-block level tensor
     torch.testing.assert_close(mixed[0], g1[0])
     torch.testing.assert_close(mixed[1], g2[1])
+
+
+def test_query_pooling_is_attention_over_projected_values():
+    """attend_pool applies pool_v once per gist, to the attention-weighted tokens: the same pooling (and gradient) as
+    attention over every token's projected value, with two heads and padded keys."""
+    torch.manual_seed(0)
+    width, heads = 128, 2
+    net = randomize_outputs(GistNet(MCConfig(block_size=K), width))
+    x = torch.randn(4, K, width)
+    mask = (torch.arange(K)[None] < torch.tensor([K, 5, 1, 3])[:, None])[:, None, None, :]
+    h = norm(x)
+    split = lambda t: t.view(4, K, heads, width // heads).transpose(1, 2)  # noqa: E731
+    q = norm(net.query.view(1, heads, 1, width // heads)).expand(4, heads, 1, width // heads)
+    reference = F.scaled_dot_product_attention(q, norm(split(net.pool_k(h))), split(net.pool_v(h)), attn_mask=mask)
+    reference = reference.reshape(4, width)
+    pooled = net.attend_pool(x, mask)
+    torch.testing.assert_close(pooled, reference)
+    grad_ref = torch.autograd.grad(reference.square().sum(), net.pool_v.weight)[0]
+    torch.testing.assert_close(torch.autograd.grad(pooled.square().sum(), net.pool_v.weight)[0], grad_ref)
+
+
+def test_mlp_ratio_sets_the_hidden_width():
+    net = make(gist_mlp_ratio=2)
+    assert net.blocks[0].c_fc.weight.shape == (2 * D, D) and net.blocks[0].mlp_proj.weight.shape == (D, 2 * D)
+    assert net(torch.randn(3, K, D)).shape == (3, D)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "query", "cls"])

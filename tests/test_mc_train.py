@@ -63,13 +63,19 @@ def test_mc_compiled_matches_eager(tiny_env):
     assert eager["history"]["loss"] == pytest.approx(compiled["history"]["loss"], rel=1e-3)
 
 
+def resume_from(tiny_env, full_tag, part_tag, step, *args):
+    """Copy step `step` of run full_tag into part_tag and resume it there with the same args."""
+    full_dir, part_dir = checkpoint_dir("base", full_tag), checkpoint_dir("base", part_tag)
+    part_dir.mkdir(parents=True, exist_ok=True)
+    for f in full_dir.glob(f"*_{step:06d}*"):
+        shutil.copy(f, part_dir / f.name)
+    run_train(tiny_env, *args, f"--tag={part_tag}", "--resume")
+    return full_dir, part_dir
+
+
 def test_mc_resume_is_exact(tiny_env):
     run_train(tiny_env, "--num_iterations=4", "--save_every=2", "--tag=mc_full")
-    full_dir, part_dir = checkpoint_dir("base", "mc_full"), checkpoint_dir("base", "mc_part")
-    part_dir.mkdir(parents=True, exist_ok=True)
-    for f in full_dir.glob("*_000002*"):
-        shutil.copy(f, part_dir / f.name)
-    run_train(tiny_env, "--num_iterations=4", "--save_every=2", "--tag=mc_part", "--resume")
+    full_dir, part_dir = resume_from(tiny_env, "mc_full", "mc_part", 2, "--num_iterations=4", "--save_every=2")
     a, b = load_module_states(full_dir, 4), load_module_states(part_dir, 4)
     for name in ("gpt", "mc_gist", "mc_lens"):
         assert states_equal(a[name], b[name]), name
@@ -134,6 +140,23 @@ def test_init_from_a_plain_checkpoint(tiny_env, capsys):
         run_train(tiny_env, "--num_iterations=1", "--freeze=gpt,mc_gist,mc_lens", "--tag=mc_init3")
     with pytest.raises(SystemExit, match="can freeze only gpt, mc_gist, mc_lens"):
         run_train(tiny_env, "--num_iterations=1", "--freeze=gpt,lm_head", "--tag=mc_init3")
+
+
+def test_gistnet_on_adamw_resumes_exactly_also_without_muon(tiny_env):
+    """--mc_gist_optimizer=adamw: GistNet's matrices train by AdamW (LensNet's and the GPT's by Muon); the run resumes
+    exactly, and so does a phase in which GistNet alone trains (GPT and LensNet frozen: no matrix left for Muon)."""
+    adam = "--mc_gist_optimizer=adamw"
+    run_train(tiny_env, "--num_iterations=4", "--save_every=2", adam, "--tag=mc_adam")
+    full_dir, part_dir = resume_from(tiny_env, "mc_adam", "mc_adam_part", 2, "--num_iterations=4", "--save_every=2", adam)
+    a, b = load_module_states(full_dir, 4), load_module_states(part_dir, 4)
+    assert all(states_equal(a[name], b[name]) for name in ("gpt", "mc_gist", "mc_lens"))
+    assert not states_equal(a["mc_gist"], load_module_states(full_dir, 2)["mc_gist"])
+    gist_only = ("--num_iterations=2", "--save_every=1", adam, "--freeze=gpt,mc_lens")
+    run_train(tiny_env, *gist_only, "--init_from=mc_adam", "--tag=mc_adam_gist")
+    full_dir, part_dir = resume_from(tiny_env, "mc_adam_gist", "mc_adam_gist_part", 1, *gist_only)
+    a, b = load_module_states(full_dir, 2), load_module_states(part_dir, 2)
+    assert all(states_equal(a[name], b[name]) for name in ("gpt", "mc_gist", "mc_lens"))
+    assert not states_equal(a["mc_gist"], load_module_states(checkpoint_dir("base", "mc_adam"), 4)["mc_gist"])
 
 
 def test_focus_phase_from_an_mc_checkpoint_with_the_bag_loss(tiny_env, capsys):

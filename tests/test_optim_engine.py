@@ -72,6 +72,20 @@ def test_optimizer_groups_cover_every_parameter_once():
     assert all("initial_lr" in g for g in adamw.param_groups + muon.param_groups)
 
 
+def test_adam_modules_train_their_matrices_with_adamw():
+    """A side net passed as adam_modules has every parameter in AdamW at other_lr, none in Muon; with nothing left
+    for Muon (the GPT frozen) there is no Muon at all."""
+    model, side = tiny_model(), torch.nn.Sequential(torch.nn.Linear(64, 128, bias=False), torch.nn.Linear(128, 64))
+    adamw, muon = build_optimizers(model, adam_modules=[side], other_lr=0.001)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    other = adamw.param_groups[-1]
+    assert other["lr"] == 0.001 and all(any(p is q for q in other["params"]) for p in side.parameters())
+    assert not in_muon & {id(p) for p in side.parameters()} and len(in_muon) == len(build_optimizers(model)[1].param_groups[0]["params"])
+    model.requires_grad_(False)
+    optimizers = build_optimizers(model, adam_modules=[side])
+    assert len(optimizers) == 1 and isinstance(optimizers[0], torch.optim.AdamW)
+
+
 def test_one_step_lowers_loss():
     model = tiny_model().train()
     optimizers = build_optimizers(model)

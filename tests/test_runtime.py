@@ -148,6 +148,24 @@ def test_lens_gradient_reaches_the_body_of_lensnet_once_it_scores(monkeypatch):
             "x_v.weight", "c_proj.weight", "blocks.0.c_proj.weight", "blocks.0.mlp_proj.weight"} <= reached
 
 
+def test_lensnet_reads_only_the_columns_up_to_the_last_visible_entry():
+    """score() trims the padding after the last visible entry before LensNet: the same scores (and zeros for the
+    padding) as LensNet over all W columns, with and without a focus end that hides the newest entries."""
+    controller, x, y = make(lens_match=False)
+    with torch.no_grad():
+        for p in controller.lensnet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cfg, n = controller.cfg, T // SMALL["block_size"]
+    wc = materialize(most_compressed_map(n, cfg).expand(B, n), controller.tree(x), x, cfg, y[:, -1])
+    assert wc.valid.any(0).sum() < wc.valid.size(1) / 2, "the base working context is mostly padding"
+    for focus_end in (None, torch.tensor([T - 4, T - 12])):
+        visible = mc.runtime.visible_entries(wc, focus_end)
+        full = controller.lensnet(wc.embeds, wc.lod, mc.runtime.rel_pos(wc), visible, tail_len=cfg.recent)
+        scores = controller.score(wc, grad=False, focus_end=focus_end)
+        assert scores.shape == full.shape and scores.abs().sum() > 0
+        torch.testing.assert_close(scores, full)
+
+
 def test_best_variant_lens_loss_ranks_the_winners_units_first():
     """The units the lowest-NLL variant expanded are pushed up, every other unit down; sequences where the
     variants tie do not count; units the base WC lacks (NaN) are never targets."""
@@ -171,10 +189,17 @@ def test_best_variant_lens_loss_ranks_the_winners_units_first():
     assert loss2.item() < loss.item() and hit2.item() == 1.0
 
 
-def test_one_optimizer_step_changes_gistnet_and_lensnet():
-    controller, x, y = make()
+@pytest.mark.parametrize("gist_optimizer", ["muon", "adamw"])
+def test_one_optimizer_step_changes_gistnet_and_lensnet(gist_optimizer):
+    controller, x, y = make(gist_optimizer=gist_optimizer)
     nets = controller.modules()
-    optimizers = build_optimizers(controller.model, list(nets.values()))
+    muon_nets, adam_nets = controller.optimizer_split()
+    assert muon_nets == ([controller.lensnet] if gist_optimizer == "adamw" else [controller.gistnet, controller.lensnet])
+    optimizers = build_optimizers(controller.model, muon_nets, adam_nets)
+    in_adamw, in_muon = ({id(p) for g in opt.param_groups for p in g["params"]} for opt in optimizers)
+    gist_matrix, lens_matrix = id(controller.gistnet.blocks[0].c_q.weight), id(controller.lensnet.blocks[0].c_q.weight)
+    assert (gist_matrix in in_adamw, gist_matrix in in_muon) == ((True, False) if gist_optimizer == "adamw" else (False, True))
+    assert lens_matrix in in_muon and lens_matrix not in in_adamw
     before = {name: {k: p.detach().clone() for k, p in params(net).items()} for name, net in nets.items()}
     for step in range(2):
         controller.process_batch(x, y, step=step).loss.backward()
