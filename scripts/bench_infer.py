@@ -285,6 +285,9 @@ def main(argv=None):
     gaps = [judged[f"mc_{m}W"] / judged[f"full_{m}W"] for m in mults]
     print(f"  MC / full-history ratio by history {', '.join(f'{m}W {r:.2f}x' for m, r in zip(mults, gaps))}: "
           f"gap grows with history: {verdict(all(b >= a * 0.95 for a, b in zip(gaps, gaps[1:])))}")
+    ceilings = [base / judged[f"full_{m}W"] for m in mults]  # an MC token costs at least a plain@W one
+    print(f"  the most any session reaches over the full history on this machine, plain@W / plain full: "
+          f"{', '.join(f'{m}W {c:.2f}x' for m, c in zip(mults, ceilings))}")
 
     appenders = {f"{m}W": AppendArm(begin(controller, ids, m * W, args, amp), ids, m * W) for m in (1, 4, 64)}
     appenders.update({f"long_{c}": AppendArm(session, ids, L) for c, session in long_sessions.items()})
