@@ -18,8 +18,8 @@ RECENCY_BONUS = 3.0  # MCConfig.recency_bonus
 
 # settings of checkpoints and sessions saved before the field existed; read_on and recency_bonus change no training
 # (only the inference focus), so what was saved before them gets them as the current default and still resumes and loads
-LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "lens_match": False, "max_distance": 0, "partial_gists": False, "gist_mlp_ratio": 4, "gist_optimizer": "muon",
-                    "read_on": True, "recency_bonus": RECENCY_BONUS}
+LEGACY_MC_CONFIG = {"bag_loss_weight": 0.0, "lens_match": False, "max_distance": 0, "partial_gists": False,
+                    "gist_mlp_ratio": 4, "gist_optimizer": "muon", "read_on": True, "recency_bonus": RECENCY_BONUS}
 
 
 class MCConfigError(ValueError):
@@ -94,6 +94,8 @@ class MCConfig:
             fail(f"--mc_teacher_variants={self.teacher_variants} must lie in [0, --mc_num_variants={self.num_variants}]")
         if self.gist_type == "transformer" and self.gist_layers < 1:
             fail(f"--mc_gist_layers={self.gist_layers} must be >= 1 for --mc_gist_type=transformer")
+        if self.gist_mlp_ratio < 1:
+            fail(f"--mc_gist_mlp_ratio={self.gist_mlp_ratio} must be >= 1")
         if self.lens_layers < 1 or self.lens_width < 8:
             fail("--mc_lens_layers must be >= 1 and --mc_lens_width >= 8")
         if self.max_edits < 1 or self.allocator_iterations < 1 or self.top_k < 1:

@@ -151,8 +151,8 @@ class MCController:
         """LensNet scores [V, W] of working contexts (embeddings detached: LensNet never trains the tree), reading
         only the entries that end by focus_end [B] (see `focus_ends`; None: all); hidden entries score 0.
         match [B, n] (`question_match`, with cfg.lens_match) is added to the score of each LOD1 gist's block.
-        LensNet reads only the columns up to the last visible entry: later ones are padding (in training's base
-        working contexts about half of W), which no visible entry attends to."""
+        LensNet reads only the columns up to the last visible entry: later ones are padding, which no visible entry
+        attends to (training's base working contexts at the CPU preset fill 33-63 of W = 128 columns)."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             visible = visible_entries(wc, focus_end)
             width = int(visible.any(0).cumsum(0).argmax()) + 1  # after the last column with a visible entry: none

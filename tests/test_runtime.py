@@ -339,6 +339,7 @@ BAD = [
     ("T <= W", dict(), 64, "--max_seq_len=64 must exceed --mc_wc_budget=64"),
     ("K not a power of two", dict(block_size=6, recent=18, wc_budget=60), 240, "--mc_block_size=6 must be a power of two"),
     ("unknown positional mode", dict(positional="spiral"), T, "--mc_positional"),
+    ("GistNet MLP of no width", dict(gist_mlp_ratio=0), T, "--mc_gist_mlp_ratio=0 must be >= 1"),
     ("width-changing positional mode", dict(positional="2d"), T, "--mc_positional"),
     ("history does not fit W", dict(block_size=4, recent=8, wc_budget=12, horizon=4, partial_gists=False), T,
      "does not fit --mc_wc_budget=12 even fully compressed (16 entries with --mc_recent=8); raise the budget, drop "
