@@ -12,29 +12,26 @@ budget affords, at most `max_edits` of each. `greedy` takes the top scores; `sto
 samples without replacement among the top-k with probabilities softmax(score / temperature)
 (Gumbel top-k). Everything is vectorised over variants and blocks.
 
-Inference (evaluation's mc arm, sessions) decides the focus by descent instead (`descend_maps`): LensNet
-scores every old block as a LOD1 gist (`MCController.block_scores`), and the best blocks are expanded
-together with their LOD2 groups, best first, as many as fit W. LensNet then never has to judge a LOD2
-gist (a 1,024-token summary it cannot rank: the greedy policy found the needle's block at 9·W–16·W in
-4–24 % of rows at the CPU preset, descent in 33–43 %, mc exact match 0.08–0.38 -> 0.66–0.71). Below
-K²+R tokens (no LOD2 group) descent and one greedy iteration without an edit cap coincide. With
-`read_on` (the default) each block in the ranking is followed by the block after it (`read_on_scores`):
-the answer to a question usually continues past the words that match it, into the next block. Before
-that, `recency_bonus` favours the block right before the raw tail (`recency_scores`): it is shown unless LensNet
-is clearly surer of another, so text with no question reads on from its recent words.
+Inference (evaluation's mc arm, sessions) decides the focus by selection instead (`focus_maps`): LensNet
+scores every old block as a LOD1 gist (`MCController.block_scores`), the best blocks are shown raw, each beside
+the gist of the node that covers it or in place of its own LOD1 gist, as many as fit W, and the budget left
+opens the nodes above them, best block first. A raw block costs K entries however deep in the tree it lies, so
+the layout does not depend on the history's length. LensNet never has to rank a LOD2 gist (a 1,024-token summary
+it cannot judge). With `read_on` (the default) each block in the ranking is followed by the block after it
+(`read_on_scores`): the answer to a question usually continues past the words that match it, into the next
+block. Before that, `recency_bonus` favours the block right before the raw tail (`recency_scores`): it is shown
+unless LensNet is clearly surer of another, so text with no question reads on from its recent words.
 
 Evaluation baselines build maps directly: `gists_only` (the most compressed map: nothing expanded),
 `random` (working_context.random_maps), `similarity` (scores = cosine of each gist with the mean of
-the tail, then greedy) and `oracle` (expands the blocks it is told hold the answer).
+the tail, then greedy) and `oracle` (`oracle_maps`: the blocks it is told hold the answer, selected as
+`focus_maps` selects).
 """
-
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from mc.config import MCConfig
-from mc.tree import boundary, partial_nodes, shown_end
 from mc.working_context import (GIST, GROUP, RAW, _group_view, collapse_blocks, collapse_groups, edit_cost,
                                 entry_counts, expand_blocks, expand_groups, max_level, most_compressed_map, open_nodes,
                                 tail_mask)
@@ -196,101 +193,45 @@ def ranking_scores(block_scores, cfg: MCConfig):
     return read_on_scores(block_scores) if cfg.read_on else block_scores
 
 
-def descend_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0):
-    """Maps [V, n] grown from base_map [V, n] (a most compressed map) by expanding blocks in the order of
-    block_scores [V, n] (-inf: never), each with the nodes above it (`open_nodes`), while the total fits W.
-    A block costs K-1 (GIST -> RAW) plus, for each node above it that no earlier pick opened, that node's
-    children - 1 (K-1 for a complete node, j-1 for the tree's partial node of j children); the picks are the
-    longest prefix of the ranking that fits, among the blocks that would fit alone (deep in a long history,
-    opening every node above a block can cost more than W leaves). Every pick costs at least K-1, so only
-    the first budget // (K-1) + 1 blocks of the ranking are looked at (a top-k, not a sort of the history).
-    The ranking is `ranking_scores`: the recency bonus, then (cfg.read_on) each block followed by its successor."""
+def focus_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0, ranking: bool = True):
+    """Maps [V, n] grown from base_map [V, n] (a most compressed map) by showing blocks raw in the order of
+    block_scores [V, n] (-inf: never; `ranking_scores` applied when `ranking`), then opening the nodes above them.
+
+    1. selection: the longest prefix of the ranking that fits W, a block shown raw beside the gist of the node
+       that covers it (K entries) or in place of its LOD1 gist (K-1), so a block costs the same however deep
+       in the history it lies;
+    2. context: best pick first, every node above the pick is opened (`open_nodes`) where the whole map then
+       still fits W, so the picks' neighbours are shown as LOD1 gists when the budget allows (below K² tokens of
+       history the picks always end in place, as the GPT was trained to read them).
+    Only the first budget // (K-1) blocks of the ranking are looked at (a top-k, not a sort of the history)."""
     K = cfg.block_size
-    block_scores = ranking_scores(block_scores, cfg)
+    if ranking:
+        block_scores = ranking_scores(block_scores, cfg)
     V, n = base_map.shape
-    device = base_map.device
     lod = base_map.long()
     budget = cfg.wc_budget - entry_counts(base_map, K, tail_tokens)  # [V]
-    partial = partial_nodes(n, cfg)
-    alone = (K - 1) * lod.clamp(min=1)  # [V, n] K-1 per node above the block (all complete), plus the block
-    for level, g, j in partial:  # the shown partial node has j children, not K
-        start = g * K ** (level - 1)
-        run = alone[:, start:start + j * K ** (level - 2)]
-        run -= (K - j) * (lod[:, start:start + run.size(1)] == level)
-    candidate = (lod >= GIST) & (block_scores > NEG) & (alone <= budget[:, None])  # [V, n]
-    k = min(n, max(int(budget.max()), 0) // (K - 1) + 1)
+    candidate = (lod >= GIST) & (block_scores > NEG)  # [V, n]
+    k = min(n, max(int(budget.max()), 0) // (K - 1))
+    if k == 0:
+        return base_map
     top = torch.where(candidate, block_scores, NEG).topk(k, dim=1).indices  # [V, k] best first
-    lod_t, cand_t = lod.gather(1, top), candidate.gather(1, top)  # [V, k]
-    earlier = torch.arange(k, device=device)[:, None] > torch.arange(k, device=device)[None, :]  # [k, k] col before row
-    cost = torch.full_like(top, K - 1)
-    sizes = {level: (g, j) for level, g, j in partial}
-    for level in range(2, max_level(n, K) + 1):  # the level-`level` node above each pick: opened by the first pick
-        node = top // K ** (level - 1)  # [V, k]
-        above = cand_t & (lod_t >= level)
-        shared = ((node[:, :, None] == node[:, None, :]) & above[:, None, :] & earlier).any(-1)  # an earlier pick opened it
-        g, j = sizes.get(level, (-1, K))
-        children = torch.where((lod_t == level) & (node == g), j, K)
-        cost = cost + torch.where(above & ~shared, children - 1, 0)
-    spent = torch.where(cand_t, cost, 0).cumsum(1)  # [V, k] along the ranking
-    take = cand_t & (spent <= budget[:, None])
-    chosen = torch.zeros_like(candidate).scatter(1, top, take)  # [V, n]
-    return expand_blocks(open_nodes(base_map, chosen, K), chosen)
+    cand_t = candidate.gather(1, top)
+    cost = torch.where(lod.gather(1, top) == GIST, K - 1, K)
+    take = cand_t & (torch.where(cand_t, cost, 0).cumsum(1) <= budget[:, None])
+    picks = torch.zeros_like(candidate).scatter(1, top, take)  # [V, n]
+    maps = torch.where(picks, RAW, lod)
+    for i in range(k):  # k <= W / (K-1) picks, each vectorised over V
+        pick = torch.zeros_like(candidate).scatter(1, top[:, i:i + 1], take[:, i:i + 1])
+        opened = open_nodes(maps, pick, K)
+        fits = entry_counts(opened, K, tail_tokens) <= cfg.wc_budget
+        maps = torch.where(fits[:, None], opened, maps)
+    return maps.to(base_map.dtype)
 
 
-def fixed_prefix(n_blocks: int, cfg: MCConfig, tail_tokens: int = 0) -> tuple[int, int]:
-    """(start, entries): `descend_maps` from the most compressed map of n_blocks blocks leaves blocks [0, start)
-    as that map shows them (`entries` entries): opening any node there down to one raw block costs more than the
-    budget the map leaves (its `alone` cost). `start` is where a run of the map's nodes of one level begins, so
-    [start, n) is a history of its own (aligned nodes, the same partial nodes below that level): descending it
-    with W less `entries` gives the full map's suffix. Host arithmetic, O(log_K n); (0, 0) when the map drops
-    history. A session at 1M tokens (W=128, K=32) descends ~530 of its 31,250 blocks this way."""
-    K, older = cfg.block_size, boundary(n_blocks, cfg)
-    top = max_level(n_blocks, K)
-    runs, end, entries = [], 0, 0  # runs [(start, level, alone cost, entries)], oldest first
-    for level in range(top, 0, -1):
-        size = K ** (level - 1)
-        complete = older // size * size
-        if complete > end:
-            runs.append((end, level, (K - 1) * level, (complete - end) // size))
-            end = complete
-        shown = shown_end(n_blocks, level, cfg)
-        if shown > end:  # the partial node of this level: j children, j - 1 entries to open it
-            j = (shown - end) // K ** (level - 2)
-            runs.append((end, level, (K - 1) * (level - 1) + j - 1, 1))
-            end = shown
-    budget = cfg.wc_budget - (n_blocks - older) * K - tail_tokens - sum(r[3] for r in runs)
-    if budget < 0:
-        return 0, 0
-    for start, _, alone, count in runs:
-        if alone <= budget:
-            return start, entries
-        entries += count
-    return older, entries
-
-
-def descend_suffix(block_scores, cfg: MCConfig, tail_tokens: int = 0):
-    """(start, maps [V, n - start]): `descend_maps` from the most compressed map, computed only for the blocks it can
-    change (`fixed_prefix`; blocks [0, start) keep the most compressed map), at O(n - start) tensor work, so a
-    session's refocus does not grow with its history. Equal to the full descent's blocks [start, n) (up to the order
-    `topk` gives exactly tied scores)."""
-    V, n = block_scores.shape
-    start, entries = fixed_prefix(n, cfg, tail_tokens)
-    if start:
-        scores = block_scores[:, start - 1:]  # one block before: read-on ranks block `start` right behind it
-        block_scores = ranking_scores(scores, cfg)[:, 1:]
-        cfg = replace(cfg, wc_budget=cfg.wc_budget - entries, read_on=False, recency_bonus=0.0)
-    base = most_compressed_map(n - start, cfg, tail_tokens, device=block_scores.device).expand(V, n - start)
-    return start, descend_maps(base, block_scores, cfg, tail_tokens)
-
-
-def oracle_map(n_blocks: int, cfg: MCConfig, answer_blocks, tail_tokens: int = 0):
-    """Most compressed maps [V, n] with the given blocks [V, n] bool (and the nodes above them) expanded."""
-    K = cfg.block_size
-    V = answer_blocks.size(0)
-    lod_map = most_compressed_map(n_blocks, cfg, tail_tokens, answer_blocks.device).expand(V, n_blocks)
-    lod_map = open_nodes(lod_map, answer_blocks, K)
-    lod_map = expand_blocks(lod_map, answer_blocks & (lod_map == GIST))
-    over = entry_counts(lod_map, K, tail_tokens) > cfg.wc_budget
-    if over.any():
-        raise ValueError(f"oracle: expanding the answer blocks exceeds --mc_wc_budget={cfg.wc_budget}")
-    return lod_map
+def oracle_maps(n_blocks: int, cfg: MCConfig, evidence, tail_tokens: int = 0):
+    """Most compressed maps [V, n] with the blocks holding evidence (evidence [V, n]: evidence tokens per block)
+    shown raw, more evidence first, as many as fit W (`focus_maps` without read-on or recency bonus)."""
+    base = most_compressed_map(n_blocks, cfg, tail_tokens, evidence.device).expand(evidence.size(0), n_blocks)
+    order = torch.arange(n_blocks, device=evidence.device) / (n_blocks + 1)  # ties: the earlier block first
+    keys = torch.where(evidence > 0, evidence.float() - order, NEG)
+    return focus_maps(base, keys, cfg, tail_tokens, ranking=False)

@@ -12,16 +12,15 @@ arm was skipped for this batch. Arms:
   full           the GPT on the whole history, when L <= full_max_len (rotary tables grow on demand,
                  but beyond a few times the trained length the model is out of distribution)
   mc             the full system, as sessions run it: LensNet scores every old block as a LOD1 gist and
-                 the best blocks are expanded with their groups while they fit W (MCController.focus)
+                 the best blocks are shown raw, then the nodes above them opened, within W (MCController.focus)
   no_read_on     the mc arm with each block expanded on its own merit (MCConfig.read_on off: a block does not
                  bring the block after it), the ablation of read-on
   gists_only     the most compressed map (everything old as gists, nothing expanded)
   random         random legal maps that use the budget (working_context.random_maps)
   similarity     greedy expansion ranked by cosine(gist, mean of the raw tail) instead of LensNet
-  oracle         the most compressed map with the blocks holding the answer (and their groups)
-                 expanded, as allocator.oracle_map; `evidence` [B, n] counts the evidence tokens of each
-                 block, and when not all of a row's evidence blocks fit W, the row keeps the most of
-                 them that fit, blocks holding more evidence first (none fitting: the most compressed map)
+  oracle         the most compressed map with the blocks holding the answer shown raw as the mc arm shows
+                 its picks (allocator.oracle_maps); `evidence` [B, n] counts the evidence tokens of each
+                 block, blocks holding more evidence first, as many as fit W
   shuffled       the mc arm on a tree whose gists are permuted across the nodes of their level in each row
                  (positions and spans stay), before LensNet reads them, and with --mc_lens_match each block's
                  question match taken from the block whose gist it got: does MegaContext use what blocks
@@ -41,9 +40,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from mc.allocator import descend_maps, edit_maps, similarity_scores
+from mc.allocator import edit_maps, oracle_maps, similarity_scores
 from mc.runtime import visible_entries
-from mc.working_context import RAW, entry_counts, expand_blocks, materialize, most_compressed_map, open_nodes
+from mc.working_context import RAW, materialize
 
 MC_ARMS = ("mc", "no_read_on", "gists_only", "random", "similarity", "oracle", "shuffled")  # read the MC checkpoint's tree
 ARMS = ("truncation", "full", *MC_ARMS, "mean_gist", "plain_truncation", "plain_full")
@@ -59,25 +58,6 @@ def shuffle_gists(levels, generator=None):
         perms.append(torch.rand(B, m, generator=generator, device=level.device).argsort(1))  # [B, m]
         out.append(level.gather(1, perms[-1].unsqueeze(-1).expand(B, m, D)))
     return out, perms[0]
-
-
-def fitting_oracle_maps(n_blocks: int, cfg, evidence):
-    """Oracle maps [B, n]: the most compressed map with the top-k evidence blocks (evidence [B, n], tokens of
-    evidence per block) and the nodes above them expanded, k per row the largest that fits W. One vectorised
-    pass per k (k <= evidence blocks of a row, a handful)."""
-    K = cfg.block_size
-    B = evidence.size(0)
-    evidence = evidence.float()
-    base = most_compressed_map(n_blocks, cfg, device=evidence.device).expand(B, n_blocks)
-    order = evidence.sort(dim=1, descending=True, stable=True).indices  # [B, n] blocks by evidence share
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_blocks, device=order.device).expand(B, -1))
-    maps = base
-    for k in range(1, int((evidence > 0).sum(1).max()) + 1):
-        chosen = (rank < k) & (evidence > 0)  # [B, n]
-        cand = expand_blocks(open_nodes(base, chosen, K), chosen)
-        fits = entry_counts(cand, K) <= cfg.wc_budget  # [B]; monotone in k, so the last fitting k wins
-        maps = torch.where(fits[:, None], cand, maps)
-    return maps
 
 
 def _score(logits, targets):
@@ -173,8 +153,7 @@ class ArmEvaluator:
             if arm in ("mc", "shuffled"):
                 maps = ctl.focus(arm_levels, focus_end=focus_end, block_order=order)
             elif arm == "no_read_on":
-                maps = descend_maps(ctl.focus(levels, policy="gists_only"), ctl.block_scores(levels, focus_end),
-                                    dataclasses.replace(cfg, read_on=False))
+                maps = ctl.select(ctl.block_scores(levels, focus_end), cfg=dataclasses.replace(cfg, read_on=False))
             elif arm in ("gists_only", "random"):
                 maps = ctl.focus(levels, policy=arm, generator=gen)
             elif arm == "similarity":
@@ -183,14 +162,14 @@ class ArmEvaluator:
                 if evidence is None:
                     out[arm] = "no answer blocks known for this task"
                     continue
-                maps = fitting_oracle_maps(L // cfg.block_size, cfg, evidence.to(x.device))
+                maps = oracle_maps(L // cfg.block_size, cfg, evidence.to(x.device))
             out[arm] = (*_score(self._wc_tail(ctl, materialize(maps, arm_levels, x, cfg, nt), x), target), maps)
         return out
 
     @torch.no_grad()
     def oracle_maps(self, x, evidence):
         """The oracle arm's LOD maps [B, L // K] for histories x [B, L] (for inspection and tests)."""
-        return fitting_oracle_maps(x.size(1) // self.cfg.block_size, self.cfg, evidence.to(x.device))
+        return oracle_maps(x.size(1) // self.cfg.block_size, self.cfg, evidence.to(x.device))
 
     @torch.no_grad()
     def run_maps(self, x, y, named_maps: dict) -> dict:

@@ -15,10 +15,10 @@ Per micro-batch x, y [B, T] (history T > W):
     re-scored in between), the others random legal maps. The teacher is exploration, not a
     shortcut: without it the block holding a needle is expanded in ~1 variant in n, so neither the
     GPT (copying from an expanded block) nor LensNet (which block was worth it) sees the signal.
-    It is never used at inference, where LensNet alone decides (by descent: `focus` scores every
-    old block as a LOD1 gist and expands the best with their groups, mc.allocator.descend_maps).
+    It is never used at inference, where LensNet alone decides (by selection: `focus` scores every
+    old block as a LOD1 gist and shows the best raw, mc.allocator.focus_maps).
     With cfg.partial_gists every variant then shows a partial node as one gist where it expanded nothing
-    under it (`close_partial_nodes`), as the inference descent from the partial cover would;
+    under it (`close_partial_nodes`), as the inference focus from the partial cover would;
  4. one batched GPT forward over [V, W] with inputs_embeds + per-row rope, per-position loss;
  5. LM loss = weighted mean over all LOD0 targets of all variants (baseline weight configurable;
     optional per-target weights, e.g. answers of long-range rows counted more); optionally
@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mc.allocator import NEG, block_entry_scores, descend_maps, edit_maps, expanded_units, overlap_block_scores, unit_scores
+from mc.allocator import NEG, block_entry_scores, edit_maps, focus_maps, expanded_units, overlap_block_scores, unit_scores
 from mc.config import MCConfig
 from mc.positional import wc_rope
 from mc.telemetry import PhaseTimer
@@ -61,6 +61,13 @@ NEG_LOGIT = -1e9  # the score of a unit LensNet cannot expand
 def rel_pos(wc):
     """Tokens between each entry's start and the end of the history, [V, W] float."""
     return (wc.history_len - wc.pos).float()
+
+
+def window_distance(is_gist, gists, raw: int, K: int):
+    """Distances [C, width] to the end of the history of the entries of LensNet's scoring windows (is_gist [C, width],
+    gists [C, 1] per window, then `raw` tail tokens), as if each window's gists lay right before the raw tail."""
+    j = torch.arange(is_gist.size(1), device=is_gist.device)
+    return torch.where(is_gist, (gists - j) * K + raw, raw - (j - gists)).float()
 
 
 def focus_ends(answers, horizon: int):
@@ -147,16 +154,18 @@ class MCController:
         seed = (self.cfg.seed * 1_000_003 + self.rank * 10_007 + step) % 2**62
         return torch.Generator(device=device).manual_seed(seed)
 
-    def score(self, wc, grad: bool = True, focus_end=None, match=None):
+    def score(self, wc, grad: bool = True, focus_end=None, match=None, distance=None):
         """LensNet scores [V, W] of working contexts (embeddings detached: LensNet never trains the tree), reading
         only the entries that end by focus_end [B] (see `focus_ends`; None: all); hidden entries score 0.
         match [B, n] (`question_match`, with cfg.lens_match) is added to the score of each LOD1 gist's block.
+        distance [V, W]: the entries' distances to the end of the history LensNet reads (default `rel_pos`).
         LensNet reads only the columns up to the last visible entry: later ones are padding, which no visible entry
         attends to (training's base working contexts at the CPU preset fill 33-63 of W = 128 columns)."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             visible = visible_entries(wc, focus_end)
             width = int(visible.any(0).cumsum(0).argmax()) + 1  # after the last column with a visible entry: none
-            read = self.lensnet(wc.embeds[:, :width].detach(), wc.lod[:, :width], rel_pos(wc)[:, :width],
+            distance = rel_pos(wc) if distance is None else distance
+            read = self.lensnet(wc.embeds[:, :width].detach(), wc.lod[:, :width], distance[:, :width],
                                 visible[:, :width], tail_len=self.cfg.recent)
             scores = F.pad(read, (0, visible.size(1) - width))  # [V, W], hidden entries 0
             if match is None:
@@ -174,7 +183,9 @@ class MCController:
         tail, and blocks ending after focus_end [B]); block_order [B, n] (mc.arms' shuffled arm): block i gets the
         question match of block block_order[b, i], as it got that block's gist. The blocks are scored in windows of at most W - raw
         gists followed by the raw tail (the WCs LensNet trains on), all windows of all rows in one batch,
-        so the cost grows linearly with the history. levels: the tree's [LOD0 [B, T, D], LOD1 [B, n, D], ...]."""
+        so the cost grows linearly with the history. Each window is read as the history it looks like: its gists
+        right before the raw tail (`window_distance`), so a block far back is scored at the distances LensNet
+        trained on, however long the history. levels: the tree's [LOD0 [B, T, D], LOD1 [B, n, D], ...]."""
         K = self.cfg.block_size
         lod0, lod1 = levels[0], levels[1]
         B, T, D = lod0.shape
@@ -199,7 +210,8 @@ class MCController:
             match = self.question_match(lod0, focus_end)
         if match is not None and block_order is not None:
             match = match.gather(1, block_order)
-        scores = self.score(wc, grad=False, focus_end=focus_end, match=match)  # [B * C, width]
+        distance = rows(window_distance(is_gist, gists, raw, K))
+        scores = self.score(wc, grad=False, focus_end=focus_end, match=match, distance=distance)  # [B * C, width]
         readable = visible_entries(wc, focus_end) & (wc.lod == 1)
         column = torch.where(readable, wc.pos // K, n).view(B, C * width)  # column n collects the rest
         out = torch.full((B, n + 1), NEG, device=device)
@@ -213,7 +225,7 @@ class MCController:
         """The LOD maps [B, n] a focus policy shows of a tree; validation, evaluation and sessions decide every
         focus here (training grows its variants from the same cover, partial nodes opened: `lens_base_map`):
         `mc` the inference focus: the most compressed map, then LensNet's best blocks (read up to focus_end
-        [B]; block_order: see `block_scores`) expanded with the nodes above them while they fit W (`descend`);
+        [B]; block_order: see `block_scores`) shown raw, then the nodes above them opened, within W (`select`);
         `gists_only` the most compressed map; `random` random legal maps (generator)."""
         B, n, device = levels[0].size(0), levels[1].size(1), levels[0].device
         if policy not in FOCUS_POLICIES:
@@ -222,15 +234,16 @@ class MCController:
             return random_maps(B, n, self.cfg, generator, device=device)
         if policy == "gists_only":
             return most_compressed_map(n, self.cfg, tail_tokens, device=device).expand(B, n)
-        return self.descend(self.block_scores(levels, focus_end, block_order), tail_tokens)
+        return self.select(self.block_scores(levels, focus_end, block_order), tail_tokens)
 
-    def descend(self, block_scores, tail_tokens: int = 0):
-        """The `mc` focus from LensNet's block scores [B, n]: from the most compressed map, the best blocks expanded
-        with the nodes above them while they fit W (`mc.allocator.descend_maps`); sessions compute the same map from
-        the scores they keep at a cost that does not grow with the history (`mc.allocator.descend_suffix`)."""
+    def select(self, block_scores, tail_tokens: int = 0, cfg: MCConfig | None = None):
+        """The `mc` focus from LensNet's block scores [B, n]: from the most compressed map, the best blocks shown
+        raw and the nodes above them opened, within W (`mc.allocator.focus_maps`; cfg overrides self.cfg, e.g. an
+        arm without read-on). Sessions call it with the scores they keep."""
+        cfg = cfg or self.cfg
         B, n = block_scores.shape
-        base = most_compressed_map(n, self.cfg, tail_tokens, device=block_scores.device).expand(B, n)
-        return descend_maps(base, block_scores, self.cfg, tail_tokens)
+        base = most_compressed_map(n, cfg, tail_tokens, device=block_scores.device).expand(B, n)
+        return focus_maps(base, block_scores, cfg, tail_tokens)
 
     def guided_maps(self, base_map, base_scores, levels, x, next_token, sample, *, policy, generator=None,
                     block_scores=None, focus_end=None, match=None):
@@ -253,7 +266,7 @@ class MCController:
         """Rotary tables (cos, sin) of materialised WCs (mc.positional.wc_rope), distances kept below max_len;
         frame [V]: the rows' frames (default: each row's own)."""
         return wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.model.config.head_dim, self.cfg.positional,
-                       max_len=self.max_len, frame=frame)
+                       max_len=self.max_len, frame=frame, block_size=self.cfg.block_size)
 
     def forward_wc(self, wc, x, forward_fn=None):
         """Per-position loss [V, W] of the GPT over materialised working contexts of histories x [B, T]."""

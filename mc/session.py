@@ -9,7 +9,7 @@ State (tensors on the model's device):
     lod_map  [n_blocks] int8 over the complete blocks (RAW/GIST/level l/UNCOVERED); the partial block
              (T % K tokens) is always raw and not in the map
     entries  the WC as an entry table pos [W], lod [W], rope [W, 2, hd/2] (first n_entries rows),
-             always equal to `entry_table(lod_map, T, K)`
+             always equal to `entry_table(lod_map, T, cfg)`
     cache    the GPT's KVCache, valid for the first `_valid` entries of that table
 
 A token's way (`append`; `generate` appends each sampled token):
@@ -21,11 +21,11 @@ A token's way (`append`; `generate` appends each sampled token):
     `lookback` tokens (default 16·W) older than the raw tail as a LOD1 gist (in windows of W entries, the
     WCs it was trained on; older blocks keep the score of the last refocus that scored them), and from
     the most compressed map of the whole history (raw tail, then the highest nodes of the tree; the
-    oldest entries UNCOVERED only when even that does not fit W) the best blocks are expanded with the
-    nodes above them while they fit W (`MCController.descend`). So the focus is a function of the
-    history and its scores, not of earlier focus decisions, and a periodic refocus costs one LensNet
-    window plus tensor work on the blocks a descent can change (`mc.allocator.descend_suffix`; the older
-    ones keep the most compressed map, whose table rows are cached), however long the history.
+    oldest entries UNCOVERED only when even that does not fit W) the best blocks are shown raw (beside
+    the gist that covers them, or in place) and the nodes above them opened while they fit W
+    (`MCController.select`). So the focus is a function of the history and its scores, not of earlier
+    focus decisions, and a periodic refocus costs one LensNet window plus a few tensor operations over
+    the map (int8, one column a block), however long the history.
     `refocus(lookback=T)` scores the whole history (linear in it): a chat does that once per user turn,
     so a question can pull any block back in full, and the refocuses while it answers keep those
     scores. Capacity: the tree grows as deep as the history needs, so
@@ -70,13 +70,13 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from mc.allocator import NEG, descend_suffix
+from mc.allocator import NEG
 from mc.config import LEGACY_MC_CONFIG, MCConfig
 from mc.positional import rope_frame, wc_rope
 from mc.session_file import (FORMAT, FORMAT_VERSION, config_hash, content_digest, read_session_file,
                              weights_fingerprint)
 from mc.tree import MCTree, boundary, partial_nodes, shown_end
-from mc.working_context import (RAW, UNCOVERED, WorkingContext, node_sum, entry_counts, entry_token_ids, is_legal,
+from mc.working_context import (RAW, UNCOVERED, WorkingContext, gist_starts, entry_counts, entry_token_ids, is_legal,
                                 materialize, max_level, most_compressed_map, open_partial_nodes)
 from nanochat.common import atomic_write_bytes
 from nanochat.engine import sample_next_token
@@ -86,25 +86,30 @@ ROPE_AHEAD = 1024  # standard rotary rows computed at once for appended raw toke
 EDIT_LOG = 2048  # map-change events kept for the focus map
 
 
-def entry_table(lod_map, history_len: int, K: int):
+def entry_table(lod_map, history_len: int, cfg: MCConfig):
     """Map [n] + history length -> the WC's entries in order: pos [E] long (global start), lod [E] long,
-    span [E] long (tokens covered: K^lod, a partial node its children's)."""
+    span [E] long (tokens covered: K^lod, a partial node its children's). A block contributes the gist of the
+    node it starts (if shown), then its K tokens if RAW (in place, or beside that node's gist)."""
+    K = cfg.block_size
     lod = lod_map.long()
     n = lod.numel()
     b = torch.arange(n, device=lod.device)
-    blocks = torch.ones_like(lod)  # blocks covered by the entry starting at each block
+    gist = gist_starts(lod[None], K)[0]  # [n] level of the gist starting at each block (0: none)
+    blocks = torch.ones_like(lod)  # blocks covered by that gist: its node's, up to what the level may show
     for level in range(2, max_level(n, K) + 1):
-        blocks = torch.where(lod == level, node_sum((lod == level)[None], K ** (level - 1))[0], blocks)
-    first = b % torch.pow(K, (lod - 1).clamp(min=0)) == 0
-    count = torch.where(lod == RAW, K, ((lod >= 1) & first).long())
+        size = K ** (level - 1)
+        shown = torch.clamp(shown_end(n, level, cfg) - b, 0, size)  # [n] of a node starting at b
+        blocks = torch.where(gist == level, shown, blocks)
+    has_gist = (gist > 0).long()
+    count = has_gist + K * (lod == RAW).long()
     block = torch.repeat_interleave(b, count)  # [E_blocks] block of each entry
-    start = (count.cumsum(0) - count)[block]  # index of the block's first entry
-    offset = torch.arange(block.numel(), device=lod.device) - start
-    blod = lod[block]
-    pos = block * K + torch.where(blod == RAW, offset, 0)
-    span = torch.where(blod == RAW, 1, blocks[block] * K)
+    offset = torch.arange(block.numel(), device=lod.device) - (count.cumsum(0) - count)[block]
+    is_gist = (offset == 0) & (gist[block] > 0)
+    pos = block * K + torch.where(is_gist, 0, offset - has_gist[block])
+    elod = torch.where(is_gist, gist[block], 0)
+    span = torch.where(is_gist, blocks[block] * K, 1)
     tail = torch.arange(n * K, history_len, device=lod.device)  # the partial block, raw
-    return torch.cat([pos, tail]), torch.cat([blod, torch.zeros_like(tail)]), torch.cat([span, torch.ones_like(tail)])
+    return torch.cat([pos, tail]), torch.cat([elod, torch.zeros_like(tail)]), torch.cat([span, torch.ones_like(tail)])
 
 
 class MCSession:
@@ -150,7 +155,6 @@ class MCSession:
         self.stats = dict(refocus=0, budget_fits=0, map_changes=0, forwards=0, prefills=0, kv_reused=0, kv_computed=0,
                           decode_tokens=0, decode_seconds=0.0, append_tokens=0, append_seconds=0.0)
         self.edits = deque(maxlen=EDIT_LOG)  # {event, kind, history, expanded [blocks], collapsed [blocks]}
-        self._prefix = (0, None, None, None)  # (start, key, map [start], table rows): see `_base_prefix`
 
     @classmethod
     def begin(cls, controller, prompt_ids, **kwargs) -> "MCSession":
@@ -196,7 +200,7 @@ class MCSession:
         tensors, wider if the map holds more entries), like `materialize` builds it."""
         K, W, T = self.cfg.block_size, self.cfg.wc_budget, self.tree.T
         lod_map = self.lod_map if lod_map is None else lod_map
-        pos, lod, span = entry_table(lod_map, T, K)  # [E]
+        pos, lod, span = entry_table(lod_map, T, self.cfg)  # [E]
         E = pos.numel()
         pad = max(W, E) - E
         valid = torch.arange(E + pad, device=self.device) < E
@@ -260,12 +264,13 @@ class MCSession:
         map shows them (`open_partial_nodes`). The table is rebuilt when the map still fits W, else the budget fit
         of `_maintain` refocuses."""
         K = self.cfg.block_size
-        shown = torch.stack([self._map[g * K ** (level - 1)] == level for level, g, _ in nodes]).tolist()
+        shown = torch.stack([(self._map[g * K ** (level - 1):(g * K + j) * K ** (level - 2)] == level).any()
+                             for level, g, j in nodes]).tolist()
         nodes = [node for node, yes in zip(nodes, shown) if yes]
         if not nodes:
             return
         fixed = open_partial_nodes(self.lod_map[None], nodes, K)[0]
-        self.n_entries += sum(j - 1 for _, _, j in nodes)
+        self.n_entries = int(entry_counts(fixed[None], K, self.tree.T % K)[0])
         if self.n_entries <= self.cfg.wc_budget:
             self._set_map(fixed, None)
         else:  # over W: the budget fit of `_maintain` refocuses, comparing the new table with the current one
@@ -283,14 +288,15 @@ class MCSession:
             return False
         old_map = self.lod_map.clone()
         self._map[:self.n_blocks] = new_map
-        pos, lod, span = self._entry_table(new_map)
+        pos, lod, span = entry_table(new_map, T, self.cfg)
         E = pos.numel()
         if E > W:
             raise ValueError(f"internal: a map of {E} entries exceeds --mc_wc_budget={W}")
         self._frame = frame
         valid = torch.ones_like(pos, dtype=torch.bool)[None]  # the table starts at entry 0, so `index` mode works too
         cos, sin = wc_rope(pos[None], span[None], lod[None], valid, self.head_dim, self.cfg.positional,
-                           max_len=self.max_len, frame=torch.tensor([self._frame], device=self.device))
+                           max_len=self.max_len, frame=torch.tensor([self._frame], device=self.device),
+                           block_size=self.cfg.block_size)
         rope = torch.stack([cos[0, :, 0], sin[0, :, 0]], dim=1)  # [E, 2, hd/2]
         m = min(self._tab_len, E)
         differ = ((self._pos[:m] != pos[:m]) | (self._lod[:m] != lod[:m]) | (self._span[:m] != span[:m])
@@ -305,30 +311,6 @@ class MCSession:
         if kind is not None:
             self._log_edits(old_map, new_map, kind)
         return True
-
-    def _entry_table(self, lod_map):
-        """`entry_table(lod_map, T, K)`, reusing the rows of the cached most compressed prefix (`_base_prefix`)
-        when the map starts with it and no node of the map crosses its end (a newer, larger node of the same
-        level would): O(n - start) work instead of O(n)."""
-        start, _, prefix, rows = self._prefix
-        T, K = self.tree.T, self.cfg.block_size
-        if start and lod_map.numel() >= start and torch.equal(lod_map[:start], prefix):
-            edge = lod_map[start - 1:start + 1].tolist()  # the blocks either side of the prefix's end
-            if not (len(edge) == 2 and edge[0] == edge[1] >= 2 and start % K ** (edge[1] - 1)):  # one node across it
-                pos, lod, span = entry_table(lod_map[start:], T - start * K, K)
-                return tuple(torch.cat([r, x]) for r, x in zip(rows, (pos + start * K, lod, span)))
-        return entry_table(lod_map, T, K)
-
-    def _base_prefix(self, start: int, tail_tokens: int):
-        """Blocks [0, start) of the most compressed map (int8), which a refocus leaves as they are
-        (`mc.allocator.descend_suffix`), with their entry-table rows; cached until the nodes there change
-        (every ~K^(l-1) blocks for a prefix ending at level l)."""
-        n, cfg = self.n_blocks, self.cfg
-        key = tuple(min(shown_end(n, level, cfg), start) for level in range(1, max_level(n, cfg.block_size) + 1))
-        if self._prefix[:2] != (start, key):
-            prefix = most_compressed_map(n, cfg, tail_tokens, device=self.device)[:start].clone()
-            self._prefix = (start, key, prefix, entry_table(prefix, start * cfg.block_size, cfg.block_size))
-        return self._prefix[2]
 
     def _log_edits(self, old_map, new_map, kind: str):
         detail = lambda lod: torch.where(lod == UNCOVERED, 0, 127 - lod.long())  # noqa: E731  raw > LOD1 > LOD2 > ... > none
@@ -374,8 +356,7 @@ class MCSession:
         first = max(0, boundary(n, self.cfg) - lookback // K)  # first block LensNet scores
         levels = [tree.lod0(first * K, tree.T), tree.gists[0][:, first:n]]  # the history from that block on
         self._scores[first:n] = self.controller.block_scores(levels)[0].float()  # -inf on the raw tail
-        start, suffix = descend_suffix(self._scores[:n][None], self.cfg, tail_tokens)
-        return torch.cat([self._base_prefix(start, tail_tokens), suffix[0]]) if start else suffix[0]
+        return self.controller.select(self._scores[:n][None], tail_tokens)[0]
 
     @torch.no_grad()
     def refocus(self, lookback: int | None = None) -> bool:
@@ -469,8 +450,9 @@ class MCSession:
         K, T, st = self.cfg.block_size, self.tree.T, self.stats
         pos, lod = self.entries()
         per_lod = torch.bincount(lod, minlength=3).tolist()  # entries per level
-        covered = torch.bincount(lod, weights=entry_table(self.lod_map, T, K)[2].double(), minlength=3).long().tolist() \
-            if self._tab_len == self.n_entries else [0] * len(per_lod)  # tokens per level
+        shown = self.lod_map.long()
+        covered = (torch.bincount(shown[shown >= 0], minlength=len(per_lod)) * K).tolist()  # tokens per level
+        covered[0] += T % K
         uncovered = int((self.lod_map == UNCOVERED).sum()) * K
         computed = st["kv_computed"]
         return dict(

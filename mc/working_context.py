@@ -4,7 +4,9 @@ A history of `T` tokens has `n_blocks = T // K` complete LOD1 blocks and `t = T 
 partial block after them. A working context (WC) over that history is described by its LOD map
 
     lod_map  # [V, n_blocks] int8, one row per variant, one column per complete LOD1 block
-      RAW       =  0  the block is shown as its K raw tokens (K entries)
+      RAW       =  0  the block is shown as its K raw tokens (K entries): in place of its LOD1 gist, or, when
+                      the smallest node holding it is shown as one gist (its other blocks hold that
+                      node's level l >= 2), beside that gist, which stays (the block's tokens follow it)
       GIST      =  1  the block is shown as its LOD1 gist (1 entry)
       l >= 2          the block is part of a LOD-l node shown as ONE entry (its gist): the node's blocks
                       (all K^(l-1) of an aligned complete node, or the complete children of a partial
@@ -16,7 +18,8 @@ The tree grows as deep as the history needs, so maps have no highest level. The 
 is always raw and is not part of the map. The last `recent_blocks = R // K` complete blocks are RAW, so
 the last R tokens (the raw tail, partial block included) are always tokens. A map is legal (`is_legal`)
 when each of its nodes is a node of the tree (`node_violations`), its uncovered blocks form a prefix
-and its tail is raw; it fits when `entry_counts <= W`.
+and its tail is raw; it fits when `entry_counts <= W`. Raw blocks beside a coarse gist are what let a
+working context show any block of any history raw for K entries, whatever the depth of the tree there.
 
 Edits (the focus allocator's vocabulary) change one block or one node: `expand_blocks` (GIST -> RAW,
 +K-1), `expand_groups` (LOD2 -> GIST, +K-1 for a complete group, +j-1 for a partial one of j blocks),
@@ -27,8 +30,8 @@ as gists -> the node), `collapse_blocks` (RAW -> GIST,
 Group masks are `[V, ceil(n_blocks / K)]`; an entry at position p belongs to block p // K and group
 p // K**2. Budgets are the caller's business.
 
-`materialize` turns maps into tensors the GPT can read: a slot grid over the token positions
-(slot s = position s) marks which slots start an entry, a cumsum compacts those slots to the left
+`materialize` turns maps into tensors the GPT can read: a slot grid of two slots per token position
+(a gist whose node starts there, then the raw token) marks the slots holding an entry, a cumsum compacts those slots to the left
 of a `[V, W]` grid (right padding), and ONE gather from the concatenated level tensors builds the
 embeddings. Targets come from positions (an LOD0 entry at p predicts token p+1), never from index
 alignment. `validate_wc` is the one place that checks the five invariants of a materialised batch.
@@ -80,23 +83,46 @@ def max_level(n_blocks: int, K: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # counting and legality of LOD maps
 
+def shown_nodes(lod_map, K: int, level: int):
+    """[V, ceil(n / K^(level-1))] bool: the aligned nodes of `level` (>= 1) shown as one gist (a block of theirs
+    holds `level`; the others are `level` too, or RAW blocks shown beside the gist)."""
+    return _group_view(lod_map == level, K ** (level - 1)).any(-1)
+
+
 def entry_counts(lod_map, K: int, tail_tokens: int = 0):
-    """Entries of each WC [V]: K per RAW block, 1 per GIST block, 1 per node of level >= 2, plus the partial-block tokens."""
+    """Entries of each WC [V]: K per RAW block, 1 per shown gist of any level, plus the partial-block tokens."""
     lod = lod_map.long()
-    b = torch.arange(lod.size(1), device=lod.device)
-    first = b % torch.pow(K, (lod - 1).clamp(min=0)) == 0  # [V, n] the block starts its node
-    return (lod == RAW).sum(1) * K + ((lod >= GIST) & first).sum(1) + tail_tokens
+    count = (lod == RAW).sum(1) * K + tail_tokens
+    for level in range(1, max_level(lod.size(1), K) + 1):
+        count = count + shown_nodes(lod, K, level).sum(1)
+    return count
+
+
+def gist_starts(lod_map, K: int):
+    """[V, n] long: the level of the gist entry that starts at each block (0: none), i.e. the block begins an
+    aligned node of that level shown as one gist."""
+    lod = lod_map.long()
+    V, n = lod.shape
+    b = torch.arange(n, device=lod.device)
+    start = torch.zeros_like(lod)
+    for level in range(1, max_level(n, K) + 1):
+        size = K ** (level - 1)
+        begins = shown_nodes(lod, K, level).repeat_interleave(size, dim=1)[:, :n] & (b % size == 0)
+        start = torch.where(begins, level, start)
+    return start
 
 
 def node_violations(lod_map, cfg: MCConfig, level: int):
-    """[V, n] bool: the blocks at `level` (>= 2) whose run is not a node of the tree: not all the blocks of an
-    aligned complete node older than the raw tail, nor exactly the children of the tree's partial node."""
+    """[V, n] bool: the blocks at `level` (>= 2) whose node is not a node of the tree: its `level` blocks, with the
+    RAW blocks beside its gist, are not all the blocks of an aligned complete node older than the raw tail, nor
+    exactly the children of the tree's partial node."""
     lod = lod_map.long()
     n = lod.size(1)
     size = cfg.block_size ** (level - 1)
     mask = lod == level
     allowed = (torch.arange(n, device=lod.device) < shown_end(n, level, cfg)).expand_as(mask)
-    return mask & (~allowed | (node_sum(mask, size) != node_sum(allowed, size)))
+    member = mask | ((lod == RAW) & allowed & (node_sum(mask, size) > 0))  # RAW blocks beside the node's gist
+    return mask & (~allowed | (node_sum(member, size) != node_sum(allowed, size)))
 
 
 def is_legal(lod_map, K: int, recent_blocks: int, max_lod: int | None = None, partial: bool = False):
@@ -133,11 +159,12 @@ def expand_groups(lod_map, group_mask, K: int):
 
 
 def open_nodes(lod_map, block_mask, K: int):
-    """Every node of level >= 2 holding a block marked in block_mask [V, n_blocks] is opened, level by level,
-    down to LOD1 gists: the marked blocks end up GIST (blocks already RAW or GIST stay)."""
+    """Every shown node of level >= 2 holding a block marked in block_mask [V, n_blocks] is opened, level by level,
+    down to LOD1 gists: the marked blocks end up GIST (blocks already RAW or GIST stay; a RAW block beside the
+    node's gist is then in place)."""
     lod = lod_map
     for level in range(max_level(lod.size(1), K), 1, -1):
-        opened = node_sum(block_mask & (lod == level), K ** (level - 1)) > 0
+        opened = node_sum(block_mask, K ** (level - 1)) > 0
         lod = torch.where(opened & (lod == level), level - 1, lod).to(lod_map.dtype)
     return lod
 
@@ -334,16 +361,19 @@ def materialize(lod_map, levels, tokens, cfg: MCConfig, next_token=None, sample=
         v = int(counts.argmax())
         raise ValueError(f"LOD map of variant {v} needs {max_count} entries > --mc_wc_budget={W}")
 
-    # slot grid over token positions: slot s starts an entry iff RAW, or LOD l >= 1 and s a multiple of K^l
+    # slot grid, two slots per token position s: 2s a gist whose node starts at s, 2s+1 the raw token s
     s = torch.arange(T, device=device)  # [T]
-    slot_lod = torch.cat([lod.repeat_interleave(K, dim=1), lod.new_zeros(V, t)], dim=1).long()  # [V, T]
-    valid_slot = (slot_lod >= RAW) & (s % torch.pow(K, slot_lod.clamp(min=0)) == 0)
-    dest = torch.where(valid_slot, valid_slot.cumsum(1) - 1, W)  # [V, T]; column W is a dump
+    starts = torch.cat([gist_starts(lod, K).repeat_interleave(K, dim=1), lod.new_zeros(V, t).long()], dim=1)  # [V, T]
+    is_raw = torch.cat([lod.repeat_interleave(K, dim=1) == RAW, lod.new_ones(V, t, dtype=torch.bool)], dim=1)
+    slot_lod = torch.stack([starts, torch.zeros_like(starts)], dim=2).view(V, 2 * T)  # [V, 2T]
+    valid_slot = torch.stack([(starts > 0) & (s % K == 0), is_raw], dim=2).view(V, 2 * T)
+    dest = torch.where(valid_slot, valid_slot.cumsum(1) - 1, W)  # [V, 2T]; column W is a dump
     pos = torch.zeros(V, W + 1, dtype=torch.long, device=device)
-    pos = pos.scatter_(1, dest, s.expand(V, T))[:, :W]  # [V, W]
+    pos = pos.scatter_(1, dest, s.repeat_interleave(2).expand(V, 2 * T))[:, :W]  # [V, W]
+    entry_lod = torch.zeros(V, W + 1, dtype=torch.long, device=device).scatter_(1, dest, slot_lod)[:, :W]
     valid = torch.arange(W, device=device) < counts[:, None]  # [V, W], right padding
     pos = torch.where(valid, pos, 0)
-    entry_lod = torch.where(valid, slot_lod.gather(1, pos), RAW)  # [V, W]
+    entry_lod = torch.where(valid, entry_lod, RAW)  # [V, W]
 
     # one gather from [LOD0 rows | LOD1 rows | LOD2 rows | ... | a zero row for padding]
     rows = torch.tensor([lvl.size(1) for lvl in levels], device=device)  # [L+1]
@@ -394,7 +424,8 @@ def validate_wc(wc: WorkingContext, tokens, cfg: MCConfig, next_token=None):
 
     1 alignment: an LOD-l entry starts at a multiple of K**l and spans K**l tokens (a partial node, with
       cfg.partial_gists: 2 to K-1 of its children, K**(l-1) tokens each)
-    2 coverage: entries tile [start, T) in order, without gaps or overlaps, ending at T
+    2 coverage: entries tile [start, T) in order, without gaps or overlaps, ending at T; a raw token may also
+      lie inside the gist before it (a block shown beside its node's gist)
     3 budget: at most W = cfg.wc_budget entries
     4 tail: every entry touching the last R tokens is LOD0
     5 targets: an LOD0 entry at p has target token[p+1] (next_token, else -1, for p = T-1); gists -1
@@ -418,13 +449,16 @@ def validate_wc(wc: WorkingContext, tokens, cfg: MCConfig, next_token=None):
            lambda v, w: f"LOD{int(lod[v, w])} entry at position {int(pos[v, w])} spans {int(span[v, w])} tokens; "
                         f"it must start at a multiple of {int(size[v, w])} and span that many"
                         f"{' (or, a partial node, 2 or more of its children)' if cfg.partial_gists else ''}")
-    # 2 coverage
+    # 2 coverage: each entry starts where the entries before it end, or is a raw token shown beside the gist
+    # before it (inside what is covered, after the previous entry's start)
     end = pos + span  # [V, W]
+    covered = torch.where(valid, end, 0).cummax(1).values  # [V, W] end of the coverage up to each entry
     both = valid[:, 1:] & valid[:, :-1]
-    _check(both & (pos[:, 1:] != end[:, :-1]), "2 (coverage)",
-           lambda v, w: f"entry ends at token {int(end[v, w])} but the next starts at {int(pos[v, w + 1])}")
+    beside = (lod[:, 1:] == 0) & (end[:, 1:] <= covered[:, :-1]) & (pos[:, 1:] >= pos[:, :-1] + (lod[:, :-1] == 0).long())
+    _check(both & (pos[:, 1:] != covered[:, :-1]) & ~beside, "2 (coverage)",
+           lambda v, w: f"entry ends at token {int(covered[v, w])} but the next starts at {int(pos[v, w + 1])}")
     last = (valid.sum(1) - 1).clamp(min=0)  # [V]
-    last_end = end.gather(1, last[:, None])[:, 0]
+    last_end = covered.gather(1, last[:, None])[:, 0]
     _check((~valid[:, :1] | (last_end != T)[:, None]) & (T > 0), "2 (coverage)",
            lambda v, w: f"the entries end at token {int(last_end[v])}, not at the history length {T}"
            if valid[v, 0] else "the WC is empty")

@@ -327,19 +327,34 @@ def generate() -> str:
     return str(path)
 
 
-def plot_curves(path, series: dict, xlabel: str, ylabel: str, title: str):
-    """Save a line plot of {label: (xs, ys)} to `path` (PNG)."""
+MARKERS = "os^vD<>pPXh"  # 11 markers beside 10 colours: every series of a plot gets its own (colour, marker)
+
+
+def series_styles(n: int) -> list[dict]:
+    """Matplotlib styles of n series that can be told apart: a colour of tab10 and a marker each, solid lines for
+    the first ten, then dashed."""
+    return [dict(color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], linestyle="-" if i < 10 else "--")
+            for i in range(n)]
+
+
+def plot_curves(path, series: dict, xlabel: str, ylabel: str, title: str, logx: bool = False):
+    """Save a line plot of {label: (xs, ys)} to `path` (PNG), the legend beside the axes (never over the data);
+    logx: a base-2 log x-axis (history lengths)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for (label, (xs, ys)), style in zip(series.items(), series_styles(len(series))):
+        if len(xs) >= 30:
+            style = {**style, "marker": None}
+        ax.plot(xs, ys, label=label, **style)
+    if logx:
+        ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=110)

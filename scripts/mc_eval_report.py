@@ -69,10 +69,10 @@ def _arm_table(per_arm: dict, columns, head: str, digits: int = 3) -> str:
     return markdown_table([head, *columns], rows, digits) if rows else "(no results)"
 
 
-def _lines(path, per_arm: dict, xlabel: str, ylabel: str, title: str):
+def _lines(path, per_arm: dict, xlabel: str, ylabel: str, title: str, logx: bool = False):
     series = {arm: (list(v), list(v.values())) for arm, v in per_arm.items() if v}
     if series:
-        report.plot_curves(path, series, xlabel, ylabel, title)
+        report.plot_curves(path, series, xlabel, ylabel, title, logx=logx)
         return [("img", path.name)]
     return []
 
@@ -95,7 +95,7 @@ def write_outputs(results: dict, report_dir) -> dict:
         if at_8w:  # the headline of the run's summary table
             items += [f"Needle accuracy at 8W = {8 * W} tokens:", at_8w]
         items += _lines(report_dir / "mc_eval_needle_length.png", nd["accuracy"], "history length (tokens)",
-                        "needle accuracy", f"Needle accuracy vs history length (W={W})")
+                        "needle accuracy", f"Needle accuracy vs history length (W={W})", logx=True)
         if nd["hit_rate"]:
             items += ["**Focus hit rate**: share of needles (outside the raw tail) whose blocks the arm shows raw "
                       "(for mc: LensNet expanded them; for oracle: they fit W):",
@@ -130,7 +130,7 @@ def write_outputs(results: dict, report_dir) -> dict:
             if cols:
                 items += [f"**Tail NLL** (nats, final {E} tokens) vs history length: {what}:", _arm_table(ls[key], cols, "arm")]
                 items += _lines(report_dir / f"mc_eval_loss_{key}.png", ls[key], "history length (tokens)",
-                                "NLL (nats)", f"Tail NLL vs history: {what}")
+                                "NLL (nats)", f"Tail NLL vs history: {what}", logx=True)
         paired = ls.get("paired", {})
         cols = sorted({n for v in paired.values() for n in v})
         if cols:

@@ -10,8 +10,7 @@ import random
 import pytest
 import torch
 
-from mc.allocator import (descend_maps, descend_suffix, edit_maps, expanded_units, fixed_prefix, oracle_map, read_on_scores,
-                          recency_scores,
+from mc.allocator import (edit_maps, expanded_units, focus_maps, oracle_maps, read_on_scores, recency_scores,
                           similarity_scores, unit_scores)
 from mc.config import MCConfig
 from mc.tree import level_rows, tree_depth
@@ -234,86 +233,107 @@ def test_stochastic_greedy_samples_among_top_k_reproducibly():
         edit_maps(maps, scores, wc, cfg, "telepathy")
 
 
-def test_oracle_map_expands_answer_blocks_and_their_groups():
+def test_oracle_maps_show_answer_blocks_then_open_their_nodes():
     K = 4
     cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1, partial_gists=False)
     n = 36  # most compressed: 2 LOD3 nodes (blocks 0-15, 16-31) + 2 loose gists + 8 tail tokens = 12 entries
     base = most_compressed_map(n, cfg)
     assert base.tolist() == [3] * 32 + [GIST] * 2 + [RAW] * 2
-    answer = torch.zeros(2, n, dtype=torch.bool)
-    answer[0, 5] = True  # inside LOD3 node 0 and its group 1 -> node, group and block expanded (+9)
-    answer[1, [2, 17, 33]] = True  # both LOD3 nodes, groups 0 and 4, blocks 2, 17 and loose gist 33 (+21)
-    maps = oracle_map(n, cfg, answer)
+    answer = torch.zeros(2, n, dtype=torch.long)
+    answer[0, 5] = 1  # inside LOD3 node 0 and its group 1 -> shown raw, then node and group opened (+9)
+    answer[1, [2, 17, 33]] = 1  # both LOD3 nodes, groups 0 and 4, blocks 2, 17 and loose gist 33 (+21)
+    maps = oracle_maps(n, cfg, answer)
     assert is_legal(maps, K, 2).all() and (entry_counts(maps, K) == torch.tensor([21, 33])).all()
-    assert (maps[answer] == RAW).all()
+    assert (maps[answer > 0] == RAW).all()
     assert maps[0, 4:8].tolist() == [GIST, RAW, GIST, GIST]
     assert maps[1, 0:4].tolist() == [GIST, GIST, RAW, GIST] and maps[1, 16:20].tolist() == [GIST, RAW, GIST, GIST]
     blocks, groups = expanded_units(maps, base.expand(2, n), K)
     assert not groups.any()  # LOD3 nodes are not LOD2 units
     assert blocks.nonzero().tolist() == [[1, 33]]
     assert (maps[0, :4] == GROUP).all() and (maps[0, 8:16] == GROUP).all() and (maps[0, 16:32] == 3).all()
-    # answers in the raw tail cost nothing; too many answers exceed W with a clear error
-    tail = torch.zeros(1, n, dtype=torch.bool)
-    tail[0, -1] = True
-    assert torch.equal(oracle_map(n, cfg, tail)[0], base)
-    over = torch.zeros(1, n, dtype=torch.bool)
-    over[0, [1, 9, 17]] = True  # two LOD3 nodes, three groups, three blocks: 12 + 24 > 33
-    with pytest.raises(ValueError, match="oracle.*mc_wc_budget=33"):
-        oracle_map(n, cfg, over)
+    # answers in the raw tail cost nothing
+    tail = torch.zeros(1, n, dtype=torch.long)
+    tail[0, -1] = 1
+    assert torch.equal(oracle_maps(n, cfg, tail)[0], base)
+    # three answers whose nodes cannot all open: the last stays raw beside its LOD3 gist (4 entries, not 9)
+    over = torch.zeros(1, n, dtype=torch.long)
+    over[0, [1, 9, 17]] = 1
+    m = oracle_maps(n, cfg, over)
+    assert (m[over > 0] == RAW).all() and int(entry_counts(m, K)) == 31 <= 33
+    assert m[0, 16:32].tolist() == [3] + [RAW] + [3] * 14 and (m[0, [0, 2, 3, 8, 10, 11]] == GIST).all()
+    wc_of(m, cfg)  # materialises: the LOD3 gist, then block 17's tokens
+    # more evidence first, then the earlier block
+    ranked = torch.zeros(1, n, dtype=torch.long)
+    ranked[0, [1, 9, 17, 25, 33]] = torch.tensor([1, 1, 3, 1, 2])
+    tight = MCConfig(block_size=K, recent=2 * K, wc_budget=23, horizon=1, partial_gists=False)  # 11 to spend
+    assert (oracle_maps(n, tight, ranked)[0, :34] == RAW).nonzero().view(-1).tolist() == [1, 17, 33]
 
 
-def test_descend_expands_the_best_blocks_with_their_groups_while_they_fit():
+def test_focus_maps_show_the_best_blocks_raw_then_open_their_nodes():
     K = 4
     cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=33, horizon=1, partial_gists=False, read_on=False, recency_bonus=0.0)
     n = 36  # most compressed: 2 LOD3 nodes (blocks 0-31) + 2 loose gists + 8 tail tokens = 12 entries; 21 to spend
     base = most_compressed_map(n, cfg).expand(3, n)
     scores = torch.full((3, n), float("-inf"))
-    scores[0, [5, 6, 33]] = torch.tensor([3.0, 2.0, 1.0])  # LOD3 node 0, group 1, block 5 (+9), block 6 (+3), gist 33 (+3)
-    scores[1, [9, 17, 2, 33]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # 9: +9, 17: +9, then 2 (+6) does not fit: stop
+    scores[0, [5, 6, 33]] = torch.tensor([3.0, 2.0, 1.0])  # 5, 6 beside LOD3 node 0 (4 each), gist 33 in place (3)
+    scores[1, [9, 17, 2, 33]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # 15 entries: all four fit; then 9's nodes open
     scores[2] = torch.arange(n, dtype=torch.float)  # every block ranked: the raw tail is never a candidate
-    maps = descend_maps(base, scores, cfg)
+    maps = focus_maps(base, scores, cfg)
     assert is_legal(maps, K, 2).all() and (entry_counts(maps, K) <= 33).all()
+    # row 0: the picks' nodes open (LOD3 node 0, group 1: +6, the two blocks then in place: -2)
     assert maps[0, 4:8].tolist() == [GIST, RAW, RAW, GIST] and maps[0, 33] == RAW and entry_counts(maps[:1], K) == 27
     assert (maps[0, :4] == GROUP).all() and (maps[0, 8:16] == GROUP).all() and (maps[0, 16:32] == 3).all()
-    assert maps[1, 8:12].tolist() == [GIST, RAW, GIST, GIST] and maps[1, 16:20].tolist() == [GIST, RAW, GIST, GIST]
-    assert (maps[1, :8] == GROUP).all() and maps[1, 33] == GIST  # the prefix stops at the first pick that does not fit
-    assert maps[2, 32:].tolist() == [RAW] * 4  # the loose gists first (+3 each), the raw tail never a candidate
-    assert maps[2, 28:32].tolist() == [GIST, RAW, RAW, RAW]  # 31 opens LOD3 node 1 and group 7 (+9), then 30, 29
-    assert (maps[2, :16] == 3).all() and (maps[2, 16:28] == GROUP).all()
+    # row 1: 9's nodes open (+5: 32 entries); 17 stays beside LOD3 node 1's gist, 2 beside group 0's
+    assert maps[1, 8:12].tolist() == [GIST, RAW, GIST, GIST] and maps[1, 33] == RAW and entry_counts(maps[1:2], K) == 32
+    assert maps[1, 0:4].tolist() == [GROUP, GROUP, RAW, GROUP] and maps[1, 16:20].tolist() == [3, RAW, 3, 3]
+    # row 2: the loose gists (3 each), 31, 30, 29 (4 each, 18 in all); then LOD3 node 1 and group 7 open (+6 - 3)
+    assert maps[2, 32:].tolist() == [RAW] * 4 and maps[2, 28:32].tolist() == [GIST, RAW, RAW, RAW]
+    assert (maps[2, :16] == 3).all() and (maps[2, 16:28] == GROUP).all() and entry_counts(maps[2:], K) == 33
+    wc_of(maps, cfg)
     # no candidate scored: nothing changes
-    assert torch.equal(descend_maps(base, torch.full((3, n), float("-inf")), cfg), base)
-    # a block whose nodes alone cost more than W leaves is skipped, not the end of the ranking
+    assert torch.equal(focus_maps(base, torch.full((3, n), float("-inf")), cfg), base)
+    # a block deep in the tree costs K entries beside its node's gist, not the path of nodes above it
     tight = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1, partial_gists=False, read_on=False, recency_bonus=0.0)  # 8 to spend
     scores = torch.full((1, n), float("-inf"))
-    scores[0, [5, 33]] = torch.tensor([2.0, 1.0])  # block 5 needs LOD3 node 0, group 1 and itself: 9
-    m = descend_maps(most_compressed_map(n, tight)[None], scores, tight)
-    assert m[0, 33] == RAW and (m[0, :32] == 3).all() and int(entry_counts(m, K)) == 15
+    scores[0, [5, 33]] = torch.tensor([2.0, 1.0])  # block 5 with its nodes opened would need 9
+    m = focus_maps(most_compressed_map(n, tight)[None], scores, tight)
+    assert m[0, 5] == RAW and m[0, 33] == RAW and int(entry_counts(m, K)) == 19
+    assert (m[0, :32] == 3).sum() == 31
 
 
 @pytest.mark.parametrize("K", [2, 3, 4])
-def test_descend_suffix_equals_the_full_descent(K):
-    """A session's refocus descends only the blocks it can change: over history lengths up to 200 blocks (LOD4+),
-    with and without partial gists and read-on, tight and roomy budgets, the suffix equals the full descent and
-    the prefix is the most compressed map; deep histories leave most blocks in the prefix."""
+def test_focus_maps_take_the_longest_fitting_prefix_of_the_ranking(K):
+    """Over histories up to 200 blocks (LOD4+), with and without partial gists, tight and roomy budgets: the map is
+    legal and fits W, the raw tail stays raw, and the blocks shown raw are the longest prefix of the ranking whose
+    selection costs (K beside a coarse gist, K-1 in place) fit the budget the most compressed map leaves."""
     g = torch.Generator().manual_seed(K)
     deep = 0
     for partial in (True, False):
-        for read_on, bonus in ((True, 0.0), (False, 0.0), (True, 1.5), (False, 1.5)):
-            for W in (2 * K + K - 1, 5 * K, 9 * K):
-                cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=W, horizon=1, partial_gists=partial, read_on=read_on,
-                               recency_bonus=bonus)
-                for n in range(0, 200, 3):
-                    t = n % K if 2 * K + n % K <= W else 0
-                    scores = torch.randn(2, n, generator=g)
-                    scores[torch.rand(2, n, generator=g) < 0.2] = float("-inf")
-                    scores[:, n - min(2, n):] = float("-inf")  # the raw tail is never scored
-                    base = most_compressed_map(n, cfg, t)
-                    full = descend_maps(base.expand(2, n), scores, cfg, t)
-                    start, suffix = descend_suffix(scores, cfg, t)
-                    assert torch.equal(suffix, full[:, start:]) and torch.equal(full[:, :start], base[:start].expand(2, -1))
-                    assert fixed_prefix(n, cfg, t)[1] == (int(entry_counts(base[None, :start], K)) if start else 0)
-                    deep += n >= 60 and start >= n // 2
-    assert deep > 20  # the prefix really is most of a long history
+        for W in (2 * K + K - 1, 5 * K, 9 * K):
+            cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=W, horizon=1, partial_gists=partial, read_on=False,
+                           recency_bonus=0.0)
+            for n in range(0, 200, 3):
+                t = n % K if 2 * K + n % K <= W else 0
+                scores = torch.randn(2, n, generator=g)
+                scores[torch.rand(2, n, generator=g) < 0.2] = float("-inf")
+                scores[:, n - min(2, n):] = float("-inf")  # the raw tail is never scored
+                base = most_compressed_map(n, cfg, t).expand(2, n)
+                maps = focus_maps(base, scores, cfg, t)
+                assert is_legal(maps, K, 2, partial=partial).all() and (entry_counts(maps, K, t) <= W).all()
+                assert (maps[base == RAW] == RAW).all()
+                for v in range(2):
+                    cand = (base[v] >= GIST) & (scores[v] > float("-inf"))
+                    order = [b for b in scores[v].argsort(descending=True).tolist() if cand[b]]
+                    free, want = W - int(entry_counts(base[v:v + 1], K, t)), []
+                    for b in order:
+                        free -= K - 1 if base[v, b] == GIST else K
+                        if free < 0:
+                            break
+                        want.append(b)
+                    shown = ((maps[v] == RAW) & (base[v] >= GIST)).nonzero().view(-1).tolist()
+                    assert shown == sorted(want)
+                    deep += any(base[v, b] >= GROUP and maps[v, b] == RAW and (maps[v] == base[v, b]).any() for b in want)
+    assert deep > 20  # blocks shown beside coarse gists happen
 
 
 def test_read_on_ranks_each_block_right_behind_its_predecessor():
@@ -327,18 +347,18 @@ def test_read_on_ranks_each_block_right_behind_its_predecessor():
     assert s[1, 4] == scores[1, 4] and s[1, 6] == scores[1, 6]  # the predecessor's own score is inherited, not a chain
     assert scores[1, 6] < s[1, 5] < scores[1, 4]
     assert s.argsort(1, descending=True)[0, :4].tolist() == [0, 1, 2, 3]
-    # descent: with room for two blocks, a needle's block and the one after it (off: the two best blocks)
+    # the focus: with room for two blocks, a needle's block and the one after it (off: the two best blocks)
     K = 4
-    n = 10  # no LOD2 group: 8 loose gists + 2 tail blocks = 16 entries; 2 x (K-1) more fit W = 22
+    n = 10  # 8 loose gists + 2 tail blocks = 16 entries; 2 x (K-1) more fit W = 22
     on = MCConfig(block_size=K, recent=2 * K, wc_budget=22, horizon=1)
     block_scores = torch.tensor([[0.0, 0.0, 6.0, 0.5, 0.0, 5.0, 0.0, 0.0, -inf, -inf]])
-    base = most_compressed_map(n, on)[None]
-    assert (descend_maps(base, block_scores, on)[0] == RAW).nonzero().view(-1).tolist() == [2, 3, 8, 9]
+    base = torch.tensor([[GIST] * 8 + [RAW] * 2], dtype=torch.int8)
+    assert (focus_maps(base, block_scores, on)[0] == RAW).nonzero().view(-1).tolist() == [2, 3, 8, 9]
     off = MCConfig(block_size=K, recent=2 * K, wc_budget=22, horizon=1, read_on=False)
-    assert (descend_maps(base, block_scores, off)[0] == RAW).nonzero().view(-1).tolist() == [2, 5, 8, 9]
+    assert (focus_maps(base, block_scores, off)[0] == RAW).nonzero().view(-1).tolist() == [2, 5, 8, 9]
     # the last old block's successor is the raw tail: the budget goes to the next best block
     last = torch.tensor([[0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 6.0, -inf, -inf]])
-    assert (descend_maps(base, last, on)[0] == RAW).nonzero().view(-1).tolist() == [0, 7, 8, 9]
+    assert (focus_maps(base, last, on)[0] == RAW).nonzero().view(-1).tolist() == [0, 7, 8, 9]
 
 
 def test_recency_bonus_shows_the_block_before_the_tail_unless_another_is_clearly_better():
@@ -348,14 +368,14 @@ def test_recency_bonus_shows_the_block_before_the_tail_unless_another_is_clearly
     assert s[0].tolist() == [1.0, 2.0, 3.5, -inf, -inf]  # the most recent scored block, not the raw tail
     assert s[1].tolist() == [-inf] * 5  # nothing scored: nothing to favour
     assert s[2].tolist() == [0.0, 4.0, -inf, 2.0, -inf]  # a block the focus may not read stays so
-    # descent with room for one block: the recent block unless another beats it by more than the bonus
+    # the focus with room for one block: the recent block unless another beats it by more than the bonus
     K = 4
-    n = 10  # 2 LOD2 groups + 8 tail tokens = 10 entries; a block and its group cost 2 (K-1): one fits W = 16
+    n = 10  # 2 LOD2 groups + 8 tail tokens = 10 entries; a block beside its group costs K, opening the group 2 more: one fits W = 16
     cfg = MCConfig(block_size=K, recent=2 * K, wc_budget=16, horizon=1, recency_bonus=3.0)
     base = most_compressed_map(n, cfg)[None]
     close = torch.tensor([[0.0, 2.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -inf, -inf]])
     far = torch.tensor([[0.0, 3.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -inf, -inf]])
-    shown = lambda c, b: (descend_maps(base, b, c)[0] == RAW).nonzero().view(-1).tolist()  # noqa: E731
+    shown = lambda c, b: (focus_maps(base, b, c)[0] == RAW).nonzero().view(-1).tolist()  # noqa: E731
     assert shown(cfg, close) == [7, 8, 9] and shown(cfg, far) == [1, 8, 9]
     assert shown(MCConfig(block_size=K, recent=2 * K, wc_budget=16, horizon=1, recency_bonus=0.0), close) == [1, 8, 9]
 

@@ -194,3 +194,19 @@ def test_cli_help_and_unknown_options(module, names, tmp_path):
     assert result.returncode == 2 and result.stderr.splitlines() == [
         f"python -m {module}: error: unrecognized arguments: --bogus (see --help)"]
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_plot_series_can_be_told_apart(tmp_path, monkeypatch):
+    """Every arm of a plot gets its own (colour, marker) pair, also past ten arms; the plot has a log x-axis
+    when asked and its legend outside the axes."""
+    styles = report.series_styles(14)
+    assert len({(s["color"], s["marker"]) for s in styles}) == 14
+    assert styles[0]["linestyle"] == "-" and styles[12]["linestyle"] == "--"
+    import matplotlib.axes
+    seen = {}
+    orig = matplotlib.axes.Axes.legend
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend",
+                        lambda ax, *a, **k: seen.update(xscale=ax.get_xscale(), anchor=k.get("bbox_to_anchor")) or orig(ax, *a, **k))
+    series = {f"arm{i}": ([256, 1024, 131072], [0.1 * i, 0.2, 0.3]) for i in range(12)}
+    report.plot_curves(tmp_path / "p.png", series, "history", "accuracy", "t", logx=True)
+    assert (tmp_path / "p.png").stat().st_size > 0 and seen["xscale"] == "log" and seen["anchor"][0] > 1

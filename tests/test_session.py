@@ -17,7 +17,7 @@ from mc.config import MCConfig
 from mc.focus_map import plot_focus
 from mc.positional import wc_rope
 from mc.session import MCSession, entry_table
-from mc.working_context import UNCOVERED, entry_token_ids, is_legal, materialize, validate_wc
+from mc.working_context import RAW, UNCOVERED, entry_token_ids, is_legal, materialize, node_sum, validate_wc
 from nanochat.gpt import GPT, GPTConfig
 
 VOCAB = 97
@@ -80,7 +80,7 @@ def check_session(s, cfg=CFG):
     for name in ("pos", "lod", "span", "valid", "targets"):
         assert torch.equal(getattr(wc, name), getattr(ref, name)), name
     torch.testing.assert_close(wc.embeds, ref.embeds, rtol=0, atol=0)
-    pos, lod, span = entry_table(s.lod_map, s.num_tokens, cfg.block_size)
+    pos, lod, span = entry_table(s.lod_map, s.num_tokens, cfg)
     assert torch.equal(s.entries()[0], pos) and torch.equal(s.entries()[1], lod)
     assert torch.equal(span, ref.span[0, :pos.numel()])
 
@@ -156,7 +156,9 @@ def test_kv_reuse_equals_recompute(positional, gpt, match):
         set_lens_sign(ctl, (1, -1, 0)[(step // 20) % 3])  # phases of different focus choices
         close(s.step(tok), s.recompute_logits())
     kv = s.state()["kv"]
-    assert kv["prefills"] > 5 and kv["reused"] > 2 * kv["computed"]  # the focus changed, most entries reused
+    # the focus changed, and the entries before the first change were reused (a block shown raw anywhere in the
+    # history moves every entry after it: with LensNet's preferences flipping, about as many reused as computed)
+    assert kv["prefills"] > 5 and kv["reused"] > kv["computed"] / 2
     s.refocus(lookback=s.num_tokens)
     assert torch.equal(s.lod_map, ctl.focus(s.tree.levels(), tail_tokens=s.num_tokens % cfg.block_size)[0])
 
@@ -169,7 +171,8 @@ def test_session_frame_matches_evaluation_past_the_training_length(controller):
     s.refocus()
     assert s.num_tokens > 10 * s.max_len
     wc = materialize(s.lod_map[None], s.tree.levels(), s.tree.token_ids, CFG)
-    rope = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, controller.model.config.head_dim, CFG.positional, max_len=s.max_len)
+    rope = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, controller.model.config.head_dim, CFG.positional, max_len=s.max_len,
+                   block_size=CFG.block_size)
     with torch.no_grad():
         ids = entry_token_ids(wc.pos, wc.lod, s.tree.token_ids, wc.valid, wc.sample)
         ref = controller.model(inputs_embeds=wc.embeds, token_ids=ids, rope=rope)[0, int(wc.n_entries[0]) - 1].float()
@@ -195,7 +198,7 @@ def test_refocus_edits_reuse_the_prefix(controller):
         before = s.lod_map.clone()
         s.logits()  # the cache holds the whole WC
         assert s.refocus() and not torch.equal(before, s.lod_map)
-        old_pos, old_lod, _ = entry_table(before, s.num_tokens, 4)
+        old_pos, old_lod, _ = entry_table(before, s.num_tokens, s.cfg)
         new_pos, new_lod = s.entries()
         m = min(old_pos.numel(), new_pos.numel())
         differ = (old_pos[:m] != new_pos[:m]) | (old_lod[:m] != new_lod[:m])
@@ -386,28 +389,31 @@ def test_partial_gist_session_never_drops_history_and_matches_recompute(tmp_path
 
 
 @pytest.mark.parametrize("partial", [True, False])
-def test_refocus_descends_only_what_it_can_change(partial):
-    """A tight budget (W=20, K=4) leaves the old history in the most compressed map's prefix, which a refocus
-    skips (`descend_suffix`) and whose entry-table rows it reuses: every refocus still gives the full descent's
-    map, and the table always equals the map's."""
+def test_refocus_shows_deep_blocks_beside_coarse_gists(partial):
+    """A tight budget (W=20, K=4) cannot open the nodes above an old block, so a refocus shows LensNet's best
+    blocks raw beside the coarse gists that hold them: every refocus gives the controller's selection from the
+    kept scores, the table always equals the map's, and many of a long history's refocuses show such a block."""
     cfg = dataclasses.replace(CFG, wc_budget=20, partial_gists=partial)
     ctl = make_controller(cfg)
     set_lens_sign(ctl, 0)
     s = MCSession.begin(ctl, tokens(50), refocus_interval=3)
-    focus, skipped = s._focus_map, []
+    focus, beside = s._focus_map, []
 
-    def full_descent(tail_tokens, lookback):
+    def checked(tail_tokens, lookback):
         m = focus(tail_tokens, lookback)
-        assert torch.equal(m, ctl.descend(s._scores[:s.n_blocks][None], tail_tokens)[0])
-        skipped.append(s._prefix[0] / s.n_blocks)
+        assert torch.equal(m, ctl.select(s._scores[:s.n_blocks][None], tail_tokens)[0])
+        deep = torch.zeros_like(m, dtype=torch.bool)
+        for level in range(2, int(m.max()) + 1):
+            deep |= node_sum((m == level)[None], cfg.block_size ** (level - 1))[0] > 0
+        beside.append(bool(((m == RAW) & deep).any()))
         return m
 
-    s._focus_map = full_descent
+    s._focus_map = checked
     for i, _ in uneven_appends(s, tokens(1500, seed=15), [1] * 20 + [3, 7, 61]):
         if i % 25 == 0:
             check_session(s, cfg)
     check_session(s, cfg)
-    assert len(skipped) > 200 and sum(x > 0.5 for x in skipped) > 0.8 * len(skipped)
+    assert len(beside) > 200 and sum(beside) > 0.15 * len(beside)
 
 
 def entry_counts_of(s):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mc.config import MCConfig
-from mc.tree import level_rows, partial_nodes, tree_depth
+from mc.allocator import focus_maps
+from mc.tree import level_rows, partial_nodes, shown_end, tree_depth
 from mc.working_context import (
     GIST, GROUP, RAW, UNCOVERED, WorkingContextError, collapse_blocks, collapse_groups, edit_cost,
     close_partial_nodes, entry_counts, entry_token_ids, expand_blocks, expand_groups, is_legal, materialize,
@@ -67,16 +68,18 @@ def reference(lod_map, levels, tokens, next_token, sample, cfg):
 
         for blk in range(n):
             lod = int(lod_map[v, blk])
-            if lod == RAW:
+            for level in range(1, 8):  # the gist of the node this block starts, if that node is shown
+                size = K ** (level - 1)
+                if blk % size:
+                    break
+                node = lod_map[v, blk:blk + size].tolist()
+                if level in node:
+                    end = min(blk + size, shown_end(n, level, cfg)) if level >= GROUP else blk + 1
+                    entries.append((levels[level][b, blk // size], blk * K, (end - blk) * K, level, -1))
+                    break
+            if lod == RAW:  # in place, or beside the gist of the node holding it
                 for j in range(K):
                     token_entry(blk * K + j)
-            elif lod == GIST:
-                entries.append((levels[1][b, blk], blk * K, K, 1, -1))
-            elif lod >= GROUP and blk % K ** (lod - 1) == 0:  # the node's first block: its run is the node
-                run = 1
-                while blk + run < n and int(lod_map[v, blk + run]) == lod and (blk + run) % K ** (lod - 1):
-                    run += 1
-                entries.append((levels[lod][b, blk // K ** (lod - 1)], blk * K, run * K, lod, -1))
         for p in range(n * K, T):
             token_entry(p)
         assert len(entries) <= W
@@ -337,7 +340,10 @@ def test_partial_nodes_open_and_go_stale():
     assert opened.tolist() == [[2] * 4 + [1] * 4 + [2] * 6 + [0] * 2]
     assert is_legal(opened, K, 2, partial=True).all() and int(entry_counts(opened, K)) == 1 + 4 + 1 + 1 + 8
     grown = torch.cat([m, m.new_zeros(1, 1)], 1)  # block 16 completes: 15 older blocks
-    assert not is_legal(grown, K, 2, partial=True).any() and is_legal(grown, K, 2).tolist() == [False]
+    # the map now reads as the new partial node of 3 children with block 14 raw beside its gist (a stale gist:
+    # the session opens the node it showed, below); without partial gists it is no node of the tree
+    assert is_legal(grown, K, 2, partial=True).all() and is_legal(grown, K, 2).tolist() == [False]
+    assert int(entry_counts(grown, K)) == 1 + 1 + 4 + 8
     assert partial_nodes(16, cfg) == [(2, 3, 2), (3, 0, 3)] and partial_nodes(17, cfg) == [(2, 3, 3), (3, 0, 3)]
     fixed = open_partial_nodes(grown, [(2, 3, 2)], K)  # the node whose gist the tree replaced
     assert fixed.tolist() == [[3] * 12 + [1] * 2 + [0] * 3] and is_legal(fixed, K, 2, partial=True).all()
@@ -381,3 +387,23 @@ def test_entry_token_ids_are_tokens_of_raw_entries_only():
     raw = (wc.lod == 0) & wc.valid
     assert torch.equal(ids[raw], tokens[wc.sample[:, None].expand_as(wc.pos)[raw], wc.pos[raw]])
     assert (ids[~raw] == -1).all() and (~raw & wc.valid).any()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_blocks_shown_beside_coarse_gists_materialize_exactly(seed):
+    """Maps with raw blocks beside the gists of the nodes holding them (the inference focus on random scores, and
+    the same picks with nothing opened) are legal, fit W, and materialise as the reference: each gist, then the
+    raw tokens of the blocks beside it, in order."""
+    cfg, n, t, B, rng = random_case(seed)
+    if cfg.min_entries(n * cfg.block_size + t) > cfg.wc_budget or n == 0:
+        return
+    g = torch.Generator().manual_seed(seed)
+    base = most_compressed_map(n, cfg, t).expand(B, n)
+    scores = torch.randn(B, n, generator=g)
+    scores[:, n - min(cfg.recent // cfg.block_size, n):] = float("-inf")
+    maps = focus_maps(base, scores, cfg, t)
+    beside = torch.where((base >= GIST) & (maps == RAW), RAW, base)  # the picks, no node opened
+    for m in (maps, beside):
+        if int(entry_counts(m, cfg.block_size, t).max()) <= cfg.wc_budget:
+            assert is_legal(m, cfg.block_size, cfg.recent // cfg.block_size, partial=cfg.partial_gists).all()
+            check_batch(m, cfg, n, t, B, seed)
