@@ -100,7 +100,8 @@ else
               --warmdown_ratio=0.3 --eval_every=400 --eval_tokens=32768 --sample_every=-1 --log_every=25)
     PLAIN_TWIN=("${MC_TRAIN[@]}")
     MC_FLAGS=(--mc --mc_wc_budget=128 --mc_recent=32 --mc_horizon=16 --mc_bag_loss_weight=0.1)
-    MC_EVAL=(--needle_examples=200 --recall_examples=40 --loss_examples=96 --batch_size=16)  # 200: +-0.015 near 0.95
+    MC_EVAL=(--needle_examples=200 --recall_examples=40 --loss_examples=96 --batch_size=16  # 200: +-0.015 near 0.95
+             --far_lengths=32,64,128,256,512,1024 --far_examples=32)  # needles up to 1024·W (131,072 tokens)
     # the chat stages add conversations that ask for a fact the user told many turns earlier (memory)
     MC_MID=(--data=identity,longdoc_qa:2,memory:4 --num_conversations=3000 --val_conversations=64 --num_iterations=150
             --device_batch_size=8 --rows_per_step=8 --eval_every=50)

@@ -56,30 +56,22 @@ def rope_frame(last, max_len: int):
     return (last + step) // step * step - 1
 
 
-def compress_far(centre, var, frame, max_len: int, block_end=None):
+def compress_far(centre, var, frame, max_len: int):
     """Centres/variances [V, W] laid out in frame [V] (see the module docstring): positions older than
-    frame - max_len/2 are scaled into the max_len/2 below that; rows with frame < max_len unchanged.
-    block_end [V, W] (the last token of each raw token's block): a far raw token keeps its distance to that
-    end, whose position is scaled, so a raw block read far back keeps its tokens one position apart."""
+    frame - max_len/2 are scaled into the max_len/2 below that; rows with frame < max_len unchanged."""
     keep = max_len // 2
     start = (frame - keep + 1).float()[:, None]  # [V, 1]: positions >= start stay exact
     scale = (max_len - keep) / start.clamp_min(1)  # [V, 1], < 1 where the frame is compressed
-    squeeze = lambda p: torch.where(p < start, start - (start - p) * scale, p)  # noqa: E731
     far = (frame >= max_len)[:, None] & (centre < start)  # [V, W]
-    scaled = squeeze(centre)
-    if block_end is not None:
-        scaled = torch.where(var == 0, squeeze(block_end) - (block_end - centre), scaled)
-    return torch.where(far, scaled, centre), torch.where(far, var * scale.square(), var)
+    return torch.where(far, start - (start - centre) * scale, centre), torch.where(far, var * scale.square(), var)
 
 
-def wc_rope(pos, span, lod, valid, head_dim: int, mode: str, base: float = 10000.0, max_len: int = 0, frame=None,
-            block_size: int = 0):
+def wc_rope(pos, span, lod, valid, head_dim: int, mode: str, base: float = 10000.0, max_len: int = 0, frame=None):
     """Per-row rotary tables for WC entries: pos/span/lod/valid [V, W] -> (cos, sin) each [V, W, 1, hd/2] fp32.
 
     `lod` is accepted for modes that key on it; `gaussian` reads the span, `index` only the layout.
     max_len > 0 (the GPT's training length) lays each row out in its frame (frame [V] long, default
-    `rope_frame` of the row's newest position): distances stay below max_len however long the history;
-    block_size > 0 keeps the raw tokens of each far block one position apart (`compress_far`).
+    `rope_frame` of the row's newest position): distances stay below max_len however long the history.
     """
     check_mode(mode, head_dim)
     V, W = pos.shape
@@ -93,8 +85,7 @@ def wc_rope(pos, span, lod, valid, head_dim: int, mode: str, base: float = 10000
         if max_len > 0:
             if frame is None:
                 frame = rope_frame(torch.where(valid, pos + span - 1, 0).amax(dim=1), max_len)  # [V]
-            block_end = (pos // block_size + 1) * block_size - 1 if block_size else None
-            centre, var = compress_far(centre, var, frame, max_len, None if block_end is None else block_end.float())
+            centre, var = compress_far(centre, var, frame, max_len)
         omega = rotary_frequencies(head_dim, base, pos.device)  # [hd/2]
         angles = centre.unsqueeze(-1) * omega  # [V, W, hd/2]
         damp = torch.exp(var.unsqueeze(-1) * (-0.5 * omega.square()))  # exp(-(omega sigma)^2 / 2); 1 for tokens

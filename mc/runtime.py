@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mc.allocator import NEG, block_entry_scores, edit_maps, focus_maps, expanded_units, overlap_block_scores, unit_scores
+from mc.allocator import NEG, block_entry_scores, edit_maps, expanded_units, focus_maps, overlap_block_scores, unit_scores
 from mc.config import MCConfig
 from mc.positional import wc_rope
 from mc.telemetry import PhaseTimer
@@ -61,13 +61,6 @@ NEG_LOGIT = -1e9  # the score of a unit LensNet cannot expand
 def rel_pos(wc):
     """Tokens between each entry's start and the end of the history, [V, W] float."""
     return (wc.history_len - wc.pos).float()
-
-
-def window_distance(is_gist, gists, raw: int, K: int):
-    """Distances [C, width] to the end of the history of the entries of LensNet's scoring windows (is_gist [C, width],
-    gists [C, 1] per window, then `raw` tail tokens), as if each window's gists lay right before the raw tail."""
-    j = torch.arange(is_gist.size(1), device=is_gist.device)
-    return torch.where(is_gist, (gists - j) * K + raw, raw - (j - gists)).float()
 
 
 def focus_ends(answers, horizon: int):
@@ -154,18 +147,16 @@ class MCController:
         seed = (self.cfg.seed * 1_000_003 + self.rank * 10_007 + step) % 2**62
         return torch.Generator(device=device).manual_seed(seed)
 
-    def score(self, wc, grad: bool = True, focus_end=None, match=None, distance=None):
+    def score(self, wc, grad: bool = True, focus_end=None, match=None):
         """LensNet scores [V, W] of working contexts (embeddings detached: LensNet never trains the tree), reading
         only the entries that end by focus_end [B] (see `focus_ends`; None: all); hidden entries score 0.
         match [B, n] (`question_match`, with cfg.lens_match) is added to the score of each LOD1 gist's block.
-        distance [V, W]: the entries' distances to the end of the history LensNet reads (default `rel_pos`).
         LensNet reads only the columns up to the last visible entry: later ones are padding, which no visible entry
         attends to (training's base working contexts at the CPU preset fill 33-63 of W = 128 columns)."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             visible = visible_entries(wc, focus_end)
             width = int(visible.any(0).cumsum(0).argmax()) + 1  # after the last column with a visible entry: none
-            distance = rel_pos(wc) if distance is None else distance
-            read = self.lensnet(wc.embeds[:, :width].detach(), wc.lod[:, :width], distance[:, :width],
+            read = self.lensnet(wc.embeds[:, :width].detach(), wc.lod[:, :width], rel_pos(wc)[:, :width],
                                 visible[:, :width], tail_len=self.cfg.recent)
             scores = F.pad(read, (0, visible.size(1) - width))  # [V, W], hidden entries 0
             if match is None:
@@ -183,9 +174,7 @@ class MCController:
         tail, and blocks ending after focus_end [B]); block_order [B, n] (mc.arms' shuffled arm): block i gets the
         question match of block block_order[b, i], as it got that block's gist. The blocks are scored in windows of at most W - raw
         gists followed by the raw tail (the WCs LensNet trains on), all windows of all rows in one batch,
-        so the cost grows linearly with the history. Each window is read as the history it looks like: its gists
-        right before the raw tail (`window_distance`), so a block far back is scored at the distances LensNet
-        trained on, however long the history. levels: the tree's [LOD0 [B, T, D], LOD1 [B, n, D], ...]."""
+        so the cost grows linearly with the history. levels: the tree's [LOD0 [B, T, D], LOD1 [B, n, D], ...]."""
         K = self.cfg.block_size
         lod0, lod1 = levels[0], levels[1]
         B, T, D = lod0.shape
@@ -210,8 +199,7 @@ class MCController:
             match = self.question_match(lod0, focus_end)
         if match is not None and block_order is not None:
             match = match.gather(1, block_order)
-        distance = rows(window_distance(is_gist, gists, raw, K))
-        scores = self.score(wc, grad=False, focus_end=focus_end, match=match, distance=distance)  # [B * C, width]
+        scores = self.score(wc, grad=False, focus_end=focus_end, match=match)  # [B * C, width]
         readable = visible_entries(wc, focus_end) & (wc.lod == 1)
         column = torch.where(readable, wc.pos // K, n).view(B, C * width)  # column n collects the rest
         out = torch.full((B, n + 1), NEG, device=device)
@@ -266,7 +254,7 @@ class MCController:
         """Rotary tables (cos, sin) of materialised WCs (mc.positional.wc_rope), distances kept below max_len;
         frame [V]: the rows' frames (default: each row's own)."""
         return wc_rope(wc.pos, wc.span, wc.lod, wc.valid, self.model.config.head_dim, self.cfg.positional,
-                       max_len=self.max_len, frame=frame, block_size=self.cfg.block_size)
+                       max_len=self.max_len, frame=frame)
 
     def forward_wc(self, wc, x, forward_fn=None):
         """Per-position loss [V, W] of the GPT over materialised working contexts of histories x [B, T]."""

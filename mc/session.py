@@ -295,8 +295,7 @@ class MCSession:
         self._frame = frame
         valid = torch.ones_like(pos, dtype=torch.bool)[None]  # the table starts at entry 0, so `index` mode works too
         cos, sin = wc_rope(pos[None], span[None], lod[None], valid, self.head_dim, self.cfg.positional,
-                           max_len=self.max_len, frame=torch.tensor([self._frame], device=self.device),
-                           block_size=self.cfg.block_size)
+                           max_len=self.max_len, frame=torch.tensor([self._frame], device=self.device))
         rope = torch.stack([cos[0, :, 0], sin[0, :, 0]], dim=1)  # [E, 2, hd/2]
         m = min(self._tab_len, E)
         differ = ((self._pos[:m] != pos[:m]) | (self._lod[:m] != lod[:m]) | (self._span[:m] != span[:m])

@@ -13,9 +13,12 @@ Histories are multiples of K; MC arms skip lengths that do not fit W even fully 
 
 Tasks (--tasks), on rows from nanochat/longrange.py with filler from the val split (--filler):
   needle        greedy exact match of the whole value (argmax at every answer position equals the
-                answer token, teacher-forced) per history length (--lengths, multiples of W) x depth
-                bin, and by the needle's offset inside its K-token block; heatmaps + a line plot
+                answer token, teacher-forced) per history length (--lengths, multiples of W, and the
+                needle-only --far_lengths, e.g. up to 1024·W) x depth bin, and by the needle's offset
+                inside its K-token block; heatmaps + a line plot (log x)
   recall        accuracy (per query) vs number of key -> value pairs at one history length
+  ruler         RULER's synthetic tasks (nanochat/ruler.py: niah single / multikey / multikey among needles /
+                multivalue / multiquery, variable tracking) per history length: share of answers exactly right
   loss          NLL of the final E tokens as history grows: natural text (val split, the same final
                 tokens with a longer and longer history) and `facts` documents (all tail tokens, and
                 the far-recall tokens alone); on natural text also per text, paired: mc - plain_truncation
@@ -26,7 +29,7 @@ Tasks (--tasks), on rows from nanochat/longrange.py with filler from the val spl
   --tasks_file  a JSONL file of {"context", "question", "answer"} items: exact match of the answer
                 after context + blank line + question (left-padded with BOS to a multiple of K)
 Outputs: report/mc_eval.json (atomic), report/mc_eval_*.png and the report section "mc-eval".
-CPU cost grows with --lengths, --needle_examples, --recall_examples, --loss_examples and the arms.
+CPU cost grows with --lengths, --far_lengths, the *_examples and the arms; memory with --batch_tokens.
 """
 
 import argparse
@@ -48,11 +51,12 @@ from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError, prepare
 from nanochat.longrange import DataMixError, LongRange
 from nanochat.progress import bar
+from nanochat.ruler import TASKS as RULER_TASKS, RulerTasks
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tasks_file import TasksFileError, batches, load_tasks_file, tokenize_items
 from scripts.mc_eval_report import write_outputs
 
-TASKS = ("needle", "recall", "loss", "substitution")
+TASKS = ("needle", "recall", "ruler", "loss", "substitution")
 # natural-text tail NLL compared per text (paired, so the texts' own spread cancels): the MC arm against the plain
 # twin's truncation (issue 10's fair comparison) and against its own model's truncation
 PAIRED = (("mc", "plain_truncation"), ("mc", "truncation"))
@@ -79,9 +83,15 @@ class EvalConfig:
     recall_pairs: str = field(default="1,2,4,8,16", metadata={"help": "numbers of key -> value pairs"})
     recall_length: float = field(default=4.0, metadata={"min": 0, "help": "recall history length, as a multiple of W"})
     recall_examples: int = field(default=100, metadata={"min": 1, "help": "recall examples per number of pairs"})
+    ruler_examples: int = field(default=24, metadata={"min": 1, "help": "examples per RULER task per history length"})
     loss_examples: int = field(default=32, metadata={"min": 1, "help": "natural-text rows and facts documents per history length"})
     tasks_file: str = field(default="", metadata={"help": "JSONL of {context, question, answer} scored by exact match"})
+    far_lengths: str = field(default="", metadata={"help": "needle task only: further history lengths (multiples of W), "
+                                                   "--far_examples needles each (e.g. 32,64,128,256,512,1024)"})
+    far_examples: int = field(default=24, metadata={"min": 1, "help": "needle examples per length of --far_lengths"})
     batch_size: int = field(default=8, metadata={"min": 1, "help": "examples per forward pass"})
+    batch_tokens: int = field(default=262144, metadata={"min": 1, "help": "history tokens per forward pass at most: "
+                                                        "long needle histories run fewer than --batch_size rows (memory)"})
     full_max_len: int = field(default=0, metadata={"min": 0, "help": "longest history for full / all-raw (0: 2 x the trained length)"})
     tail: int = field(default=0, metadata={"min": 0, "help": "scored final tokens E (0: R, the checkpoint's --mc_recent)"})
     seed: int = field(default=0, metadata={"min": 0, "help": "seed of examples and random maps"})
@@ -191,21 +201,26 @@ def exact(pred, target, span_mask):
     return hit.all(-1) & span_mask.any(-1), span_mask.any(-1)
 
 
-def needle_task(r: Runner, lengths) -> dict:
+def needle_rows(cfg: EvalConfig, L: int) -> int:
+    """Needle rows per forward pass at history length L: --batch_size, fewer where --batch_tokens says so."""
+    return max(1, min(cfg.batch_size, cfg.batch_tokens // L))
+
+
+def needle_task(r: Runner, plan) -> dict:
+    """plan: [(history length L, needles N)]."""
     cfg, K = r.cfg, r.K
     rec = {arm: {"L": [], "depth": [], "offset": [], "correct": [], "expanded": []} for arm in r.arms}
-    for L in lengths:
-        n = L + 1
+    for L, N in plan:
+        n, rows = L + 1, needle_rows(cfg, L)
         if n < r.gen.min_row_len("needle"):
             r.skip(f"needle L={L}: too short for a needle and its query (needs {r.gen.min_row_len('needle') - 1} tokens)")
-            r.bar.update(-(-cfg.needle_examples // cfg.batch_size))
+            r.bar.update(-(-N // rows))
             continue
         rng = np.random.default_rng([cfg.seed, 1, L])
-        N = cfg.needle_examples
         depths = (np.arange(N) + rng.random(N)) / N  # stratified over [0, 1)
         offsets = rng.integers(0, K, size=N)
-        for start in range(0, N, cfg.batch_size):
-            idx = range(start, min(N, start + cfg.batch_size))
+        for start in range(0, N, rows):
+            idx = range(start, min(N, start + rows))
             exs = [r.gen.needle(np.random.default_rng([cfg.seed, 2, L, i]), n, r.filler(n),
                                 None if cfg.needle_decoys < 0 else cfg.needle_decoys, depths[i], int(offsets[i]))
                    for i in idx]
@@ -252,6 +267,36 @@ def recall_task(r: Runner, pairs) -> dict:
             if t:
                 acc[arm][N] = c / t
     return {"length": L, "accuracy": acc}
+
+
+def ruler_task(r: Runner, lengths) -> dict:
+    """RULER's tasks (nanochat/ruler.py) per history length: the share of answers exactly right, per task and arm."""
+    cfg, gen = r.cfg, RulerTasks(r.tokenizer, r.gen)
+    acc = {task: {arm: {} for arm in r.arms} for task in RULER_TASKS}
+    for t, task in enumerate(RULER_TASKS):
+        for L in lengths:
+            totals = {arm: [0, 0] for arm in r.arms}
+            for start in range(0, cfg.ruler_examples, cfg.batch_size):
+                try:
+                    exs = [gen.example(task, np.random.default_rng([cfg.seed, 6, t, L, i]), L + 1, r.filler(L + 1))
+                           for i in range(start, min(cfg.ruler_examples, start + cfg.batch_size))]
+                except ValueError as e:
+                    r.skip(f"ruler {task} L={L}: {e}")
+                    r.bar.update(-(-(cfg.ruler_examples - start) // cfg.batch_size))
+                    break
+                out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs], answer_starts(exs))
+                mask = r.span_mask(exs, L)
+                for arm, res in out.items():
+                    if isinstance(res, str):
+                        r.skip(f"ruler {task} L={L} {arm}: {res}") if start == 0 else None
+                        continue
+                    correct, present = exact(res[1], target, mask)
+                    totals[arm][0] += int(correct.sum())
+                    totals[arm][1] += int(present.sum())
+            for arm, (c, n) in totals.items():
+                if n:
+                    acc[task][arm][L] = c / n
+    return {"examples": cfg.ruler_examples, "accuracy": acc}
 
 
 def loss_tasks(r: Runner, lengths, do_loss: bool, do_subst: bool) -> dict:
@@ -378,7 +423,8 @@ def check_flags(cfg: EvalConfig, ev: ArmEvaluator):
         if arm not in ev.arms():
             messages.append(f"{arm}: skipped (give {flag})")
             arms = [a for a in arms if a != arm]
-    if min(cfg.batch_size, cfg.needle_examples, cfg.recall_examples, cfg.loss_examples, cfg.depth_bins, cfg.offset_bins) < 1:
+    if min(cfg.batch_size, cfg.needle_examples, cfg.recall_examples, cfg.ruler_examples, cfg.loss_examples,
+           cfg.depth_bins, cfg.offset_bins) < 1:
         raise EvalError("--batch_size, --*_examples, --depth_bins and --offset_bins must be >= 1")
     lengths = sorted({max(K, round(m * W / K) * K) for m in parse_list(cfg.lengths, float, "lengths")})
     if short := [L for L in lengths if L < ev.tail]:
@@ -386,7 +432,10 @@ def check_flags(cfg: EvalConfig, ev: ArmEvaluator):
         lengths = [L for L in lengths if L >= ev.tail]
     if not lengths:
         raise EvalError(f"--lengths={cfg.lengths}: no history length of at least the scored tail ({ev.tail} tokens)")
-    return tasks, arms, lengths, parse_list(cfg.recall_pairs, int, "recall_pairs"), messages
+    far = sorted({max(K, round(m * W / K) * K) for m in parse_list(cfg.far_lengths, float, "far_lengths")}
+                 - set(lengths)) if cfg.far_lengths.strip() else []
+    plan = [(L, cfg.needle_examples) for L in lengths] + [(L, cfg.far_examples) for L in far]
+    return tasks, arms, lengths, plan, parse_list(cfg.recall_pairs, int, "recall_pairs"), messages
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -403,7 +452,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise EvalError(str(e)) from None
     mc = controller.cfg
     K, W = mc.block_size, mc.wc_budget
-    tasks, arms, lengths, pairs, messages = check_flags(cfg, ev)
+    tasks, arms, lengths, plan, pairs, messages = check_flags(cfg, ev)
     for m in messages:
         print0(m)
     items = load_tasks_file(cfg.tasks_file) if cfg.tasks_file else []
@@ -415,8 +464,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     r = Runner(cfg, ev, gen, arms, data_dir, tokenizer, device, amp)
     r.skipped += messages
     per = lambda n: -(-n // cfg.batch_size)  # noqa: E731
-    total = (len(lengths) * per(cfg.needle_examples) * ("needle" in tasks)
+    total = (sum(-(-N // needle_rows(cfg, L)) for L, N in plan) * ("needle" in tasks)
              + len(pairs) * per(cfg.recall_examples) * ("recall" in tasks)
+             + len(RULER_TASKS) * len(lengths) * per(cfg.ruler_examples) * ("ruler" in tasks)
              + 2 * len(lengths) * per(cfg.loss_examples) * bool({"loss", "substitution"} & set(tasks))
              + sum(1 for _ in batches(task_rows, cfg.batch_size)))
     r.bar = bar(total=total, desc="mc_eval", dynamic_ncols=True, mininterval=1.0)
@@ -424,11 +474,14 @@ def evaluate(cfg: EvalConfig) -> dict:
            f"lengths {lengths}, arms {arms}")
     results = {"checkpoint": {"mc": str(mc_dir), "step": meta["step"], "plain": cfg.plain_tag, "mean_gist": cfg.mean_gist_tag},
                "mc_config": asdict(mc), "eval_config": asdict(cfg), "W": W, "K": K, "tail": ev.tail,
-               "full_max_len": ev.full_max_len, "arms": arms, "lengths": lengths}
+               "full_max_len": ev.full_max_len, "arms": arms, "lengths": lengths,
+               "needle_lengths": [L for L, _ in plan]}
     if "needle" in tasks:
-        results["needle"] = needle_task(r, lengths)
+        results["needle"] = needle_task(r, plan)
     if "recall" in tasks:
         results["recall"] = recall_task(r, pairs)
+    if "ruler" in tasks:
+        results["ruler"] = ruler_task(r, lengths)
     if {"loss", "substitution"} & set(tasks):
         results["loss"] = loss_tasks(r, lengths, "loss" in tasks, "substitution" in tasks)
     if items:

@@ -85,15 +85,17 @@ def write_outputs(results: dict, report_dir) -> dict:
               "arms": ", ".join(results["arms"]), "filler": cfg["filler"]}]
     if "needle" in results:
         if "accuracy" not in results["needle"]:  # raw records; a saved mc_eval.json holds the summary already
-            results["needle"] = summarize_needle(results["needle"], results["lengths"], cfg["depth_bins"],
+            results["needle"] = summarize_needle(results["needle"], results.get("needle_lengths", results["lengths"]), cfg["depth_bins"],
                                                  cfg["offset_bins"], K)
         nd = results["needle"]
         cols = list(nd["examples"])
         items += [f"**Needle accuracy** (exact match of the value) by history length in tokens "
                   f"(examples per length: {nd['examples']}):", _arm_table(nd["accuracy"], cols, "arm")]
-        at_8w = {f"needle accuracy at 8W ({arm})": acc[8 * W] for arm, acc in nd["accuracy"].items() if 8 * W in acc}
-        if at_8w:  # the headline of the run's summary table
-            items += [f"Needle accuracy at 8W = {8 * W} tokens:", at_8w]
+        longest = max(cols, key=int)
+        for L in dict.fromkeys([8 * W, int(longest)]):  # the headlines of the run's summary table
+            at = {f"needle accuracy at {L / W:g}W ({arm})": acc[L] for arm, acc in nd["accuracy"].items() if L in acc}
+            if at:
+                items += [f"Needle accuracy at {L / W:g}W = {L} tokens:", at]
         items += _lines(report_dir / "mc_eval_needle_length.png", nd["accuracy"], "history length (tokens)",
                         "needle accuracy", f"Needle accuracy vs history length (W={W})", logx=True)
         if nd["hit_rate"]:
@@ -122,6 +124,15 @@ def write_outputs(results: dict, report_dir) -> dict:
             items += [f"Recall accuracy at {rc['length']} tokens, mean over {', '.join(map(str, cols))} pairs:", at_length]
         items += _lines(report_dir / "mc_eval_recall.png", rc["accuracy"], "key -> value pairs", "accuracy",
                         f"Recall at history {rc['length']}")
+    if "ruler" in results:
+        ru = results["ruler"]
+        items.append(f"**RULER tasks**: share of answers exactly right, per history length in tokens "
+                     f"({ru['examples']} examples per task and length):")
+        for task, per_arm in ru["accuracy"].items():
+            cols = sorted({n for v in per_arm.values() for n in v})
+            items += [f"{task}:", _arm_table(per_arm, cols, "arm")]
+            items += _lines(report_dir / f"mc_eval_ruler_{task}.png", per_arm, "history length (tokens)", "accuracy",
+                            f"RULER {task} (W={W})", logx=True)
     if "loss" in results:
         ls = results["loss"]
         for key, what in (("natural", "natural text (val split)"), ("facts", "facts documents, all tail tokens"),

@@ -14,6 +14,7 @@ from mc.tree import build_tree
 from nanochat.checkpoint import build_model, checkpoint_dir
 from nanochat.common import get_report_dir
 from nanochat.longrange import LongRange
+from nanochat.ruler import TASKS as RULER_TASKS
 from nanochat.tasks_file import TasksFileError, load_tasks_file
 from scripts import base_train, mc_eval
 
@@ -23,7 +24,8 @@ MC = ["--depth=1", "--width=64", "--max_seq_len=128", "--device_batch_size=2", "
       f"--mc_wc_budget={W}", f"--mc_recent={R}", "--mc_horizon=8", "--mc_lens_width=64", "--mc_gist_layers=1",
       "--mc_lens_layers=1"]
 EVAL = ["--mc_tag=mceval_mc", "--lengths=1,4", "--needle_examples=3", "--batch_size=3", "--recall_pairs=1,3",
-        "--recall_examples=2", "--recall_length=2", "--loss_examples=2", "--depth_bins=2", "--full_max_len=128"]
+        "--recall_examples=2", "--recall_length=2", "--loss_examples=2", "--depth_bins=2", "--full_max_len=128",
+        "--ruler_examples=2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -57,6 +59,10 @@ def test_every_arm_runs_and_files_are_written(results):
     assert set(needle["accuracy"]["mc"]) == {256} and needle["examples"] == {256: 3}  # 64: too short
     assert all(0 <= a <= 1 for a in needle["accuracy"]["oracle"].values())
     assert set(results["recall"]["accuracy"]["mc"]) == {1, 3} and results["recall"]["length"] == 128
+    ruler = results["ruler"]["accuracy"]
+    assert set(ruler) == set(RULER_TASKS) and all(256 in ruler[t]["oracle"] and 256 in ruler[t]["mc"] for t in ruler)
+    assert all(0 <= v <= 1 for t in ruler for per in ruler[t].values() for v in per.values())
+    assert set(ruler["vt"]["plain_full"]) <= {64} and any(s.startswith("ruler niah_multiquery L=64") for s in results["skipped"])
     loss = results["loss"]
     assert set(loss["natural"]["truncation"]) == {64, 256} and set(loss["natural"]["full"]) == {64}
     assert "oracle" not in loss["natural"]
@@ -176,6 +182,20 @@ def test_synthetic_filler_and_chosen_arms(checkpoints):
     assert res["arms"] == ["mc", "oracle", "truncation"] and set(res["needle"]["accuracy"]) == {"mc", "oracle", "truncation"}
     assert res["needle"]["examples"] == {128: 2} and "loss" not in res
     assert any("mean_gist: skipped" in s for s in res["skipped"])
+
+
+def test_far_lengths_run_the_needle_task_alone_in_smaller_batches(checkpoints, monkeypatch):
+    """--far_lengths adds needle lengths (far beyond the trained length) with --far_examples needles each, whose
+    batches hold at most --batch_tokens history tokens; the other tasks keep --lengths."""
+    rows = []
+    run = mc_eval.Runner.run
+    monkeypatch.setattr(mc_eval.Runner, "run", lambda self, r, *a, **k: rows.append(r.shape) or run(self, r, *a, **k))
+    res = mc_eval.main(EVAL[:1] + ["--tasks=needle,loss", "--filler=synthetic", "--arms=mc,oracle,truncation",
+                                   "--lengths=2", "--needle_examples=2", "--batch_size=2", "--loss_examples=2",
+                                   "--far_lengths=16,2", "--far_examples=3", "--batch_tokens=1024"])
+    assert res["needle"]["examples"] == {128: 2, 1024: 3} and set(res["loss"]["natural"]["mc"]) == {128}
+    assert res["needle"]["accuracy"]["oracle"][1024] >= 0 and res["needle"]["hit_rate"]["oracle"][1024] == 1.0
+    assert sorted(shape for shape in rows if shape[1] == 1025) == [(1, 1025)] * 3  # 1024 tokens a batch: one row
 
 
 def test_tasks_file_errors(tmp_path, checkpoints):

@@ -171,8 +171,7 @@ def test_session_frame_matches_evaluation_past_the_training_length(controller):
     s.refocus()
     assert s.num_tokens > 10 * s.max_len
     wc = materialize(s.lod_map[None], s.tree.levels(), s.tree.token_ids, CFG)
-    rope = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, controller.model.config.head_dim, CFG.positional, max_len=s.max_len,
-                   block_size=CFG.block_size)
+    rope = wc_rope(wc.pos, wc.span, wc.lod, wc.valid, controller.model.config.head_dim, CFG.positional, max_len=s.max_len)
     with torch.no_grad():
         ids = entry_token_ids(wc.pos, wc.lod, s.tree.token_ids, wc.valid, wc.sample)
         ref = controller.model(inputs_embeds=wc.embeds, token_ids=ids, rope=rope)[0, int(wc.n_entries[0]) - 1].float()
