@@ -193,6 +193,16 @@ def ranking_scores(block_scores, cfg: MCConfig):
     return read_on_scores(block_scores) if cfg.read_on else block_scores
 
 
+def _take_prefix(maps, top, pending, budget, K: int):
+    """Maps [V, n] with the longest prefix of the pending ranked blocks (top [V, k], pending [V, k]) shown raw that
+    fits budget [V] more entries: a block costs K-1 where its LOD1 gist is shown, else K (beside a coarser gist).
+    Returns (maps, taken [V, k])."""
+    cost = torch.where(maps.gather(1, top) == GIST, K - 1, K)
+    taken = pending & (torch.where(pending, cost, 0).cumsum(1) <= budget[:, None])
+    shown = torch.zeros_like(maps, dtype=torch.bool).scatter(1, top, taken)
+    return torch.where(shown, RAW, maps), taken
+
+
 def focus_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0, ranking: bool = True):
     """Maps [V, n] grown from base_map [V, n] (a most compressed map) by showing blocks raw in the order of
     block_scores [V, n] (-inf: never; `ranking_scores` applied when `ranking`), then opening the nodes above them.
@@ -201,30 +211,29 @@ def focus_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0, rank
        that covers it (K entries) or in place of its LOD1 gist (K-1), so a block costs the same however deep
        in the history it lies;
     2. context: best pick first, every node above the pick is opened (`open_nodes`) where the whole map then
-       still fits W, so the picks' neighbours are shown as LOD1 gists when the budget allows (below K² tokens of
-       history the picks always end in place, as the GPT was trained to read them).
-    Only the first budget // (K-1) blocks of the ranking are looked at (a top-k, not a sort of the history)."""
-    K = cfg.block_size
+       still fits W, so the picks' neighbours are shown as LOD1 gists when the budget allows;
+    3. selection again: the ranking goes on where step 1 stopped, at the costs of the opened map (a block whose
+       LOD1 gist is now shown costs K-1), so below K²+R tokens the focus shows what a tiling of opened nodes would.
+    Only the first budget // (K-1) + 1 blocks of the ranking are looked at (a top-k, not a sort of the history)."""
+    K, W = cfg.block_size, cfg.wc_budget
     if ranking:
         block_scores = ranking_scores(block_scores, cfg)
     V, n = base_map.shape
-    lod = base_map.long()
-    budget = cfg.wc_budget - entry_counts(base_map, K, tail_tokens)  # [V]
-    candidate = (lod >= GIST) & (block_scores > NEG)  # [V, n]
-    k = min(n, max(int(budget.max()), 0) // (K - 1))
+    maps = base_map.long()
+    budget = W - entry_counts(maps, K, tail_tokens)  # [V]
+    candidate = (maps >= GIST) & (block_scores > NEG)  # [V, n]
+    k = min(n, max(int(budget.max()), 0) // (K - 1) + 1)
     if k == 0:
         return base_map
     top = torch.where(candidate, block_scores, NEG).topk(k, dim=1).indices  # [V, k] best first
-    cand_t = candidate.gather(1, top)
-    cost = torch.where(lod.gather(1, top) == GIST, K - 1, K)
-    take = cand_t & (torch.where(cand_t, cost, 0).cumsum(1) <= budget[:, None])
-    picks = torch.zeros_like(candidate).scatter(1, top, take)  # [V, n]
-    maps = torch.where(picks, RAW, lod)
-    for i in range(k):  # k <= W / (K-1) picks, each vectorised over V
-        pick = torch.zeros_like(candidate).scatter(1, top[:, i:i + 1], take[:, i:i + 1])
+    pending = candidate.gather(1, top)
+    maps, taken = _take_prefix(maps, top, pending, budget, K)
+    for i in range(k):  # k <= W / (K-1) + 1 picks, each vectorised over V
+        pick = torch.zeros_like(candidate).scatter(1, top[:, i:i + 1], taken[:, i:i + 1])
         opened = open_nodes(maps, pick, K)
-        fits = entry_counts(opened, K, tail_tokens) <= cfg.wc_budget
+        fits = entry_counts(opened, K, tail_tokens) <= W
         maps = torch.where(fits[:, None], opened, maps)
+    maps, _ = _take_prefix(maps, top, pending & ~taken, W - entry_counts(maps, K, tail_tokens), K)
     return maps.to(base_map.dtype)
 
 

@@ -182,7 +182,7 @@ def open_partial_nodes(lod_map, nodes, K: int):
 
 def close_partial_nodes(lod_map, nodes, K: int):
     """Maps [V, n_blocks] with each partial node (level, g, j) of `nodes` shown as one entry where all its j children
-    are shown as their gists (-(j-1) entries each): what a descent from the partial cover shows when it expanded
+    are shown as their gists (-(j-1) entries each): what the inference focus from the partial cover shows when it picked
     nothing under the node (the inverse of `open_partial_nodes`)."""
     lod = lod_map.clone()
     for level, g, j in nodes:

@@ -299,13 +299,20 @@ def test_focus_maps_show_the_best_blocks_raw_then_open_their_nodes():
     m = focus_maps(most_compressed_map(n, tight)[None], scores, tight)
     assert m[0, 5] == RAW and m[0, 33] == RAW and int(entry_counts(m, K)) == 19
     assert (m[0, :32] == 3).sum() == 31
+    # a history that fits W raw is shown raw (as truncation shows it): 3 picks beside the partial gist would need 12
+    # entries, 1 more than W leaves; opened, the third costs K-1 and fits
+    short = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1)
+    base = most_compressed_map(5, short)[None]
+    assert base.tolist() == [[GROUP] * 3 + [RAW] * 2] and int(entry_counts(base, K)) == 9
+    assert (focus_maps(base, torch.tensor([[1.0, 3.0, 2.0, float("-inf"), float("-inf")]]), short) == RAW).all()
 
 
 @pytest.mark.parametrize("K", [2, 3, 4])
-def test_focus_maps_take_the_longest_fitting_prefix_of_the_ranking(K):
+def test_focus_maps_show_a_prefix_of_the_ranking_as_long_as_fits(K):
     """Over histories up to 200 blocks (LOD4+), with and without partial gists, tight and roomy budgets: the map is
-    legal and fits W, the raw tail stays raw, and the blocks shown raw are the longest prefix of the ranking whose
-    selection costs (K beside a coarse gist, K-1 in place) fit the budget the most compressed map leaves."""
+    legal and fits W, the raw tail stays raw, and the blocks shown raw are a prefix of the ranking, at least as long
+    as the prefix whose costs in the most compressed map (K beside a coarse gist, K-1 in place) fit, and so long
+    that the next block would not fit the final map."""
     g = torch.Generator().manual_seed(K)
     deep = 0
     for partial in (True, False):
@@ -325,14 +332,18 @@ def test_focus_maps_take_the_longest_fitting_prefix_of_the_ranking(K):
                     cand = (base[v] >= GIST) & (scores[v] > float("-inf"))
                     order = [b for b in scores[v].argsort(descending=True).tolist() if cand[b]]
                     free, want = W - int(entry_counts(base[v:v + 1], K, t)), []
-                    for b in order:
+                    for b in order:  # the prefix at the most compressed map's costs: shown at least
                         free -= K - 1 if base[v, b] == GIST else K
                         if free < 0:
                             break
                         want.append(b)
                     shown = ((maps[v] == RAW) & (base[v] >= GIST)).nonzero().view(-1).tolist()
-                    assert shown == sorted(want)
-                    deep += any(base[v, b] >= GROUP and maps[v, b] == RAW and (maps[v] == base[v, b]).any() for b in want)
+                    assert shown == sorted(order[:len(shown)]) and len(shown) >= len(want)  # a prefix of the ranking
+                    if len(shown) < len(order):  # and the next block does not fit the final map
+                        nxt = order[len(shown)]
+                        cost = K - 1 if maps[v, nxt] == GIST else K
+                        assert int(entry_counts(maps[v:v + 1], K, t)) + cost > W
+                    deep += any(base[v, b] >= GROUP and maps[v, b] == RAW and (maps[v] == base[v, b]).any() for b in shown)
     assert deep > 20  # blocks shown beside coarse gists happen
 
 
