@@ -239,33 +239,38 @@ def needle_task(r: Runner, plan) -> dict:
     return rec
 
 
+def answer_accuracy(r: Runner, make, count: int, L: int, label: str, errors) -> dict:
+    """{arm: share of answers exactly right} over `count` examples make(i) with histories of L tokens, in batches;
+    an exception of `errors` from make skips the rest (one line naming `label`)."""
+    totals = {arm: [0, 0] for arm in r.arms}
+    for start in range(0, count, r.cfg.batch_size):
+        try:
+            exs = [make(i) for i in range(start, min(count, start + r.cfg.batch_size))]
+        except errors as e:
+            r.skip(f"{label}: {e}")
+            r.bar.update(-(-(count - start) // r.cfg.batch_size))
+            break
+        out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs], answer_starts(exs))
+        mask = r.span_mask(exs, L)
+        for arm, res in out.items():
+            if isinstance(res, str):
+                r.skip(f"{label} {arm}: {res}") if start == 0 else None
+                continue
+            correct, present = exact(res[1], target, mask)
+            totals[arm][0] += int(correct.sum())
+            totals[arm][1] += int(present.sum())
+    return {arm: c / t for arm, (c, t) in totals.items() if t}
+
+
 def recall_task(r: Runner, pairs) -> dict:
     cfg = r.cfg
     L = max(r.K, round(cfg.recall_length * r.W / r.K) * r.K)
     acc = {arm: {} for arm in r.arms}
     for N in pairs:
-        totals = {arm: [0, 0] for arm in r.arms}
-        for start in range(0, cfg.recall_examples, cfg.batch_size):
-            try:
-                exs = [r.gen.recall(np.random.default_rng([cfg.seed, 3, N, i]), L + 1, r.filler(L + 1), n_pairs=N,
-                                    n_queries=min(4, N), window=r.E)
-                       for i in range(start, min(cfg.recall_examples, start + cfg.batch_size))]
-            except DataMixError as e:
-                r.skip(f"recall N={N}: {e}")
-                r.bar.update(-(-(cfg.recall_examples - start) // cfg.batch_size))
-                break
-            out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs], answer_starts(exs))
-            mask = r.span_mask(exs, L)
-            for arm, res in out.items():
-                if isinstance(res, str):
-                    r.skip(f"recall N={N} {arm}: {res}") if start == 0 else None
-                    continue
-                correct, present = exact(res[1], target, mask)
-                totals[arm][0] += int(correct.sum())
-                totals[arm][1] += int(present.sum())
-        for arm, (c, t) in totals.items():
-            if t:
-                acc[arm][N] = c / t
+        make = lambda i: r.gen.recall(np.random.default_rng([cfg.seed, 3, N, i]), L + 1, r.filler(L + 1),  # noqa: E731
+                                      n_pairs=N, n_queries=min(4, N), window=r.E)
+        for arm, value in answer_accuracy(r, make, cfg.recall_examples, L, f"recall N={N}", DataMixError).items():
+            acc[arm][N] = value
     return {"length": L, "accuracy": acc}
 
 
@@ -275,27 +280,9 @@ def ruler_task(r: Runner, lengths) -> dict:
     acc = {task: {arm: {} for arm in r.arms} for task in RULER_TASKS}
     for t, task in enumerate(RULER_TASKS):
         for L in lengths:
-            totals = {arm: [0, 0] for arm in r.arms}
-            for start in range(0, cfg.ruler_examples, cfg.batch_size):
-                try:
-                    exs = [gen.example(task, np.random.default_rng([cfg.seed, 6, t, L, i]), L + 1, r.filler(L + 1))
-                           for i in range(start, min(cfg.ruler_examples, start + cfg.batch_size))]
-                except ValueError as e:
-                    r.skip(f"ruler {task} L={L}: {e}")
-                    r.bar.update(-(-(cfg.ruler_examples - start) // cfg.batch_size))
-                    break
-                out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs], answer_starts(exs))
-                mask = r.span_mask(exs, L)
-                for arm, res in out.items():
-                    if isinstance(res, str):
-                        r.skip(f"ruler {task} L={L} {arm}: {res}") if start == 0 else None
-                        continue
-                    correct, present = exact(res[1], target, mask)
-                    totals[arm][0] += int(correct.sum())
-                    totals[arm][1] += int(present.sum())
-            for arm, (c, n) in totals.items():
-                if n:
-                    acc[task][arm][L] = c / n
+            make = lambda i: gen.example(task, np.random.default_rng([cfg.seed, 6, t, L, i]), L + 1, r.filler(L + 1))  # noqa: E731
+            for arm, value in answer_accuracy(r, make, cfg.ruler_examples, L, f"ruler {task} L={L}", ValueError).items():
+                acc[task][arm][L] = value
     return {"examples": cfg.ruler_examples, "accuracy": acc}
 
 
