@@ -203,7 +203,7 @@ def _take_prefix(maps, top, pending, budget, K: int):
     return torch.where(shown, RAW, maps), taken
 
 
-def focus_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0, ranking: bool = True):
+def focus_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0, ranking: bool = True, reserve: int = 0):
     """Maps [V, n] grown from base_map [V, n] (a most compressed map) by showing blocks raw in the order of
     block_scores [V, n] (-inf: never; `ranking_scores` applied when `ranking`), then opening the nodes above them.
 
@@ -214,6 +214,8 @@ def focus_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0, rank
        still fits W, so the picks' neighbours are shown as LOD1 gists when the budget allows;
     3. selection again: the ranking goes on where step 1 stopped, at the costs of the opened map (a block whose
        LOD1 gist is now shown costs K-1), so below K²+R tokens the focus shows what a tiling of opened nodes would.
+    Steps 2 and 3 leave `reserve` entries free: a session keeps room for the rest of its partial block, so the
+    block's growth does not push the map over W (and the context it opened closed again) before the next refocus.
     Only the first budget // (K-1) + 1 blocks of the ranking are looked at (a top-k, not a sort of the history)."""
     K, W = cfg.block_size, cfg.wc_budget
     if ranking:
@@ -231,9 +233,9 @@ def focus_maps(base_map, block_scores, cfg: MCConfig, tail_tokens: int = 0, rank
     for i in range(k):  # k <= W / (K-1) + 1 picks, each vectorised over V
         pick = torch.zeros_like(candidate).scatter(1, top[:, i:i + 1], taken[:, i:i + 1])
         opened = open_nodes(maps, pick, K)
-        fits = entry_counts(opened, K, tail_tokens) <= W
+        fits = entry_counts(opened, K, tail_tokens) + reserve <= W
         maps = torch.where(fits[:, None], opened, maps)
-    maps, _ = _take_prefix(maps, top, pending & ~taken, W - entry_counts(maps, K, tail_tokens), K)
+    maps, _ = _take_prefix(maps, top, pending & ~taken, W - reserve - entry_counts(maps, K, tail_tokens), K)
     return maps.to(base_map.dtype)
 
 

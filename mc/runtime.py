@@ -224,14 +224,14 @@ class MCController:
             return most_compressed_map(n, self.cfg, tail_tokens, device=device).expand(B, n)
         return self.select(self.block_scores(levels, focus_end, block_order), tail_tokens)
 
-    def select(self, block_scores, tail_tokens: int = 0, cfg: MCConfig | None = None):
+    def select(self, block_scores, tail_tokens: int = 0, cfg: MCConfig | None = None, reserve: int = 0):
         """The `mc` focus from LensNet's block scores [B, n]: from the most compressed map, the best blocks shown
         raw and the nodes above them opened, within W (`mc.allocator.focus_maps`; cfg overrides self.cfg, e.g. an
-        arm without read-on). Sessions call it with the scores they keep."""
+        arm without read-on). Sessions call it with the scores they keep and a reserve for their partial block."""
         cfg = cfg or self.cfg
         B, n = block_scores.shape
         base = most_compressed_map(n, cfg, tail_tokens, device=block_scores.device).expand(B, n)
-        return focus_maps(base, block_scores, cfg, tail_tokens)
+        return focus_maps(base, block_scores, cfg, tail_tokens, reserve=reserve)
 
     def guided_maps(self, base_map, base_scores, levels, x, next_token, sample, *, policy, generator=None,
                     block_scores=None, focus_end=None, match=None):

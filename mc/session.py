@@ -349,13 +349,14 @@ class MCSession:
         self.stats["append_seconds"] += time.perf_counter() - t0
 
     def _focus_map(self, tail_tokens: int, lookback: int):
-        """`MCController.focus` with LensNet scoring afresh only the blocks of the last `lookback` tokens;
-        older blocks keep the score of the last refocus that scored them. Returns the map [n]."""
+        """`MCController.focus` with LensNet scoring afresh only the blocks of the last `lookback` tokens (older
+        blocks keep the score of the last refocus that scored them), the context it opens leaving room for the rest
+        of the partial block (`focus_maps`' reserve). Returns the map [n]."""
         tree, K, n = self.tree, self.cfg.block_size, self.n_blocks
         first = max(0, boundary(n, self.cfg) - lookback // K)  # first block LensNet scores
         levels = [tree.lod0(first * K, tree.T), tree.gists[0][:, first:n]]  # the history from that block on
         self._scores[first:n] = self.controller.block_scores(levels)[0].float()  # -inf on the raw tail
-        return self.controller.select(self._scores[:n][None], tail_tokens)[0]
+        return self.controller.select(self._scores[:n][None], tail_tokens, reserve=K - 1 - tail_tokens)[0]
 
     @torch.no_grad()
     def refocus(self, lookback: int | None = None) -> bool:

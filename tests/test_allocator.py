@@ -304,7 +304,10 @@ def test_focus_maps_show_the_best_blocks_raw_then_open_their_nodes():
     short = MCConfig(block_size=K, recent=2 * K, wc_budget=20, horizon=1)
     base = most_compressed_map(5, short)[None]
     assert base.tolist() == [[GROUP] * 3 + [RAW] * 2] and int(entry_counts(base, K)) == 9
-    assert (focus_maps(base, torch.tensor([[1.0, 3.0, 2.0, float("-inf"), float("-inf")]]), short) == RAW).all()
+    ranked = torch.tensor([[1.0, 3.0, 2.0, float("-inf"), float("-inf")]])
+    assert (focus_maps(base, ranked, short) == RAW).all()
+    # a session's reserve for its partial block: the picks stay, the third step leaves the room free
+    assert focus_maps(base, ranked, short, reserve=3).tolist() == [[GIST, RAW, RAW, RAW, RAW]]
 
 
 @pytest.mark.parametrize("K", [2, 3, 4])

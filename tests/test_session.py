@@ -160,7 +160,8 @@ def test_kv_reuse_equals_recompute(positional, gpt, match):
     # history moves every entry after it: with LensNet's preferences flipping, about as many reused as computed)
     assert kv["prefills"] > 5 and kv["reused"] > kv["computed"] / 2
     s.refocus(lookback=s.num_tokens)
-    assert torch.equal(s.lod_map, ctl.focus(s.tree.levels(), tail_tokens=s.num_tokens % cfg.block_size)[0])
+    t = s.num_tokens % cfg.block_size  # evaluation's scores, and the session's reserve for its partial block
+    assert torch.equal(s.lod_map, ctl.select(ctl.block_scores(s.tree.levels()), t, reserve=cfg.block_size - 1 - t)[0])
 
 
 def test_session_frame_matches_evaluation_past_the_training_length(controller):
@@ -400,7 +401,8 @@ def test_refocus_shows_deep_blocks_beside_coarse_gists(partial):
 
     def checked(tail_tokens, lookback):
         m = focus(tail_tokens, lookback)
-        assert torch.equal(m, ctl.select(s._scores[:s.n_blocks][None], tail_tokens)[0])
+        reserve = cfg.block_size - 1 - tail_tokens
+        assert torch.equal(m, ctl.select(s._scores[:s.n_blocks][None], tail_tokens, reserve=reserve)[0])
         deep = torch.zeros_like(m, dtype=torch.bool)
         for level in range(2, int(m.max()) + 1):
             deep |= node_sum((m == level)[None], cfg.block_size ** (level - 1))[0] > 0
