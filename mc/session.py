@@ -198,7 +198,7 @@ class MCSession:
     def working_context(self, lod_map=None) -> WorkingContext:
         """The WC of `lod_map` [n_blocks] (default: the current map) as a right-padded batch of one ([1, W]
         tensors, wider if the map holds more entries), like `materialize` builds it."""
-        K, W, T = self.cfg.block_size, self.cfg.wc_budget, self.tree.T
+        W, T = self.cfg.wc_budget, self.tree.T
         lod_map = self.lod_map if lod_map is None else lod_map
         pos, lod, span = entry_table(lod_map, T, self.cfg)  # [E]
         E = pos.numel()

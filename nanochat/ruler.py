@@ -32,7 +32,8 @@ N_NEEDLES = 4  # keys of multikey and multiquery, values of multivalue, hops of 
 
 
 class RulerTasks:
-    """Tokenizes RULER's pieces once per call and assembles rows of exactly n tokens."""
+    """Assembles RULER rows of exactly n tokens (its sentences tokenized per example: an evaluation, not a hot path);
+    numbers and corpus filler come from the training generator (`LongRange`)."""
 
     def __init__(self, tokenizer, longrange: LongRange):
         self.tok, self.bos, self.numbers = tokenizer, tokenizer.bos_token_id, longrange
@@ -57,13 +58,12 @@ class RulerTasks:
                 return tokens, text
 
     def _haystack(self, rng, n: int, filler) -> np.ndarray:
-        if filler is None:
-            reps = -(-n // len(self.noise)) + 1
-            start = int(rng.integers(0, len(self.noise)))
-            return np.concatenate([[self.bos], np.tile(self.noise, reps)[start:start + n - 1]])
-        if len(filler) < n:
-            raise ValueError(f"filler row of {len(filler)} tokens is shorter than the example row of {n}")
-        return np.array(filler[:n], dtype=np.int64)
+        """BOS and n-1 tokens of RULER's noise sentences, or of the corpus filler row when given."""
+        if filler is not None:
+            return self.numbers._row(rng, n, filler)
+        reps = -(-n // len(self.noise)) + 1
+        start = int(rng.integers(0, len(self.noise)))
+        return np.concatenate([[self.bos], np.tile(self.noise, reps)[start:start + n - 1]])
 
     @staticmethod
     def _place(rng, row, pieces, end: int) -> list:

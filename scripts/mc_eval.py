@@ -224,19 +224,26 @@ def needle_task(r: Runner, plan) -> dict:
             exs = [r.gen.needle(np.random.default_rng([cfg.seed, 2, L, i]), n, r.filler(n),
                                 None if cfg.needle_decoys < 0 else cfg.needle_decoys, depths[i], int(offsets[i]))
                    for i in idx]
-            out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs], answer_starts(exs))
-            mask = r.span_mask(exs, L)
-            for arm, res in out.items():
-                if isinstance(res, str):
-                    r.skip(f"needle L={L} {arm}: {res}") if start == 0 else None
-                    continue
-                correct, present = exact(res[1], target, mask)
+            for arm, res, correct, _ in scored_arms(r, exs, L, f"needle L={L}", start == 0):
                 rec[arm]["L"] += [L] * len(exs)
                 rec[arm]["depth"] += [e.meta["depth"] for e in exs]
                 rec[arm]["offset"] += [e.meta["offset"] for e in exs]
                 rec[arm]["correct"] += correct[:, 0].tolist()
                 rec[arm]["expanded"] += needle_expanded(res[2], exs, r.K, r.ev.cfg.recent) if len(res) > 2 else [None] * len(exs)
     return rec
+
+
+def scored_arms(r: Runner, exs, L: int, label: str, first: bool):
+    """Run the arms on examples with histories of L tokens, the focus decided before the first answer; yield (arm,
+    result, correct [B, A], present [B, A]) for each arm that ran (an arm that skipped is reported once, from the
+    first batch, under `label`)."""
+    out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs], answer_starts(exs))
+    mask = r.span_mask(exs, L)
+    for arm, res in out.items():
+        if isinstance(res, str):
+            r.skip(f"{label} {arm}: {res}") if first else None
+            continue
+        yield arm, res, *exact(res[1], target, mask)
 
 
 def answer_accuracy(r: Runner, make, count: int, L: int, label: str, errors) -> dict:
@@ -250,13 +257,7 @@ def answer_accuracy(r: Runner, make, count: int, L: int, label: str, errors) -> 
             r.skip(f"{label}: {e}")
             r.bar.update(-(-(count - start) // r.cfg.batch_size))
             break
-        out, target = r.run(np.stack([e.tokens for e in exs]), [e.evidence for e in exs], answer_starts(exs))
-        mask = r.span_mask(exs, L)
-        for arm, res in out.items():
-            if isinstance(res, str):
-                r.skip(f"{label} {arm}: {res}") if start == 0 else None
-                continue
-            correct, present = exact(res[1], target, mask)
+        for arm, _, correct, present in scored_arms(r, exs, L, label, start == 0):
             totals[arm][0] += int(correct.sum())
             totals[arm][1] += int(present.sum())
     return {arm: c / t for arm, (c, t) in totals.items() if t}

@@ -363,7 +363,7 @@ def test_read_on_ranks_each_block_right_behind_its_predecessor():
     assert s.argsort(1, descending=True)[0, :4].tolist() == [0, 1, 2, 3]
     # the focus: with room for two blocks, a needle's block and the one after it (off: the two best blocks)
     K = 4
-    n = 10  # 8 loose gists + 2 tail blocks = 16 entries; 2 x (K-1) more fit W = 22
+    # 8 loose gists + 2 tail blocks = 16 entries; 2 x (K-1) more fit W = 22
     on = MCConfig(block_size=K, recent=2 * K, wc_budget=22, horizon=1)
     block_scores = torch.tensor([[0.0, 0.0, 6.0, 0.5, 0.0, 5.0, 0.0, 0.0, -inf, -inf]])
     base = torch.tensor([[GIST] * 8 + [RAW] * 2], dtype=torch.int8)
